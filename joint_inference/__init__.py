@@ -1,0 +1,1 @@
+"""Joint inference: unsupervised in-context learning and fine-tuning for (vision) language models."""

@@ -1,0 +1,417 @@
+"""Answer extraction for generative reasoning tasks (GSM8K, MMLU-Pro).
+
+Chain-of-thought responses end with a final answer in one of a handful of
+surface forms ("The answer is 18.", "\\boxed{18}", "Answer: (C)", ...).  This
+module turns such free text into a comparable value (a float for GSM8K, a
+letter for MMLU-Pro), parses GSM8K gold answers, compares numbers with a
+tolerance, aggregates several sampled answers by majority vote, and provides
+the eight standard GSM8K chain-of-thought exemplars (Wei et al., 2022).
+
+``plain_pattern_number`` deliberately reproduces the naive regex
+``r"The answer is (\\d+)"`` so that the number of answers recovered by the
+robust extractor but missed by the naive one can be reported.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from typing import Iterator
+
+__all__ = [
+    "extract_number",
+    "gold_number",
+    "numbers_equal",
+    "extract_choice",
+    "plain_pattern_number",
+    "majority_vote",
+    "GSM8K_COT_EXEMPLARS",
+]
+
+# ---------------------------------------------------------------------------
+# Number grammar
+# ---------------------------------------------------------------------------
+
+# Minus-like characters that models emit for a negative sign.  The ASCII
+# hyphen comes first so that it is literal inside a regex character class.
+_MINUS_CHARS = "-\u2212\ufe63\uff0d"  # ASCII hyphen, minus sign, small / fullwidth hyphen-minus
+_SIGN = rf"[{_MINUS_CHARS}+]"
+
+# An unsigned decimal: comma-grouped thousands (1,234 / 1,234,567.5), plain
+# digits with an optional (possibly empty) fraction (42, 3., 3.25), or a bare
+# fraction (.5); an optional exponent (1.5e6).
+_NUM = (
+    r"(?:\d{1,3}(?:,\d{3}(?!\d))+(?:\.\d+)?"
+    r"|\d+(?:\.\d*)?"
+    r"|\.\d+)"
+    r"(?:[eE][-+]?\d+)?"
+)
+
+# Things allowed between an answer phrase and the number itself: whitespace,
+# markdown emphasis, math delimiters, currency, ':'/'='/'≈', hedging words.
+_FILLER = (
+    r"(?:\s|\*|_|:|=|\u2248|~|\(|\\\(|\\\[|\\\$|\$"
+    r"|(?:approximately|approx\.?|about|around|roughly|nearly|almost|exactly"
+    r"|just|only|equal\s+to|equals|a\s+total\s+of)\b)*"
+)
+
+_LEADING_NUMBER_RE = re.compile(
+    r"^" + _FILLER
+    + rf"(?P<sign>{_SIGN}?)\s*(?:\\?\$\s*)?(?P<sign2>[{_MINUS_CHARS}]?)\s*"
+    + rf"(?P<num>{_NUM})"
+    + r"(?:\s*/\s*(?P<den>\d+(?:\.\d+)?)(?![\d/]))?",
+    re.IGNORECASE,
+)
+
+# Any number in running text (used by the optional last-number fallback).  A
+# sign only counts when it is not glued to a preceding word/number ("3-5").
+_ANY_NUMBER_RE = re.compile(
+    rf"(?:(?<![\w)\]])(?P<sign>[{_MINUS_CHARS}]))?\\?\$?(?<![\d.,])(?P<num>{_NUM})"
+)
+
+# "answer is", "answer:", "final answer is:", "answer would be", "answer =".
+_ANSWER_PHRASE_RE = re.compile(
+    r"\banswer\s*(?:(?:is|would\s+be|will\s+be|should\s+be)\b\s*:?|[:=])",
+    re.IGNORECASE,
+)
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def _to_float(num_text: str) -> float | None:
+    try:
+        value = float(num_text.replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _is_negative(sign: str | None) -> bool:
+    return bool(sign) and sign in _MINUS_CHARS
+
+
+def _leading_value(s: str) -> float | None:
+    """Parse the number at the start of ``s`` (after allowed filler)."""
+    m = _LEADING_NUMBER_RE.match(s)
+    if m is None:
+        return None
+    value = _to_float(m.group("num"))
+    if value is None:
+        return None
+    den = m.group("den")
+    if den is not None:
+        den_value = _to_float(den)
+        if not den_value:  # None or zero denominator: not a usable fraction
+            return None
+        value = value / den_value
+    negative = _is_negative(m.group("sign")) != _is_negative(m.group("sign2"))
+    return -value if negative else value
+
+
+# ---------------------------------------------------------------------------
+# LaTeX clean-up
+# ---------------------------------------------------------------------------
+
+_TEXT_WRAPPER_RE = re.compile(
+    r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}"
+)
+_FRAC_RE = re.compile(
+    rf"(?:(?P<whole>\d+)\s*)?\\frac\s*"
+    rf"(?:\{{\s*(?P<a>[{_MINUS_CHARS}]?\s*{_NUM})\s*\}}|(?P<a1>\d))\s*"
+    rf"(?:\{{\s*(?P<b>{_NUM})\s*\}}|(?P<b1>\d))"
+)
+
+
+def _format_float(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _replace_frac(m: re.Match) -> str:
+    a_text = (m.group("a") or m.group("a1")).replace(" ", "")
+    negative = a_text[0] in _MINUS_CHARS
+    a = _to_float(a_text.lstrip(_MINUS_CHARS))
+    b = _to_float(m.group("b") or m.group("b1"))
+    if a is None or not b:
+        return m.group(0)
+    value = a / b
+    if m.group("whole") is not None:  # mixed number: 3\frac{1}{2} = 3.5
+        value += float(m.group("whole"))
+    if negative:
+        value = -value
+    return _format_float(value)
+
+
+def _delatex(s: str) -> str:
+    """Reduce the LaTeX that models put around numbers to plain text."""
+    s = re.sub(r"\\[dt]frac\b", r"\\frac", s)
+    for _ in range(3):  # unwrap nested \text{...} a few levels deep
+        new = _TEXT_WRAPPER_RE.sub(lambda m: " " + m.group(1) + " ", s)
+        if new == s:
+            break
+        s = new
+    s = re.sub(r"\\(?:left|right)\b", "", s)
+    s = s.replace("\\$", "$").replace("\\%", "%").replace("{,}", ",")
+    s = re.sub(r"(?<=\d)\\,(?=\d{3}(?!\d))", "", s)  # 1\,234 thousands spacing
+    s = re.sub(r"\\[,;:!]|\\ ", " ", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
+    s = _FRAC_RE.sub(_replace_frac, s)
+    return s
+
+
+def _iter_boxed(text: str) -> Iterator[tuple[int, str]]:
+    """Yield (start, content) for every \\boxed{...} with balanced braces."""
+    for m in _BOXED_RE.finditer(text):
+        depth = 1
+        i = m.end()
+        while i < len(text) and depth:
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+            i += 1
+        if depth == 0:
+            yield m.start(), text[m.end():i - 1]
+
+
+def _boxed_number(content: str) -> float | None:
+    plain = _delatex(content).replace("{", " ").replace("}", " ").strip()
+    if "=" in plain:  # \boxed{x = 18}
+        plain = plain.rsplit("=", 1)[1]
+    return _leading_value(plain)
+
+
+# ---------------------------------------------------------------------------
+# Public API: numbers
+# ---------------------------------------------------------------------------
+
+
+def extract_number(text: str, *, fallback_last_number: bool = False) -> float | None:
+    """Return the final numeric answer of a chain-of-thought response.
+
+    Priority:
+      1. the content of the last ``\\boxed{...}`` that contains a number;
+      2. the number right after the last "answer is" / "final answer is" /
+         "answer:" phrase that is followed by a number (case-insensitive;
+         currency signs, markdown, hedges such as "approximately" and
+         trailing units/percent signs are tolerated);
+      3. only when ``fallback_last_number`` is true, the last number anywhere
+         in the text.
+    Otherwise ``None``.  Signs (including the unicode minus), thousands
+    separators, decimals, simple fractions (``3/4``, ``\\frac{3}{4}``) and
+    mixed numbers in LaTeX (``2\\frac{1}{2}``) are understood.
+    """
+    if not text:
+        return None
+
+    for _, content in reversed(list(_iter_boxed(text))):
+        value = _boxed_number(content)
+        if value is not None:
+            return value
+
+    plain = _delatex(text)
+    for m in reversed(list(_ANSWER_PHRASE_RE.finditer(plain))):
+        value = _leading_value(plain[m.end():])
+        if value is not None:
+            return value
+
+    if fallback_last_number:
+        matches = list(_ANY_NUMBER_RE.finditer(plain))
+        if matches:
+            last = matches[-1]
+            value = _to_float(last.group("num"))
+            if value is not None:
+                return -value if _is_negative(last.group("sign")) else value
+    return None
+
+
+def gold_number(answer_field: str) -> float:
+    """Parse a GSM8K gold ``answer`` field: the number after the last '####'."""
+
+    if isinstance(answer_field, str) and len(answer_field) > 400:
+        shown = repr("..." + answer_field[-400:])
+    else:
+        shown = repr(answer_field)
+    if not isinstance(answer_field, str) or "####" not in answer_field:
+        raise ValueError(f"GSM8K gold answer has no '####' marker: {shown}")
+    value = _leading_value(answer_field.rsplit("####", 1)[1])
+    if value is None:
+        raise ValueError(f"cannot parse a number after '####' in GSM8K gold answer: {shown}")
+    return value
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def numbers_equal(a: float | None, b: float | None, rel_tol: float = 1e-6,
+                  abs_tol: float = 1e-9) -> bool:
+    """Tolerant numeric equality; ``None`` (or NaN) is never equal to anything."""
+    if a is None or b is None:
+        return False
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return False
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+_PLAIN_PATTERN_RE = re.compile(r"The answer is (\d+)")
+
+
+def plain_pattern_number(text: str) -> float | None:
+    """What the naive regex ``r"The answer is (\\d+)"`` recovers.
+
+    Case-sensitive, digits only (no sign, separators, decimals or boxed
+    answers).  Like ``extract_number`` it uses the last match, so the two
+    differ only in how much of the answer format they understand.
+    """
+    if not text:
+        return None
+    matches = _PLAIN_PATTERN_RE.findall(text)
+    return float(matches[-1]) if matches else None
+
+
+# ---------------------------------------------------------------------------
+# Public API: multiple choice
+# ---------------------------------------------------------------------------
+
+_CHOICE_PHRASE_RE = re.compile(
+    r"(?i:\b(?:answer|choice|option)(?:\s*(?:is|would\s+be|will\s+be|should\s+be)\b\s*:?|\s*:))"
+    r"(?:\s|\*|_|\$|\\\(|(?i:option|choice|letter)\b)*"
+    r"(?:\((?P<paren>[A-Za-z])\)|\[(?P<bracket>[A-Za-z])\]|(?P<bare>[A-Z])(?![A-Za-z0-9]))"
+)
+_BOXED_CHOICE_RE = re.compile(
+    r"^(?:\(?(?P<a>[A-Za-z])\)?\.?|\((?P<b>[A-Za-z])\)\s.*|(?P<c>[A-Za-z])[.)]\s.*)$", re.DOTALL
+)
+
+
+def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
+    """Return the multiple-choice letter a response commits to, or ``None``.
+
+    Recognised: "The answer is (C)", "the answer is C.", "Answer: C",
+    "The correct option is C", ``\\boxed{C}`` / ``\\boxed{(C)}`` /
+    ``\\boxed{\\text{C}}``.  The last occurrence in the text wins; letters
+    outside ``letters`` are ignored.  A bare capital letter must stand alone;
+    a bare "A" or "I" followed by a lowercase word ("The answer is A dog") is
+    read as English, not as a choice.
+    """
+    if not text:
+        return None
+    allowed = letters.upper()
+    candidates: list[tuple[int, str]] = []
+
+    for m in _CHOICE_PHRASE_RE.finditer(text):
+        letter = m.group("paren") or m.group("bracket") or m.group("bare")
+        if m.group("bare") and letter in "AI" and re.match(r"\s+[a-z]", text[m.end():]):
+            continue
+        letter = letter.upper()
+        if letter in allowed:
+            candidates.append((m.start(), letter))
+
+    for start, content in _iter_boxed(text):
+        plain = _delatex(content).replace("{", " ").replace("}", " ").strip().strip("*$ ").strip()
+        bm = _BOXED_CHOICE_RE.match(plain)
+        if bm:
+            letter = (bm.group("a") or bm.group("b") or bm.group("c")).upper()
+            if letter in allowed:
+                candidates.append((start, letter))
+
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+# ---------------------------------------------------------------------------
+# Majority vote
+# ---------------------------------------------------------------------------
+
+
+def majority_vote(answers: list, rng) -> object | None:
+    """Most frequent non-``None`` answer; ties broken with ``rng``.
+
+    Numbers are grouped with ``numbers_equal`` semantics (18 and 18.0 are the
+    same vote; NaN counts as an abstention); other values by ``==``.  A number
+    never matches a non-number.  Each group is represented by its first-seen
+    member.  ``rng`` is a ``numpy.random.Generator``; it is consulted only
+    when there is a tie.  Returns ``None`` if every answer is ``None``.
+    """
+    groups: list[list] = []  # [representative, count]
+    for ans in answers:
+        if ans is None:
+            continue
+        is_num = _is_number(ans)
+        if is_num and math.isnan(float(ans)):
+            continue
+        for group in groups:
+            rep = group[0]
+            if is_num and _is_number(rep):
+                same = numbers_equal(ans, rep)
+            elif is_num or _is_number(rep):
+                same = False
+            else:
+                same = ans == rep
+            if same:
+                group[1] += 1
+                break
+        else:
+            groups.append([ans, 1])
+    if not groups:
+        return None
+    best = max(count for _, count in groups)
+    tied = [rep for rep, count in groups if count == best]
+    if len(tied) == 1:
+        return tied[0]
+    return tied[int(rng.integers(len(tied)))]
+
+
+# ---------------------------------------------------------------------------
+# GSM8K chain-of-thought exemplars (questions from Wei et al., 2022)
+# ---------------------------------------------------------------------------
+
+GSM8K_COT_EXEMPLARS: list[dict] = [
+    {
+        "question": "There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
+                    "After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
+        "response": "The grove starts with 15 trees and ends with 21 trees. The difference is what was planted: "
+                    "21 - 15 = 6. The answer is 6.",
+    },
+    {
+        "question": "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+        "response": "There are 3 cars to begin with, and 2 more pull in. 3 + 2 = 5. The answer is 5.",
+    },
+    {
+        "question": "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+        "response": "Together they had 32 + 42 = 74 chocolates. After eating 35, they are left with 74 - 35 = 39. "
+                    "The answer is 39.",
+    },
+    {
+        "question": "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. "
+                    "How many lollipops did Jason give to Denny?",
+        "response": "Jason went from 20 lollipops down to 12, so the lollipops he handed to Denny number 20 - 12 = 8. "
+                    "The answer is 8.",
+    },
+    {
+        "question": "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. "
+                    "How many toys does he have now?",
+        "response": "Shawn begins with 5 toys. His mom and his dad each give him 2, which is 2 + 2 = 4 new toys. "
+                    "Now he has 5 + 4 = 9. The answer is 9.",
+    },
+    {
+        "question": "There were nine computers in the server room. Five more computers were installed each day, "
+                    "from monday to thursday. How many computers are now in the server room?",
+        "response": "Monday through Thursday is 4 days, and 5 computers were added on each, so 4 * 5 = 20 new computers. "
+                    "Adding the original 9 gives 9 + 20 = 29. The answer is 29.",
+    },
+    {
+        "question": "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
+                    "How many golf balls did he have at the end of wednesday?",
+        "response": "After Tuesday Michael has 58 - 23 = 35 golf balls. Losing 2 more on Wednesday leaves 35 - 2 = 33. "
+                    "The answer is 33.",
+    },
+    {
+        "question": "Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+        "response": "Five bagels at $3 apiece cost 5 * 3 = 15 dollars. Olivia had 23 dollars, so 23 - 15 = 8 dollars remain. "
+                    "The answer is 8.",
+    },
+]

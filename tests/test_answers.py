@@ -1,0 +1,251 @@
+import math
+
+import numpy as np
+import pytest
+
+from joint_inference.answers import (
+    GSM8K_COT_EXEMPLARS,
+    extract_choice,
+    extract_number,
+    gold_number,
+    majority_vote,
+    numbers_equal,
+    plain_pattern_number,
+)
+
+NUMBER_CASES = [
+    # plain answer phrase
+    ("So she has 18 left. The answer is 18.", 18.0),
+    ("The answer is 18", 18.0),
+    ("the answer is 7", 7.0),
+    # signs
+    ("The temperature drops below zero. The answer is -5.", -5.0),
+    ("The answer is \u22125.", -5.0),  # unicode minus
+    ("The answer is +4.", 4.0),
+    ("The answer is -$12.", -12.0),
+    # boxed
+    ("Therefore \\boxed{18}", 18.0),
+    ("We get \\boxed{-3.5}.", -3.5),
+    ("So the fraction is \\boxed{\\frac{3}{4}}", 0.75),
+    ("\\boxed{\\dfrac{1}{2}}", 0.5),
+    ("\\boxed{-\\frac{1}{4}}", -0.25),
+    ("\\boxed{2\\frac{1}{2}}", 2.5),
+    ("\\boxed{3/4}", 0.75),
+    ("\\boxed{\\$18}", 18.0),
+    ("\\boxed{18\\text{ dollars}}", 18.0),
+    ("\\boxed{\\text{18 eggs}}", 18.0),
+    ("\\boxed{1{,}234}", 1234.0),
+    ("\\boxed{x = 12}", 12.0),
+    ("\\boxed{45^\\circ}", 45.0),
+    ("$\\boxed{18}$ is the total", 18.0),
+    # currency, separators, decimals
+    ("The answer is $1,234.50", 1234.5),
+    ("The final answer is 1,234,567", 1234567.0),
+    ("The final answer is 1,234,567.5.", 1234567.5),
+    ("The answer is 18 dollars.", 18.0),
+    ("The answer is 18 eggs", 18.0),
+    ("The answer is: $18.00", 18.0),
+    ("The answer is: 18", 18.0),
+    ("Final answer: 18", 18.0),
+    ("The answer is **$18**.", 18.0),
+    ("The answer is 42%", 42.0),
+    ("The answer is 42\\%.", 42.0),
+    ("The answer is .5", 0.5),
+    ("The answer is 3.", 3.0),
+    ("The answer is 3/4.", 0.75),
+    ("The answer is $\\frac{3}{4}$.", 0.75),
+    ("The answer is approximately 3.14", 3.14),
+    ("The answer is about 20 minutes.", 20.0),
+    ("The answer is (-5).", -5.0),
+    ("THE ANSWER IS 9", 9.0),
+    ("The answer is 1,000.", 1000.0),
+    # last answer phrase wins; an unparseable later phrase is skipped
+    ("The answer is 5. Wait, I made a mistake. The answer is 7.", 7.0),
+    ("The answer is 12. Hence the answer is clear.", 12.0),
+    # boxed beats answer phrases and later numbers
+    ("\\boxed{12} and then 13 more things, 14", 12.0),
+    ("\\boxed{12}. The answer is 13.", 12.0),
+    ("First \\boxed{1}, corrected: \\boxed{2}", 2.0),
+    ("\\boxed{C} ... The answer is 4.", 4.0),  # non-numeric boxed falls through
+    # nothing usable
+    ("I have no idea.", None),
+    ("There were 5 apples and 3 pears.", None),  # no fallback by default
+    ("", None),
+    ("The answer is unknown.", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", NUMBER_CASES)
+def test_extract_number(text, expected):
+    got = extract_number(text)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and isinstance(got, float)
+        assert math.isclose(got, expected, rel_tol=1e-9), (text, got)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("There were 5 apples and 3 pears.", 3.0),
+        ("She pays $1,234.50 in total.", 1234.5),
+        ("It ends at -7.", -7.0),
+        ("Pages 3-5", 5.0),
+        ("No numbers here.", None),
+        ("The answer is 4 and later 9", 4.0),  # answer phrase still beats fallback
+    ],
+)
+def test_extract_number_fallback(text, expected):
+    assert extract_number(text, fallback_last_number=True) == expected
+
+
+def test_fallback_is_keyword_only():
+    with pytest.raises(TypeError):
+        extract_number("5", True)
+
+
+@pytest.mark.parametrize(
+    "field,expected",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", 72.0),
+        ("... #### 1,000", 1000.0),
+        ("#### -3", -3.0),
+        ("#### 2.5", 2.5),
+        ("####18", 18.0),
+    ],
+)
+def test_gold_number(field, expected):
+    assert gold_number(field) == expected
+
+
+@pytest.mark.parametrize("field", ["She has 18 eggs left. The answer is 18.", "#### ", "#### none"])
+def test_gold_number_errors(field):
+    with pytest.raises(ValueError) as exc:
+        gold_number(field)
+    msg = str(exc.value)
+    assert "GSM8K" in msg and field.strip()[:10] in msg
+
+
+def test_numbers_equal():
+    assert numbers_equal(18, 18.0)
+    assert numbers_equal(0.1 + 0.2, 0.3)
+    assert numbers_equal(1e9, 1e9 + 1, rel_tol=1e-6)
+    assert not numbers_equal(18, 19)
+    assert not numbers_equal(0.3, 0.31)
+    assert not numbers_equal(None, 1.0)
+    assert not numbers_equal(1.0, None)
+    assert not numbers_equal(None, None)
+    assert not numbers_equal(float("nan"), float("nan"))
+    assert numbers_equal(0.0, -0.0)
+
+
+CHOICE_CASES = [
+    ("Let's think step by step... The answer is (C).", "C"),
+    ("the answer is C.", "C"),
+    ("Answer: C", "C"),
+    ("answer: (b)", "B"),
+    ("The answer is \\boxed{C}", "C"),
+    ("\\boxed{(D)}", "D"),
+    ("\\boxed{\\text{E}}", "E"),
+    ("\\boxed{(F) 42 kg}", "F"),
+    ("The answer is (A). On reflection, the answer is (B).", "B"),
+    ("\\boxed{A} but actually the answer is (J).", "J"),
+    ("The answer is (G) 12 m/s", "G"),
+    ("The correct option is H", "H"),
+    ("The answer is **I**.", "I"),
+    ("The answer is: option (E)", "E"),
+    ("The answer is (K).", None),  # outside A-J
+    ("The answer is (B). The answer is (K).", "B"),  # invalid later letter ignored
+    ("The answer is A dog.", None),  # English article, not a choice
+    ("The answer is Cats.", None),
+    ("No conclusion reached.", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", CHOICE_CASES)
+def test_extract_choice(text, expected):
+    assert extract_choice(text) == expected
+
+
+def test_extract_choice_respects_letters():
+    assert extract_choice("The answer is (E).", letters="ABCD") is None
+    assert extract_choice("The answer is (D).", letters="ABCD") == "D"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("The answer is 18.", 18.0),
+        ("The answer is 18 and later The answer is 20.", 20.0),
+        ("The answer is -5.", None),
+        ("\\boxed{18}", None),
+        ("the answer is 18", None),  # case-sensitive
+        ("The answer is $18", None),
+        ("", None),
+    ],
+)
+def test_plain_pattern_number(text, expected):
+    assert plain_pattern_number(text) == expected
+
+
+def test_plain_pattern_misses_separators():
+    text = "The answer is 1,234."
+    assert plain_pattern_number(text) == 1.0  # truncated at the comma
+    assert extract_number(text) == 1234.0
+
+
+def test_plain_pattern_vs_extractor_recovery():
+    texts = ["The answer is 18.", "The answer is -5.", "\\boxed{7}", "The answer is 1,234.", "nothing"]
+    gold = [18.0, -5.0, 7.0, 1234.0, 3.0]
+    ours = sum(numbers_equal(extract_number(t), g) for t, g in zip(texts, gold))
+    plain = sum(numbers_equal(plain_pattern_number(t), g) for t, g in zip(texts, gold))
+    assert (ours, plain) == (4, 1)
+
+
+def test_majority_vote_basic():
+    rng = np.random.default_rng(0)
+    assert majority_vote([18, 18.0, 5, None], rng) == 18
+    assert majority_vote([None, 3.0, 4.0, 4], rng) == 4.0
+    assert majority_vote(["C", "B", "C", None], rng) == "C"
+    assert majority_vote([0.1 + 0.2, 0.3, 0.5], rng) == pytest.approx(0.3)
+    assert majority_vote([7], rng) == 7
+
+
+def test_majority_vote_all_none():
+    rng = np.random.default_rng(0)
+    assert majority_vote([None, None], rng) is None
+    assert majority_vote([], rng) is None
+    assert majority_vote([float("nan"), None], rng) is None
+
+
+def test_majority_vote_numbers_and_strings_do_not_mix():
+    rng = np.random.default_rng(0)
+    assert majority_vote(["1", 1, 1.0], rng) == 1
+
+
+def test_majority_vote_tie_uses_rng():
+    outcomes = {majority_vote([1.0, 2.0, None, 2, 1], np.random.default_rng(seed)) for seed in range(64)}
+    assert outcomes == {1.0, 2.0}
+    letters = {majority_vote(["A", "B"], np.random.default_rng(seed)) for seed in range(64)}
+    assert letters == {"A", "B"}
+
+
+def test_majority_vote_tie_is_reproducible():
+    a = [majority_vote([1, 2, 3], np.random.default_rng(s)) for s in range(10)]
+    b = [majority_vote([1, 2, 3], np.random.default_rng(s)) for s in range(10)]
+    assert a == b
+
+
+def test_gsm8k_exemplars():
+    assert len(GSM8K_COT_EXEMPLARS) == 8
+    expected = [6, 5, 39, 8, 9, 29, 33, 8]
+    keywords = ["15 trees", "3 cars", "32 chocolates", "20 lollipops", "five toys",
+                "nine computers", "58 golf balls", "$23"]
+    for ex, answer, key in zip(GSM8K_COT_EXEMPLARS, expected, keywords):
+        assert set(ex) == {"question", "response"}
+        assert key in ex["question"]
+        assert ex["response"].rstrip().endswith(f"The answer is {answer}.")
+        assert extract_number(ex["response"]) == answer
+        assert plain_pattern_number(ex["response"]) == answer
