@@ -7,6 +7,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,17 +36,49 @@ EMBEDDED = {
 }
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("JOINT_INFERENCE_CACHE", Path.home() / ".cache" / "joint_inference"))
+
+
+def embedded_snapshot(name: str) -> Path:
+    """A transformers snapshot of an embedded GGUF model, converted once and cached.
+
+    De-quantizing the GGUF and converting its tokenizer takes about a minute on a laptop;
+    loading the cached snapshot takes seconds. Written to a temporary folder, then renamed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    locate, install = EMBEDDED[name]
+    try:
+        gguf = locate()
+    except ModuleNotFoundError:
+        raise ConfigError(f"embedded model {name!r} is not installed: {install}") from None
+    log.info("converting %s to a transformers snapshot in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already de-quantized to float32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_weights(cfg) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model config."""
     if cfg.get("embedded"):
-        if cfg.embedded not in EMBEDDED:
-            raise ConfigError(f"unknown embedded model {cfg.embedded!r}; valid: {', '.join(EMBEDDED)}")
-        locate, install = EMBEDDED[cfg.embedded]
-        try:
-            path = locate()
-        except ModuleNotFoundError:
-            raise ConfigError(f"embedded model {cfg.embedded!r} is not installed: {install}") from None
-        return str(path.parent), path.name
+        return str(embedded_snapshot(cfg.embedded)), None
     return cfg.pretrained, cfg.get("gguf_file")
 
 
@@ -72,6 +107,12 @@ def load_model(cfg, device: torch.device):
     """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if cfg.get("random_init"):  # a tiny random model built in memory: smoke tests, no download
+        from .tiny import tiny_causal_lm
+
+        model, tokenizer = tiny_causal_lm(**cfg.random_init)
+        model.to(device=device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device)).eval().requires_grad_(False)
+        return model, tokenizer
     source, gguf_file = resolve_weights(cfg)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

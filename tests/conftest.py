@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models with a locally trained tokenizer, tiny datasets, configs.
+
+Nothing here touches the network. Real data in ../shared/data and the embedded real models
+are used only by tests marked ``integration`` and skipped when absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from joint_inference.tiny import WORDS, tiny_causal_lm, train_tokenizer  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+CONFIG_DIR = str(REPO / "configs")
+
+def build_tiny_model(kind: str, directory: Path) -> Path:
+    """Save a random 2-layer model + locally trained tokenizer to ``directory``."""
+    model, tokenizer = tiny_causal_lm(kind)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return build_tiny_model("gpt2", tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def tiny_sst2_root(tmp_path) -> Path:
+    """A DATA_ROOT holding sst2/train.jsonl: 60 short sentences, 2 balanced classes."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(60):
+        idx = torch.randint(len(WORDS), (6,), generator=g)
+        rows.append({"idx": i, "sentence": " ".join(WORDS[j] for j in idx), "label": i % 2})
+    write_jsonl(tmp_path / "data" / "sst2" / "train.jsonl", rows)
+    return tmp_path / "data"
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The config a command line with ``overrides`` would give, with the run dir resolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

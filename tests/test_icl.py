@@ -1,0 +1,207 @@
+"""Unsupervised ICL: demonstration sampling, voting, and the whole run on a tiny model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from joint_inference.errors import ConfigError
+from joint_inference.icl import balanced_support, majority_vote
+from tests.conftest import REPO, compose, write_jsonl
+
+# ----------------------------------------------------------------------------- sampling and voting
+
+
+@pytest.mark.parametrize("n,counts", [(16, [50, 50]), (16, [30, 30, 30]), (7, [5, 5, 5, 5]), (8, [2, 40, 40])])
+def test_balanced_support_counts(n, counts):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        exclude = trial % len(labels)
+        chosen = balanced_support(labels, n, len(counts), rng, exclude=exclude)
+        assert len(chosen) == n and len(set(chosen)) == n and exclude not in chosen
+        per_class = np.bincount(labels[chosen], minlength=len(counts))
+        quota = n // len(counts)
+        short = [c for c, size in enumerate(counts) if size - (labels[exclude] == c) < quota + 1]
+        for c in range(len(counts)):
+            if c not in short:  # classes with enough examples get their share, +1 for leftovers
+                assert quota <= per_class[c] <= quota + 1 + (n - quota * len(counts)) * bool(short)
+        assert per_class.sum() == n
+
+
+def test_balanced_support_leftovers_are_random_and_order_shuffled():
+    labels = np.repeat(np.arange(3), 20)
+    rng = np.random.default_rng(1)
+    extra = Counter()
+    firsts = Counter()
+    for _ in range(300):
+        chosen = balanced_support(labels, 4, 3, rng)  # 1 each + 1 leftover
+        extra[int(np.argmax(np.bincount(labels[chosen], minlength=3)))] += 1
+        firsts[int(labels[chosen[0]])] += 1
+    assert all(v > 60 for v in extra.values()) and len(extra) == 3
+    assert all(v > 60 for v in firsts.values())
+
+
+def test_balanced_support_skips_empty_classes_and_rejects_large_n():
+    labels = np.array([0] * 10 + [2] * 3)
+    chosen = balanced_support(labels, 8, 3, np.random.default_rng(0))
+    assert np.bincount(labels[chosen], minlength=3).tolist() == [5, 0, 3]
+    with pytest.raises(ConfigError, match="N=13"):
+        balanced_support(labels, 13, 3, np.random.default_rng(0), exclude=0)
+
+
+def test_majority_vote_ties_are_random():
+    assert majority_vote(np.array([1, 1, 0]), 3, np.random.default_rng(0)) == 1
+    seen = {majority_vote(np.array([0, 2, 2, 0, 1]), 3, np.random.default_rng(s)) for s in range(40)}
+    assert seen == {0, 2}
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def icl_config(model_dir, data_root, out_dir, *extra):
+    return compose("unsupervised_icl_llm", [
+        f"model.pretrained={model_dir}", "model.embedded=null", "model.name=tiny_llama", "dataset=sst2",
+        f"dataset.data_root={data_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
+        "device=cpu", "batch_size=5", "progress=false", f"output_dir={out_dir}", *extra])
+
+
+def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from unsupervised_icl_llm import run
+
+    results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "save_predictions=true"))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["num_train"] == 16 and saved["num_test"] == 8
+    assert set(saved) >= {"task", "model", "num_train", "num_test", "zero_shot", "supervised_icl", "rounds", "timing"}
+    assert [r["round"] for r in saved["rounds"]] == [1, 2]
+    assert saved["timing"]["prompts_scored"] == 24 + 8 * 3 + 2 * 24 * 3
+    assert (tmp_path / "run" / "results.md").read_text().count("round") == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert Counter(r["split"] for r in rows) == {"train": 16, "test": 8}
+    assert set(rows[0]) == {"split", "sentence", "label", "zero_shot", "rounds"} and len(rows[0]["rounds"]) == 2
+    test_rows = [r for r in rows if r["split"] == "test"]
+    acc = np.mean([r["rounds"][-1] == r["label"] for r in test_rows])
+    assert acc == pytest.approx(saved["rounds"][-1]["test_accuracy"])
+
+
+def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
+    """Same seed -> same predictions; scrambling the gold labels of the same sample changes the
+    accuracies and the supervised baseline, never a zero-shot or unsupervised prediction."""
+    import unsupervised_icl_llm
+    from unsupervised_icl_llm import run
+
+    def predictions(name):
+        results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "save_predictions=true"))
+        rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        return results, [(r["split"], r["sentence"], r["zero_shot"], r["rounds"]) for r in rows], [r["label"] for r in rows]
+
+    first, first_preds, first_gold = predictions("a")
+    again, again_preds, _ = predictions("b")
+    assert first_preds == again_preds and first == {**again, "timing": first["timing"]}
+
+    real_load = unsupervised_icl_llm.load_task
+
+    def scrambled(cfg):
+        data = real_load(cfg)
+        rng = np.random.default_rng(123)
+        data.train_labels = rng.integers(0, 2, len(data.train_labels))
+        data.test_labels = rng.integers(0, 2, len(data.test_labels))
+        return data
+
+    monkeypatch.setattr(unsupervised_icl_llm, "load_task", scrambled)
+    _, scrambled_preds, scrambled_gold = predictions("c")
+    assert scrambled_gold != first_gold
+    assert scrambled_preds == first_preds
+
+
+def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
+    """Every prompt's demonstration labels equal the current pseudo-labels (or, for the
+    supervised baseline only, the gold labels) -- recorded at the scorer boundary."""
+    import joint_inference.icl as icl
+    from unsupervised_icl_llm import run
+
+    calls = []
+    original = icl.icl_predict
+
+    def spy(scorer, pool, pool_labels, queries, **kw):
+        calls.append((kw["rng_key"], np.array(pool_labels)))
+        return original(scorer, pool, pool_labels, queries, **kw)
+
+    monkeypatch.setattr("unsupervised_icl_llm.icl_predict", spy)
+    run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "save_predictions=true"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    gold = np.array([r["label"] for r in train])
+    zero_shot = np.array([r["zero_shot"] for r in train])
+    round1 = np.array([r["rounds"][0] for r in train])
+    by_stage = {}
+    for key, labels in calls:
+        by_stage.setdefault(key[1], []).append(labels)
+    assert all((lab == gold).all() for lab in by_stage[0])  # supervised baseline
+    assert all((lab == zero_shot).all() for lab in by_stage[1])  # round 1 uses zero-shot labels
+    assert all((lab == round1).all() for lab in by_stage[2])  # round 2 uses round-1 labels
+
+
+def test_interrupted_run_resumes_to_the_same_results(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
+    import unsupervised_icl_llm
+    from unsupervised_icl_llm import run
+
+    full = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "full"))
+    original, calls = unsupervised_icl_llm.icl_predict, []
+
+    def crash_in_round_2(*args, **kw):
+        calls.append(kw["rng_key"])
+        if kw["rng_key"][1] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    monkeypatch.setattr(unsupervised_icl_llm, "icl_predict", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    monkeypatch.setattr(unsupervised_icl_llm, "icl_predict", original)
+    resumed = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed"))
+    strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert resumed["timing"]["prompts_scored"] == full["timing"]["prompts_scored"]
+    with pytest.raises(ConfigError, match="N"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed", "N=2"))
+
+
+def test_bad_input_errors(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from unsupervised_icl_llm import run
+
+    with pytest.raises(ConfigError, match="larger than the unlabelled pool"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "a", "N=16"))
+    with pytest.raises(ConfigError, match="label set has 6 names"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "b", "labelset=trec"))
+    with pytest.raises(ConfigError, match="needs field"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "c", "template=ag_news"))
+    with pytest.raises(ConfigError, match="unknown label_mode"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "d", "label_mode=bag"))
+    with pytest.raises(ConfigError, match="could not load model"):
+        run(icl_config(tmp_path / "no_such_model", tiny_sst2_root, tmp_path / "e"))
+    assert not any((tmp_path / d / "results.json").exists() for d in "abcde")
+
+
+def test_cli_exit_codes_and_multirun(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    """The real command line: a clean error with a non-zero exit, and a -m sweep."""
+    base = [sys.executable, str(REPO / "unsupervised_icl_llm.py"), f"model.pretrained={tiny_llama_dir}",
+            "model.embedded=null", "model.name=tiny", f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=24",
+            "N=3", "T=1", "num_repeats=1", "device=cpu", "progress=false"]
+    bad = subprocess.run(base + ["dataset=no_such_task", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "no_such_task" in bad.stderr and "sst2" in bad.stderr
+    big = subprocess.run(base + ["N=40", f"hydra.run.dir={tmp_path / 'big'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert big.returncode == 2 and "error: N=40" in big.stderr and "Traceback" not in big.stderr
+    sweep = subprocess.run(base[:2] + ["-m"] + base[2:] + ["seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    results = sorted(Path(tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 2 and {json.loads(p.read_text())["settings"]["seed"] for p in results} == {0, 1}

@@ -1,0 +1,206 @@
+"""The scorer against a slow, obviously-correct reference: one prompt per forward pass,
+full-vocabulary logits at every position, label tokens picked out by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from joint_inference.errors import ConfigError
+from joint_inference.prompts import PromptEncoder, Template
+from joint_inference.scoring import Scorer, minimal_prefix_lengths, resolve_label_mode
+
+TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
+SENTENCES = ["the movie was good", "awful boring plot", "a great story and fun actors", "not very good",
+             "i love it", "the acting was quite bad but the plot was really fun and the story good"]
+# Multi-token labels (unknown words for the tiny tokenizer): shared first tokens, one a prefix of another.
+MULTI = ["zebra crossing", "zebra stripes", "qux", "zebra"]
+SINGLE = ["negative", "positive"]
+
+
+def reference_logprobs(model, tokenizer, label_names, mode, sentences, demo_labels, read):
+    """Slow reference: build each prompt's text piece by piece, run the full model, read by hand."""
+    label_ids = [tokenizer.encode(" " + name, add_special_tokens=False) for name in label_names]
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    bos = [tokenizer.bos_token_id] if tokenizer("a").input_ids[0] == tokenizer.bos_token_id else []
+    ids, positions = list(bos), []
+    for i, sentence in enumerate(sentences):
+        ids += enc(sentence + "\nThe sentiment of the sentence is")
+        positions.append(len(ids) - 1)
+        if i < len(demo_labels):
+            ids += label_ids[demo_labels[i]] + enc(".") + enc("\n")
+    if read == "query":
+        positions = positions[-1:]
+
+    def logprobs_after(prefix):
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([prefix])).logits[0, -1].float(), -1)
+
+    out = []
+    for p in positions:
+        prefix = ids[: p + 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([prefix])).logits[0, -1].float()
+        if mode == "first":
+            scores = torch.stack([logits[ids_k[0]] for ids_k in label_ids])
+        elif mode == "bot":
+            scores = torch.stack([logits[ids_k].mean() for ids_k in label_ids])
+        elif mode == "bot_minimal":
+            # shortest prefix not shared with any other label: 1 + longest common prefix with another
+            def lcp(a, b):
+                n = 0
+                while n < min(len(a), len(b)) and a[n] == b[n]:
+                    n += 1
+                return n
+            scores = []
+            for k, ids_k in enumerate(label_ids):
+                m = min(len(ids_k), 1 + max(lcp(ids_k, o) for j, o in enumerate(label_ids) if j != k))
+                scores.append(logits[ids_k[:m]].mean())
+            scores = torch.stack(scores)
+        else:  # exact: sum of token log-probs, each after the previous label tokens
+            scores = torch.stack([
+                sum(logprobs_after(prefix + ids_k[:j])[t] for j, t in enumerate(ids_k)) for ids_k in label_ids])
+        out.append(torch.log_softmax(scores, -1))
+    return torch.stack(out)
+
+
+def make_prompts(encoder, n_prompts, read):
+    """Prompts of different lengths: prompt i has i % 4 + 1 examples."""
+    prompts, labels = [], []
+    for i in range(n_prompts):
+        m = i % 4 + 1
+        sentences = [SENTENCES[(i + j) % len(SENTENCES)] for j in range(m)]
+        labs = [(i * 7 + j) % encoder.num_labels for j in range(m if read == "all" else m - 1)]
+        prompts.append(sentences)
+        labels.append(labs)
+    return prompts, labels
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("mode,names", [("first", SINGLE), ("bot", MULTI), ("bot_minimal", MULTI),
+                                        ("exact", MULTI), ("exact", SINGLE)])
+@pytest.mark.parametrize("read", ["query", "all"])
+def test_batched_scorer_equals_reference(request, model_name, mode, names, read):
+    model, tokenizer = request.getfixturevalue(model_name)
+    encoder = PromptEncoder(tokenizer, TEMPLATE, names)
+    scorer = Scorer(model, encoder, mode, batch_size=3, show_progress=False)
+    sentences, labels = make_prompts(encoder, 7, read)
+    if read == "all":  # uniform length per call
+        sentences, labels = [s for s in sentences if len(s) == 3], [lab for lab in labels if len(lab) == 3]
+    prompts = [[encoder.encode({"sentence": s}) for s in sents] for sents in sentences]
+    with torch.no_grad():
+        got = scorer.label_logprobs(prompts, labels, read=read)
+    for i, (sents, labs) in enumerate(zip(sentences, labels)):
+        want = reference_logprobs(model, tokenizer, names, mode, sents, labs, read)
+        torch.testing.assert_close(got[i], want[0] if read == "query" else want, atol=1e-4, rtol=1e-4)
+
+
+def test_softcapped_logits_match_reference():
+    """Gemma-style final-logit soft-capping is applied on the label columns too."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from joint_inference.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(add_bos=True)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              final_logit_softcapping=0.5, sliding_window=8, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    scorer = Scorer(model, encoder, "first", batch_size=2, show_progress=False)
+    prompts = [[encoder.encode({"sentence": s}) for s in SENTENCES[:3]], [encoder.encode({"sentence": SENTENCES[5]})]]
+    labels = [[0, 1], []]
+    with torch.no_grad():
+        got = scorer.label_logprobs(prompts, labels)
+    for i, sents in enumerate([SENTENCES[:3], [SENTENCES[5]]]):
+        want = reference_logprobs(model, tokenizer, SINGLE, "first", sents, labels[i], "query")[0]
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_size_and_order_do_not_change_scores(tiny_llama):
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    sentences, labels = make_prompts(encoder, 9, "query")
+    prompts = [[encoder.encode({"sentence": s}) for s in sents] for sents in sentences]
+    with torch.no_grad():
+        one = Scorer(model, encoder, "first", batch_size=1, show_progress=False).label_logprobs(prompts, labels)
+        many = Scorer(model, encoder, "first", batch_size=4, show_progress=False).label_logprobs(prompts, labels)
+        rev = Scorer(model, encoder, "first", batch_size=4, show_progress=False).label_logprobs(prompts[::-1], labels[::-1])
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(many, rev.flip(0), atol=1e-5, rtol=1e-5)
+
+
+def test_assembled_prompt_is_the_rendered_text(tiny_gpt2):
+    """Positions and pieces by brute force: the tokens decode to the joined rendered examples,
+    each read position is the last token before the label, and the query's label is absent."""
+    _, tokenizer = tiny_gpt2
+    encoder = PromptEncoder(tokenizer, TEMPLATE, MULTI)
+    examples = [{"sentence": s} for s in SENTENCES[:3]]
+    ids, positions = encoder.assemble([encoder.encode(e) for e in examples], [0, 3])
+    rendered = [TEMPLATE.render(examples[0], MULTI[0]), TEMPLATE.render(examples[1], MULTI[3])]
+    query_prefix = TEMPLATE.render(examples[2], "").rsplit(" ", 1)[0]
+    assert tokenizer.decode(ids) == "\n".join(rendered + [query_prefix])
+    for pos, example in zip(positions, examples):
+        assert tokenizer.decode(ids[: pos + 1]).endswith(example["sentence"] + "\nThe sentiment of the sentence is")
+    for pos, k in zip(positions[:2], [0, 3]):
+        label = encoder.label_ids[k]
+        assert tuple(ids[pos + 1 : pos + 1 + len(label)]) == label
+    assert positions[-1] == len(ids) - 1
+
+
+def test_minimal_prefix_lengths_brute_force():
+    import itertools
+
+    labels = [(1, 2, 3), (1, 2, 4), (1, 5), (6,), (1, 2)]
+    got = minimal_prefix_lengths(labels)
+    for k, ids in enumerate(labels):
+        unique = [m for m in range(1, len(ids) + 1)
+                  if all(tuple(o[:m]) != ids[:m] for j, o in enumerate(labels) if j != k)]
+        assert got[k] == (min(unique) if unique else len(ids))
+    assert got == [3, 3, 2, 1, 2]
+    for perm in itertools.permutations(range(len(labels))):  # order of labels does not matter
+        assert [minimal_prefix_lengths([labels[i] for i in perm])[perm.index(k)] for k in range(len(labels))] == got
+
+
+def test_label_mode_resolution_and_errors(tiny_llama):
+    _, tokenizer = tiny_llama
+    multi = PromptEncoder(tokenizer, TEMPLATE, MULTI)
+    single = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    assert resolve_label_mode("auto", single.label_ids, SINGLE) == "first"
+    assert resolve_label_mode("auto", multi.label_ids, MULTI) == "exact"
+    with pytest.raises(ConfigError, match="share"):
+        resolve_label_mode("first", multi.label_ids, MULTI)
+    with pytest.raises(ConfigError, match="unknown label_mode"):
+        resolve_label_mode("bag", single.label_ids, SINGLE)
+
+
+def test_prompt_longer_than_context_is_an_error(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    long_example = encoder.encode({"sentence": " ".join(["good"] * 1100)})
+    with pytest.raises(ConfigError, match="context"):
+        Scorer(model, encoder, "first", show_progress=False).label_logprobs([[long_example]], [[]])
+
+
+def test_scores_are_differentiable_for_the_task_encoder(tiny_llama):
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    scorer = Scorer(model, encoder, "first", show_progress=False)
+    weight = scorer.head.weight
+    weight.requires_grad_(True)
+    try:
+        out = scorer.label_logprobs([[encoder.encode({"sentence": "good"})]], [[]])
+        out[0, 1].backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None
+
+
+def test_template_errors():
+    with pytest.raises(ConfigError, match="exactly once"):
+        Template("{sentence} is {y} and {y}")
+    with pytest.raises(ConfigError, match="needs field"):
+        TEMPLATE.render_parts({"text": "x"})
+    assert Template("{premise}\n {y}.").label_lead == " "
+    assert Template("Q: {choices[0]} {x}\nAnswer: {y}\n").fields == ["choices", "x"]
