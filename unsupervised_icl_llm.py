@@ -9,115 +9,24 @@ Writes results.json and results.md to the run directory; starting again with the
 """
 from __future__ import annotations
 
-import logging
 import sys
-import time
-from pathlib import Path
 
 import hydra
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from joint_inference.data import load_task
 from joint_inference.errors import ConfigError
-from joint_inference.icl import SPLITS, accuracy, icl_predict, zero_shot_logprobs
-from joint_inference.models import load_model
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.results import RunState, fingerprint_digest, write_jsonl, write_results
-from joint_inference.scoring import Scorer
-from joint_inference.utils import resolve_device, seed_everything
+from joint_inference.generative import run_generation
+from joint_inference.uicl import run_classification
 
-log = logging.getLogger("unsupervised_icl_llm")
+RUNNERS = {"classification": run_classification, "generation": run_generation}
 
 
 def run(cfg: DictConfig) -> dict:
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-
-    # ---- data, template, label set
-    if len(cfg.labelset.names) != cfg.dataset.num_classes:
-        raise ConfigError(f"label set has {len(cfg.labelset.names)} names but dataset {cfg.dataset.name!r} "
-                          f"has {cfg.dataset.num_classes} classes; pick a matching labelset=")
-    data = load_task(cfg.dataset)
-    if cfg.N > len(data.train) - 1:
-        raise ConfigError(f"N={cfg.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
-                          "one of them the query); lower N or raise dataset.num_examples")
-    gold = {"test": data.test_labels, "train": data.train_labels}
-
-    # ---- model and scorer
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device)
-    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names))
-    scorer = Scorer(model, encoder, cfg.label_mode, cfg.batch_size, show_progress=cfg.progress)
-    encoded = {"test": encoder.encode_all(data.test), "train": encoder.encode_all(data.train)}
-    log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
-             len(data.train), len(data.test), scorer.mode)
-
-    state = RunState(out_dir / "state.json", {
-        "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "template": cfg.template.text,
-        "labels": list(cfg.labelset.names), "label_mode": scorer.mode, "N": cfg.N,
-        "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-        "data": fingerprint_digest([data.train, data.test, data.train_labels.tolist(), data.test_labels.tolist()]),
-    })
-
-    def stage(name, num_prompts, compute):
-        """Run ``compute`` unless a previous start already finished this stage."""
-        if name not in state:
-            start = time.perf_counter()
-            state.finish(name, compute(), time.perf_counter() - start, num_prompts)
-        return state[name]
-
-    def icl(pool_labels, rng_stage, desc):
-        """Predictions for both splits with demonstrations labelled by ``pool_labels``."""
-        return {split: icl_predict(scorer, encoded["train"], pool_labels, encoded[split], n=cfg.N,
-                                   num_repeats=cfg.num_repeats, rng_key=(cfg.seed, rng_stage, s),
-                                   queries_are_pool=split == "train", desc=f"{desc} [{split}]").tolist()
-                for s, split in enumerate(SPLITS)}
-
-    # ---- round 0: zero-shot
-    zero_shot = stage("zero_shot", len(data.train) + len(data.test), lambda: {
-        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()
-        for split in SPLITS})
-
-    # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
-    supervised = None
-    if cfg.supervised_icl:
-        supervised = stage("supervised_icl", len(data.test) * cfg.num_repeats, lambda: {
-            "test": icl_predict(scorer, encoded["train"], data.train_labels, encoded["test"], n=cfg.N,
-                                num_repeats=cfg.num_repeats, rng_key=(cfg.seed, 0, 0),
-                                desc="supervised ICL").tolist()})
-
-    # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
-    rounds, pseudo = [], zero_shot
-    for t in range(1, cfg.T + 1):
-        labels = np.asarray(pseudo["train"], dtype=np.int64)
-        pseudo = stage(f"round_{t}", (len(data.train) + len(data.test)) * cfg.num_repeats,
-                       lambda: icl(labels, t, f"round {t}/{cfg.T}"))
-        rounds.append(pseudo)
-        log.info("round %d: test accuracy %.4f", t, accuracy(pseudo["test"], gold["test"]))
-
-    # ---- results
-    results = {
-        "task": cfg.dataset.name, "model": cfg.model.name,
-        "num_train": len(data.train), "num_test": len(data.test),
-        "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in SPLITS},
-        "supervised_icl": {"test_accuracy": accuracy(supervised["test"], gold["test"])} if supervised else None,
-        "rounds": [{"round": t, **{f"{s}_accuracy": accuracy(r[s], gold[s]) for s in SPLITS}}
-                   for t, r in enumerate(rounds, 1)],
-        "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
-        "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-                     "label_mode": scorer.mode, "template": cfg.template.text, "labels": list(cfg.labelset.names),
-                     "device": str(device)},
-    }
-    if cfg.save_predictions:
-        fields = Template(cfg.template.text).fields
-        write_jsonl(out_dir / "predictions.jsonl", [
-            {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
-             "rounds": [r[s][i] for r in rounds]}
-            for s in SPLITS for i, row in enumerate(data.test if s == "test" else data.train)])
-    write_results(out_dir, results)
-    log.info("results in %s", out_dir)
-    return results
+    """Dispatch on the task's kind; every runner writes its results into ``cfg.output_dir``."""
+    kind = cfg.dataset.get("kind", "classification")
+    if kind not in RUNNERS:
+        raise ConfigError(f"dataset kind {kind!r} is not supported; valid kinds: {', '.join(RUNNERS)}")
+    return RUNNERS[kind](cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_llm")

@@ -9,26 +9,29 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .prompts import EncodedExample
 from .scoring import Scorer
 
 SPLITS = ("test", "train")
+SUPPORT_SAMPLING = ("per_query", "shared")
 
 
 def balanced_support(
-    labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator, exclude: int | None = None
+    labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator, exclude: Sequence[int] = ()
 ) -> np.ndarray:
     """Indices of ``n`` demonstrations, balanced over the classes of ``labels``.
 
     ``n`` is split evenly over the classes that have examples, leftovers go to randomly
     chosen classes, a class short of its quota gives all it has and the rest is filled at
-    random; ``exclude`` (the query itself) is never drawn. The order is shuffled.
+    random; ``exclude`` (the queries themselves) is never drawn. The order is shuffled.
     """
     candidates = np.arange(len(labels))
-    if exclude is not None:
-        candidates = candidates[candidates != exclude]
+    if len(exclude):
+        candidates = np.setdiff1d(candidates, exclude)
     if n > len(candidates):
         raise ConfigError(f"N={n} demonstrations cannot be drawn from a pool of {len(candidates)} examples; lower N")
     members = [candidates[labels[candidates] == c] for c in range(num_classes)]
@@ -55,6 +58,13 @@ def zero_shot_logprobs(scorer: Scorer, examples: Sequence[EncodedExample], desc:
     return scorer.label_logprobs([[ex] for ex in examples], [[] for _ in examples], read="query", desc=desc)
 
 
+def check_support_sampling(support_sampling: str, block_size: int) -> None:
+    if support_sampling not in SUPPORT_SAMPLING:
+        raise ConfigError(f"unknown support_sampling {support_sampling!r}; valid: {', '.join(SUPPORT_SAMPLING)}")
+    if support_sampling == "shared" and block_size < 1:
+        raise ConfigError(f"block_size={block_size}: shared demonstrations need blocks of at least 1 query")
+
+
 def icl_predict(
     scorer: Scorer,
     pool: Sequence[EncodedExample],
@@ -65,26 +75,38 @@ def icl_predict(
     num_repeats: int,
     rng_key: tuple[int, ...],
     queries_are_pool: bool = False,
+    support_sampling: str = "per_query",
+    block_size: int = 32,
     desc: str | None = None,
 ) -> np.ndarray:
     """Majority-vote predictions of ``num_repeats`` n-shot prompts per query.
 
     Demonstrations are drawn class-balanced by ``pool_labels`` (gold labels for supervised ICL,
     pseudo-labels for UICL). With ``queries_are_pool`` query i is pool example i and is never
-    among its own demonstrations.
+    among its own demonstrations. ``support_sampling="per_query"`` (the original's) draws a
+    demonstration set per query and repeat; ``"shared"`` draws one per block of
+    ``block_size`` queries and repeat and encodes it once for the whole block.
     """
+    check_support_sampling(support_sampling, block_size)
+    step = 1 if support_sampling == "per_query" else block_size
+    blocks = [range(start, min(start + step, len(queries))) for start in range(0, len(queries), step)]
     num_classes = scorer.encoder.num_labels
-    prompts, labels, rngs = [], [], []
-    for q, query in enumerate(queries):
-        rng = np.random.default_rng([*rng_key, q])
-        for _ in range(num_repeats):
-            demos = balanced_support(pool_labels, n, num_classes, rng, exclude=q if queries_are_pool else None)
-            prompts.append([pool[d] for d in demos] + [query])
-            labels.append(pool_labels[demos].tolist())
-        rngs.append(rng)
-    scores = scorer.label_logprobs(prompts, labels, read="query", desc=desc)
-    votes = scores.argmax(-1).view(len(queries), num_repeats).cpu().numpy()
-    return np.array([majority_vote(v, num_classes, rng) for v, rng in zip(votes, rngs)], dtype=np.int64)
+    rngs = [np.random.default_rng([*rng_key, block[0]]) for block in blocks]
+    draws = [[balanced_support(pool_labels, n, num_classes, rng, exclude=block if queries_are_pool else ())
+              for _ in range(num_repeats)] for block, rng in zip(blocks, rngs)]
+    if support_sampling == "per_query":
+        prompts = [[pool[d] for d in demos] + [queries[b[0]]] for b, ds in zip(blocks, draws) for demos in ds]
+        labels = [pool_labels[demos].tolist() for ds in draws for demos in ds]
+        scores = scorer.label_logprobs(prompts, labels, read="query", desc=desc).view(len(queries), num_repeats, -1)
+    else:
+        scores = torch.empty(len(queries), num_repeats, num_classes)
+        for block, ds in tqdm(list(zip(blocks, draws)), desc=desc, disable=desc is None or not scorer.show_progress):
+            for r, demos in enumerate(ds):
+                scores[block.start:block.stop, r] = scorer.shared_label_logprobs(
+                    [pool[d] for d in demos], pool_labels[demos].tolist(), queries[block.start:block.stop]).cpu()
+    votes = scores.argmax(-1).cpu().numpy()
+    return np.array([majority_vote(votes[q], num_classes, rng) for block, rng in zip(blocks, rngs) for q in block],
+                    dtype=np.int64)
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:

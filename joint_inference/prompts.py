@@ -118,6 +118,11 @@ class PromptEncoder:
     def encode_all(self, examples: Sequence[Mapping]) -> list[EncodedExample]:
         return [self.encode(ex) for ex in examples]
 
+    def context(self, examples: Sequence[EncodedExample], labels: Sequence[int]) -> list[int]:
+        """Token ids of labelled demonstrations, each followed by the separator: the part of
+        a prompt that queries can share."""
+        return self.assemble([*examples, EncodedExample((), ())], labels)[0]
+
     def assemble(self, examples: Sequence[EncodedExample], labels: Sequence[int]) -> tuple[list[int], list[int]]:
         """Token ids of one prompt and the label-read position of every example.
 

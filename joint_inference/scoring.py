@@ -13,6 +13,7 @@ are distinct, else ``exact``). The K scores are renormalised with a log-softmax.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -130,8 +131,31 @@ class Scorer:
             scores = self._exact_scores(seqs, positions, desc)
         else:
             scores = self._run(seqs, positions, self._mixed_label_logits, desc)
-        scores = torch.log_softmax(scores.float(), dim=-1).view(len(seqs), -1, self.encoder.num_labels)
+        return self._finish(scores, len(seqs), read)
+
+    def _finish(self, scores: torch.Tensor, num_prompts: int, read: str) -> torch.Tensor:
+        """Log-softmax over the label set, shaped (P, K) for queries or (P, M, K) for all."""
+        scores = torch.log_softmax(scores.float(), dim=-1).view(num_prompts, -1, self.encoder.num_labels)
         return scores[:, 0] if read == "query" else scores
+
+    def shared_label_logprobs(
+        self,
+        demonstrations: Sequence[EncodedExample],
+        demo_labels: Sequence[int],
+        queries: Sequence[EncodedExample],
+    ) -> torch.Tensor:
+        """(Q, K) label log-probs of each query after the same labelled demonstrations.
+
+        The demonstrations run through the model once; their key/value cache is then reused
+        by every batch of queries (position ids continue after it). Equal, up to float error,
+        to scoring each (demonstrations + query) prompt with :meth:`label_logprobs`.
+        """
+        if self.mode == "exact":  # exact multi-token labels need branches: score whole prompts
+            return self.label_logprobs([[*demonstrations, q] for q in queries], [list(demo_labels)] * len(queries))
+        context = self.encoder.context(demonstrations, demo_labels)
+        prefix = self.body(input_ids=torch.tensor([context], device=self.device), use_cache=True).past_key_values
+        return self._finish(self._run([list(q.prefix) for q in queries], [[len(q.prefix) - 1] for q in queries],
+                                      self._mixed_label_logits, None, prefix=prefix), len(queries), "query")
 
     # ------------------------------------------------------------------------ label projections
     def _build_label_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -211,10 +235,13 @@ class Scorer:
         reduce: Callable[[torch.Tensor, list], torch.Tensor],
         desc: str | None,
         targets: list[list[int]] | None = None,
+        prefix=None,
     ) -> torch.Tensor:
         """Run the body over ``seqs`` longest first, ``reduce`` the hidden states at
-        ``positions`` (with the matching ``targets``), and return rows in input order."""
-        longest = max(len(s) for s in seqs)
+        ``positions`` (with the matching ``targets``), and return rows in input order.
+        With a ``prefix`` key/value cache, every sequence continues after it."""
+        offset = prefix.get_seq_length() if prefix is not None else 0
+        longest = offset + max(len(s) for s in seqs)
         if self.max_length and longest > self.max_length:
             raise ConfigError(
                 f"a prompt has {longest} tokens but the model's context is {self.max_length}; "
@@ -232,9 +259,16 @@ class Scorer:
             for row, i in enumerate(idx):
                 input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
                 mask[row, : len(seqs[i])] = 1
-            hidden = self.body(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-            ).last_hidden_state
+            if prefix is None:
+                hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                   use_cache=False).last_hidden_state
+            else:
+                cache = copy.deepcopy(prefix)  # each batch extends its own copy
+                cache.batch_repeat_interleave(len(idx))
+                mask = torch.cat([torch.ones(len(idx), offset, dtype=torch.long), mask], dim=1)
+                hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                   position_ids=torch.arange(offset, offset + width, device=self.device).expand(len(idx), -1),
+                                   cache=cache, use_cache=True).last_hidden_state
             rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], device=hidden.device)
             cols = torch.tensor([p for i in idx for p in positions[i]], device=hidden.device)
             flat_targets = [t for i in idx for t in targets[i]] if targets is not None else []

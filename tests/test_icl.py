@@ -23,7 +23,7 @@ def test_balanced_support_counts(n, counts):
     rng = np.random.default_rng(0)
     for trial in range(50):
         exclude = trial % len(labels)
-        chosen = balanced_support(labels, n, len(counts), rng, exclude=exclude)
+        chosen = balanced_support(labels, n, len(counts), rng, exclude=[exclude])
         assert len(chosen) == n and len(set(chosen)) == n and exclude not in chosen
         per_class = np.bincount(labels[chosen], minlength=len(counts))
         quota = n // len(counts)
@@ -52,7 +52,7 @@ def test_balanced_support_skips_empty_classes_and_rejects_large_n():
     chosen = balanced_support(labels, 8, 3, np.random.default_rng(0))
     assert np.bincount(labels[chosen], minlength=3).tolist() == [5, 0, 3]
     with pytest.raises(ConfigError, match="N=13"):
-        balanced_support(labels, 13, 3, np.random.default_rng(0), exclude=0)
+        balanced_support(labels, 13, 3, np.random.default_rng(0), exclude=[0])
 
 
 def test_majority_vote_ties_are_random():
@@ -93,7 +93,7 @@ def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_
 def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
     """Same seed -> same predictions; scrambling the gold labels of the same sample changes the
     accuracies and the supervised baseline, never a zero-shot or unsupervised prediction."""
-    import unsupervised_icl_llm
+    import joint_inference.uicl as uicl
     from unsupervised_icl_llm import run
 
     def predictions(name):
@@ -105,7 +105,7 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
     again, again_preds, _ = predictions("b")
     assert first_preds == again_preds and first == {**again, "timing": first["timing"]}
 
-    real_load = unsupervised_icl_llm.load_task
+    real_load = uicl.load_task
 
     def scrambled(cfg):
         data = real_load(cfg)
@@ -114,7 +114,7 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
         data.test_labels = rng.integers(0, 2, len(data.test_labels))
         return data
 
-    monkeypatch.setattr(unsupervised_icl_llm, "load_task", scrambled)
+    monkeypatch.setattr(uicl, "load_task", scrambled)
     _, scrambled_preds, scrambled_gold = predictions("c")
     assert scrambled_gold != first_gold
     assert scrambled_preds == first_preds
@@ -133,7 +133,7 @@ def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_pa
         calls.append((kw["rng_key"], np.array(pool_labels)))
         return original(scorer, pool, pool_labels, queries, **kw)
 
-    monkeypatch.setattr("unsupervised_icl_llm.icl_predict", spy)
+    monkeypatch.setattr("joint_inference.uicl.icl_predict", spy)
     run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "save_predictions=true"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
@@ -149,11 +149,11 @@ def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_pa
 
 
 def test_interrupted_run_resumes_to_the_same_results(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
-    import unsupervised_icl_llm
+    import joint_inference.uicl as uicl
     from unsupervised_icl_llm import run
 
     full = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "full"))
-    original, calls = unsupervised_icl_llm.icl_predict, []
+    original, calls = uicl.icl_predict, []
 
     def crash_in_round_2(*args, **kw):
         calls.append(kw["rng_key"])
@@ -161,11 +161,11 @@ def test_interrupted_run_resumes_to_the_same_results(tiny_llama_dir, tiny_sst2_r
             raise KeyboardInterrupt
         return original(*args, **kw)
 
-    monkeypatch.setattr(unsupervised_icl_llm, "icl_predict", crash_in_round_2)
+    monkeypatch.setattr(uicl, "icl_predict", crash_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(unsupervised_icl_llm, "icl_predict", original)
+    monkeypatch.setattr(uicl, "icl_predict", original)
     resumed = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed"))
     strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
     assert strip(resumed) == strip(full)
@@ -205,3 +205,25 @@ def test_cli_exit_codes_and_multirun(tiny_llama_dir, tiny_sst2_root, tmp_path):
     assert sweep.returncode == 0, sweep.stderr
     results = sorted(Path(tmp_path / "sweep").glob("*/results.json"))
     assert len(results) == 2 and {json.loads(p.read_text())["settings"]["seed"] for p in results} == {0, 1}
+
+
+def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    """Blocks of one query draw exactly the per-query demonstrations; the key/value-cached
+    scoring must then reproduce every prediction."""
+    from unsupervised_icl_llm import run
+
+    def predictions(name, *extra):
+        results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "save_predictions=true", *extra))
+        rows = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        return results, [(r["zero_shot"], r["rounds"]) for r in map(json.loads, rows)]
+
+    per_query, per_query_preds = predictions("per_query")
+    shared, shared_preds = predictions("shared", "support_sampling=shared", "block_size=1")
+    assert shared_preds == per_query_preds
+    assert shared["settings"]["support_sampling"] == "shared"
+    blocks, _ = predictions("blocks", "support_sampling=shared", "block_size=4")
+    assert blocks["timing"]["prompts_scored"] == per_query["timing"]["prompts_scored"]
+    with pytest.raises(ConfigError, match="block_size=0"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "zero", "support_sampling=shared", "block_size=0"))
+    with pytest.raises(ConfigError, match="support_sampling"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "bad", "support_sampling=global"))

@@ -204,3 +204,34 @@ def test_template_errors():
         TEMPLATE.render_parts({"text": "x"})
     assert Template("{premise}\n {y}.").label_lead == " "
     assert Template("Q: {choices[0]} {x}\nAnswer: {y}\n").fields == ["choices", "x"]
+
+
+def tiny_gemma3(sliding_window: int):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from joint_inference.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(add_bos=True)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              final_logit_softcapping=0.5, sliding_window=sliding_window, pad_token_id=0,
+                              layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval(), tokenizer
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2", "tiny_gemma3_window8"])
+@pytest.mark.parametrize("mode,names", [("first", SINGLE), ("bot_minimal", MULTI), ("exact", MULTI)])
+def test_shared_demonstrations_equal_separate_prompts(request, model_name, mode, names):
+    """Encoding the demonstrations once (key/value cache) gives the scores of whole prompts,
+    also when the prompt outgrows a sliding attention window."""
+    model, tokenizer = tiny_gemma3(8) if model_name == "tiny_gemma3_window8" else request.getfixturevalue(model_name)
+    encoder = PromptEncoder(tokenizer, TEMPLATE, names)
+    scorer = Scorer(model, encoder, mode, batch_size=3, show_progress=False)
+    demos = [encoder.encode({"sentence": s}) for s in SENTENCES[:4]]
+    demo_labels = [1, 0, len(names) - 1, 0]
+    queries = [encoder.encode({"sentence": s}) for s in SENTENCES + ["fun", "bad movie"]]
+    with torch.no_grad():
+        shared = scorer.shared_label_logprobs(demos, demo_labels, queries)
+        separate = scorer.label_logprobs([[*demos, q] for q in queries], [demo_labels] * len(queries))
+    torch.testing.assert_close(shared, separate, atol=1e-4, rtol=1e-4)
