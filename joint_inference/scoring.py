@@ -153,7 +153,7 @@ class Scorer:
         if self.mode == "exact":  # exact multi-token labels need branches: score whole prompts
             return self.label_logprobs([[*demonstrations, q] for q in queries], [list(demo_labels)] * len(queries))
         context = self.encoder.context(demonstrations, demo_labels)
-        prefix = self.body(input_ids=torch.tensor([context], device=self.device), use_cache=True).past_key_values
+        prefix = self.body(input_ids=torch.tensor([context], device=self.device), use_cache=True).cache
         return self._finish(self._run([list(q.prefix) for q in queries], [[len(q.prefix) - 1] for q in queries],
                                       self._mixed_label_logits, None, prefix=prefix), len(queries), "query")
 
