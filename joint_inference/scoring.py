@@ -14,6 +14,7 @@ are distinct, else ``exact``). The K scores are renormalised with a log-softmax.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError
 from .prompts import EncodedExample, PromptEncoder
 
+log = logging.getLogger(__name__)
 LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
 
 
@@ -228,6 +230,25 @@ class Scorer:
         return scores
 
     # ------------------------------------------------------------------------ batched forward
+    def _hidden(self, seqs: list[list[int]], prefix=None) -> torch.Tensor:
+        """Last hidden states of right-padded ``seqs`` (after a shared ``prefix`` cache, if any)."""
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        if prefix is None:
+            return self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                             use_cache=False).last_hidden_state
+        offset = prefix.get_seq_length()
+        cache = copy.deepcopy(prefix)  # each batch extends its own copy
+        cache.batch_repeat_interleave(len(seqs))
+        mask = torch.cat([torch.ones(len(seqs), offset, dtype=torch.long), mask], dim=1)
+        positions = torch.arange(offset, offset + width, device=self.device).expand(len(seqs), -1)
+        return self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+
     def _run(
         self,
         seqs: list[list[int]],
@@ -249,31 +270,27 @@ class Scorer:
             )
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out: list[torch.Tensor | None] = [None] * len(seqs)
-        pad = 0
-        batches = range(0, len(order), self.batch_size)
-        for start in tqdm(batches, desc=desc, disable=not self.show_progress or desc is None, leave=False):
+        progress = tqdm(total=len(seqs), desc=desc, disable=not self.show_progress or desc is None, leave=False)
+        start = 0
+        while start < len(order):
             idx = order[start : start + self.batch_size]
-            width = len(seqs[idx[0]])
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
-            if prefix is None:
-                hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                   use_cache=False).last_hidden_state
-            else:
-                cache = copy.deepcopy(prefix)  # each batch extends its own copy
-                cache.batch_repeat_interleave(len(idx))
-                mask = torch.cat([torch.ones(len(idx), offset, dtype=torch.long), mask], dim=1)
-                hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                   position_ids=torch.arange(offset, offset + width, device=self.device).expand(len(idx), -1),
-                                   cache=cache, use_cache=True).last_hidden_state
+            try:
+                hidden = self._hidden([seqs[i] for i in idx], prefix)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2  # remembered for the rest of the run
+                log.warning("out of memory: batch size lowered to %d", self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
             rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], device=hidden.device)
             cols = torch.tensor([p for i in idx for p in positions[i]], device=hidden.device)
             flat_targets = [t for i in idx for t in targets[i]] if targets is not None else []
             reduced = reduce(hidden[rows, cols], flat_targets)
-            counts = [len(positions[i]) for i in idx]
-            for i, chunk in zip(idx, reduced.split(counts)):
+            for i, chunk in zip(idx, reduced.split([len(positions[i]) for i in idx])):
                 out[i] = chunk
+            start += len(idx)
+            progress.update(len(idx))
+        progress.close()
         return torch.cat(out)

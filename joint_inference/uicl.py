@@ -46,7 +46,8 @@ def run_classification(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device)
     encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names))
-    scorer = Scorer(model, encoder, cfg.label_mode, cfg.batch_size, show_progress=cfg.progress)
+    batch_size = (64 if device.type == "cuda" else 16) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    scorer = Scorer(model, encoder, cfg.label_mode, batch_size, show_progress=cfg.progress)
     encoded = {"test": encoder.encode_all(data.test), "train": encoder.encode_all(data.train)}
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode)

@@ -235,3 +235,26 @@ def test_shared_demonstrations_equal_separate_prompts(request, model_name, mode,
         shared = scorer.shared_label_logprobs(demos, demo_labels, queries)
         separate = scorer.label_logprobs([[*demos, q] for q in queries], [demo_labels] * len(queries))
     torch.testing.assert_close(shared, separate, atol=1e-4, rtol=1e-4)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_scores(tiny_llama, monkeypatch):
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    sentences, labels = make_prompts(encoder, 9, "query")
+    prompts = [[encoder.encode({"sentence": s}) for s in sents] for sents in sentences]
+    scorer = Scorer(model, encoder, "first", batch_size=8, show_progress=False)
+    with torch.no_grad():
+        want = scorer.label_logprobs(prompts, labels)
+    real_body, sizes = scorer.body, []
+
+    def small_memory(**kw):
+        sizes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("fake: CUDA out of memory")
+        return real_body(**kw)
+
+    monkeypatch.setattr(scorer, "body", small_memory)
+    with torch.no_grad():
+        got = scorer.label_logprobs(prompts, labels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert scorer.batch_size == 2 and sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2
