@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import shard_map
 from .errors import ConfigError
 from .prompts import EncodedExample
 from .scoring import Scorer
@@ -55,7 +56,8 @@ def majority_vote(votes: np.ndarray, num_classes: int, rng: np.random.Generator)
 
 def zero_shot_logprobs(scorer: Scorer, examples: Sequence[EncodedExample], desc: str | None = None):
     """(Q, K) label log-probs of each example alone."""
-    return scorer.label_logprobs([[ex] for ex in examples], [[] for _ in examples], read="query", desc=desc)
+    return torch.stack(shard_map(lambda idx: scorer.label_logprobs(
+        [[examples[i]] for i in idx], [[] for _ in idx], read="query", desc=desc), len(examples)))
 
 
 def check_support_sampling(support_sampling: str, block_size: int) -> None:
@@ -97,14 +99,17 @@ def icl_predict(
     if support_sampling == "per_query":
         prompts = [[pool[d] for d in demos] + [queries[b[0]]] for b, ds in zip(blocks, draws) for demos in ds]
         labels = [pool_labels[demos].tolist() for ds in draws for demos in ds]
-        scores = scorer.label_logprobs(prompts, labels, read="query", desc=desc).view(len(queries), num_repeats, -1)
+        scores = torch.stack(shard_map(lambda idx: scorer.label_logprobs(
+            [prompts[i] for i in idx], [labels[i] for i in idx], read="query", desc=desc), len(prompts)))
     else:
-        scores = torch.empty(len(queries), num_repeats, num_classes)
-        for block, ds in tqdm(list(zip(blocks, draws)), desc=desc, disable=desc is None or not scorer.show_progress):
-            for r, demos in enumerate(ds):
-                scores[block.start:block.stop, r] = scorer.shared_label_logprobs(
-                    [pool[d] for d in demos], pool_labels[demos].tolist(), queries[block.start:block.stop]).cpu()
-    votes = scores.argmax(-1).cpu().numpy()
+        def score_blocks(idx):
+            """(block queries, repeats, K) per block: each repeat's demonstrations encoded once."""
+            return [torch.stack([scorer.shared_label_logprobs(
+                [pool[d] for d in demos], pool_labels[demos].tolist(), queries[blocks[b].start:blocks[b].stop]).cpu()
+                for demos in draws[b]], 1) for b in tqdm(idx, desc=desc, disable=desc is None or not scorer.show_progress)]
+
+        scores = torch.cat(shard_map(score_blocks, len(blocks)))
+    votes = scores.reshape(len(queries), num_repeats, num_classes).argmax(-1).numpy()
     return np.array([majority_vote(votes[q], num_classes, rng) for block, rng in zip(blocks, rngs) for q in block],
                     dtype=np.int64)
 

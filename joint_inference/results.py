@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .distributed import is_main_process
 from .errors import ConfigError
 from .utils import atomic_write_json, atomic_write_text
 
@@ -53,8 +54,9 @@ class RunState:
         self.stages[stage] = value
         self.seconds += seconds
         self.prompts += prompts
-        atomic_write_json(self.path, {"fingerprint": self.fingerprint, "stages": self.stages,
-                                      "seconds": self.seconds, "prompts": self.prompts})
+        if is_main_process():
+            atomic_write_json(self.path, {"fingerprint": self.fingerprint, "stages": self.stages,
+                                          "seconds": self.seconds, "prompts": self.prompts})
 
 
 def markdown_table(results: dict) -> str:
@@ -77,11 +79,15 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(out_dir: str | Path, results: dict) -> None:
-    """results.json and results.md, each written atomically."""
+    """results.json and results.md, each written atomically (by the main process only)."""
+    if not is_main_process():
+        return
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", markdown_table(results))
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    if not is_main_process():
+        return
     atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))

@@ -31,7 +31,11 @@ def train_tokenizer(add_bos: bool = True, vocab_size: int = 300):
 
 
 def tiny_causal_lm(arch: str = "llama", tokenizer=None, seed: int = 0, **dims):
-    """(random model, tokenizer); the model's vocabulary is padded beyond the tokenizer's, as in Qwen2."""
+    """(random model, tokenizer); the model's vocabulary is padded beyond the tokenizer's, as in Qwen2.
+
+    Weights are drawn wide enough (std 0.2) that predictions depend on the input, so tests
+    comparing predictions have something to compare.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = tokenizer or train_tokenizer(add_bos=arch == "llama")
@@ -41,10 +45,10 @@ def tiny_causal_lm(arch: str = "llama", tokenizer=None, seed: int = 0, **dims):
     if arch == "llama":
         config = LlamaConfig(**{"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
-                                "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id, **special, **dims})
+                                "tie_word_embeddings": False, "initializer_range": 0.2, "pad_token_id": tokenizer.pad_token_id, **special, **dims})
         return LlamaForCausalLM(config).eval(), tokenizer
     if arch == "gpt2":
         config = GPT2Config(**{"vocab_size": vocab, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 1024,
-                               **special, **dims})
+                               "initializer_range": 0.2, **special, **dims})
         return GPT2LMHeadModel(config).eval(), tokenizer
     raise ValueError(f"unknown tiny architecture {arch!r}; use llama or gpt2")

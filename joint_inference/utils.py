@@ -33,9 +33,12 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` means CUDA when available, else CPU."""
+    """``auto`` means this process's GPU when available (one per process under
+    ``accelerate launch``), else CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .distributed import process_state
+
+        return process_state().device
     return torch.device(device)
 
 

@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 CONFIG_DIR = str(REPO / "configs")
 
-def build_tiny_model(kind: str, directory: Path) -> Path:
+def build_tiny_model(kind: str, directory: Path, **dims) -> Path:
     """Save a random 2-layer model + locally trained tokenizer to ``directory``."""
-    model, tokenizer = tiny_causal_lm(kind)
+    model, tokenizer = tiny_causal_lm(kind, **dims)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -104,6 +104,7 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
     first, first_preds, first_gold = predictions("a")
     again, again_preds, _ = predictions("b")
     assert first_preds == again_preds and first == {**again, "timing": first["timing"]}
+    assert len({p[2] for p in first_preds}) == 2 and len({tuple(p[3]) for p in first_preds}) > 1  # not constant
 
     real_load = uicl.load_task
 
@@ -220,6 +221,7 @@ def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny
     per_query, per_query_preds = predictions("per_query")
     shared, shared_preds = predictions("shared", "support_sampling=shared", "block_size=1")
     assert shared_preds == per_query_preds
+    assert len({p[0] for p in shared_preds}) == 2 and len({tuple(p[1]) for p in shared_preds}) > 1  # not constant
     assert shared["settings"]["support_sampling"] == "shared"
     blocks, _ = predictions("blocks", "support_sampling=shared", "block_size=4")
     assert blocks["timing"]["prompts_scored"] == per_query["timing"]["prompts_scored"]
@@ -227,3 +229,24 @@ def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "zero", "support_sampling=shared", "block_size=0"))
     with pytest.raises(ConfigError, match="support_sampling"):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "bad", "support_sampling=global"))
+
+
+@pytest.mark.parametrize("sampling", ["per_query", "shared"])
+def test_accelerate_launch_shards_queries_with_the_same_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path, sampling):
+    """Two CPU processes under `accelerate launch` split the prompts and gather the scores:
+    the predictions equal one process's under the same seed."""
+    from unsupervised_icl_llm import run
+
+    args = [f"model.pretrained={tiny_llama_dir}", "model.embedded=null", "model.name=tiny",
+            f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
+            "progress=false", "save_predictions=true", f"support_sampling={sampling}", "block_size=3"]
+    run(compose("unsupervised_icl_llm", args + ["device=cpu", f"output_dir={tmp_path / 'one'}"]))
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "unsupervised_icl_llm.py"),
+         *args, f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one = (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == one
+    rows = [json.loads(line) for line in one.splitlines()]
+    assert len({r["zero_shot"] for r in rows}) == 2 and len({tuple(r["rounds"]) for r in rows}) > 1  # not constant

@@ -1,0 +1,42 @@
+"""Sharding work over processes started by ``accelerate launch`` (one GPU each).
+
+A single process (plain ``python ...``) runs everything itself; nothing here needs a launcher.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+
+def process_state():
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1 and state.device.type == "cuda" and state.num_processes > torch.cuda.device_count():
+        raise ConfigError(f"accelerate started {state.num_processes} processes but only {torch.cuda.device_count()} "
+                          "GPUs are visible; use --num_processes <= the number of GPUs")
+    return state
+
+
+def is_main_process() -> bool:
+    return process_state().is_main_process
+
+
+def shard_map(fn: Callable[[list[int]], Sequence], num_items: int) -> list:
+    """``fn(indices)`` (one result per index) on this process's share of ``range(num_items)``
+    (every k-th item), with the results of all processes gathered back into item order."""
+    state = process_state()
+    if state.num_processes == 1:
+        return list(fn(list(range(num_items))))
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, num_items, state.num_processes))
+    local = [x.cpu() if isinstance(x, torch.Tensor) else x for x in fn(mine)] if mine else []
+    shards = gather_object([local])  # one list per process, in rank order
+    out = [None] * num_items
+    for rank, shard in enumerate(shards):
+        out[rank::state.num_processes] = shard
+    return out
