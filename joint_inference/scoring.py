@@ -154,6 +154,8 @@ class Scorer:
         """
         if self.mode == "exact":  # exact multi-token labels need branches: score whole prompts
             return self.label_logprobs([[*demonstrations, q] for q in queries], [list(demo_labels)] * len(queries))
+        if any(not q.prefix for q in queries):
+            raise ConfigError("a query has no text before its label; the template needs text before {y}")
         context = self.encoder.context(demonstrations, demo_labels)
         prefix = self.body(input_ids=torch.tensor([context], device=self.device), use_cache=True).cache
         return self._finish(self._run([list(q.prefix) for q in queries], [[len(q.prefix) - 1] for q in queries],
