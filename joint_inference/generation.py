@@ -1,0 +1,144 @@
+"""Text generation behind one small interface, with two backends.
+
+    generator.generate(prompts, num_samples, seed=0) -> list[list[str]]   # num_samples texts per prompt
+
+``hf`` (default) runs Hugging Face ``generate`` on CPU or GPU: prompts sorted by length, batched,
+left-padded, restored to their order; the batch halves on out-of-memory. ``vllm`` runs vLLM with
+tensor parallelism over the visible GPUs and is imported only when chosen. Both cut each response
+at the first stop string, and both treat temperature 0 as greedy decoding, where all samples of a
+prompt are the same text (generated once). Nothing else changes with the backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # a response ends before the first of these
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` up to (not including) the earliest stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class HFGenerator:
+    """Hugging Face ``generate``: batched, longest prompts first, left-padded."""
+
+    def __init__(self, model, tokenizer, settings: SamplingSettings, batch_size: int = 16, show_progress: bool = True):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.batch_size, self.show_progress = batch_size, show_progress
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def generate(self, prompts: list[str], num_samples: int = 1, seed: int = 0) -> list[list[str]]:
+        s = self.settings
+        per_prompt = 1 if s.greedy else num_samples
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        texts: list[list[str]] = [[] for _ in prompts]
+        sampling = {} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
+        progress = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not self.show_progress)
+        start = 0
+        while start < len(order):
+            idx = order[start:start + self.batch_size]
+            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                 padding_side="left").to(self.model.device)
+            torch.manual_seed(seed * 1_000_003 + start)  # sampled outputs depend on the seed and the batch only
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(
+                        **enc, do_sample=not s.greedy, **sampling, max_new_tokens=s.max_new_tokens,
+                        num_return_sequences=per_prompt, stop_strings=list(s.stop) or None,
+                        tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2  # remembered for the rest of the run
+                log.warning("out of memory: generation batch size lowered to %d", self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            decoded = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, i in enumerate(idx):
+                texts[i] = [cut_at_stop(t, s.stop) for t in decoded[j * per_prompt:(j + 1) * per_prompt]]
+            start += len(idx)
+            progress.update(len(idx))
+        progress.close()
+        return [t * num_samples if s.greedy else t for t in texts]
+
+
+class VLLMGenerator:
+    """vLLM over all visible GPUs (tensor parallel); imported only when this backend is chosen."""
+
+    def __init__(self, source: str, tokenizer: str | None, dtype: str, settings: SamplingSettings,
+                 seed: int = 0, show_progress: bool = True):
+        check_vllm()
+        from vllm import LLM
+
+        self.settings, self.show_progress = settings, show_progress
+        self.llm = LLM(model=source, tokenizer=tokenizer or source, dtype=dtype, seed=seed,
+                       tensor_parallel_size=torch.cuda.device_count())
+
+    def generate(self, prompts: list[str], num_samples: int = 1, seed: int = 0) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        s = self.settings
+        n = 1 if s.greedy else num_samples
+        params = [SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 stop=list(s.stop), seed=seed * 1_000_003 + i) for i in range(len(prompts))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.show_progress)
+        texts = [[cut_at_stop(o.text, s.stop) for o in out.outputs] for out in outputs]
+        return [t * num_samples if s.greedy else t for t in texts]
+
+
+def check_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("backend=vllm needs vLLM, which is not installed: pip install vllm "
+                          "(Linux with a CUDA GPU); or use the default backend=hf")
+    if not torch.cuda.is_available():
+        raise ConfigError("backend=vllm needs a CUDA GPU and none is visible; use backend=hf on this machine")
+
+
+def make_generator(cfg, settings: SamplingSettings):
+    """The generator that ``cfg.backend`` names, with the model of ``cfg.model``."""
+    from .models import load_model, resolve_weights
+    from .utils import resolve_device
+
+    if cfg.backend == "hf":
+        device = resolve_device(cfg.device)
+        model, tokenizer = load_model(cfg.model, device)
+        batch_size = (64 if device.type == "cuda" else 16) if cfg.batch_size == "auto" else int(cfg.batch_size)
+        return HFGenerator(model, tokenizer, settings, batch_size, cfg.progress)
+    if cfg.backend == "vllm":
+        check_vllm()  # before any conversion of embedded weights
+        source, gguf_file = resolve_weights(cfg.model)
+        if gguf_file:
+            raise ConfigError("backend=vllm reads a model directory or hub id, not model.gguf_file; use backend=hf")
+        dtype = cfg.model.get("dtype", "auto")
+        return VLLMGenerator(source, cfg.model.get("tokenizer"), dtype, settings, cfg.seed, cfg.progress)
+    raise ConfigError(f"unknown backend {cfg.backend!r}; use hf or vllm")

@@ -1,0 +1,323 @@
+"""Unsupervised ICL for generative reasoning tasks (METHOD.md §6, paper Table 2): GSM8K, MMLU-Pro.
+
+* Round 0: every question answered zero-shot with chain of thought, ``num_repeats`` samples each,
+  majority vote over the extracted final answers.
+* Baseline: supervised few-shot prompts with written exemplars (reported, never used by the rounds).
+* Round t = 1..T: for each question, ``num_repeats`` prompts of ``n_shots`` demonstrations drawn
+  from the *other* questions with their current model-written responses (unparseable ones are
+  not in the pool; with a category field, only questions of the same category); majority vote;
+  the winners become the next round's pool.
+
+Random draws are keyed by (seed, stage, question), so a question's demonstrations do not depend on
+the order of processing or on resumption. Each stage is saved when it finishes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .answers import (GSM8K_COT_EXEMPLARS, extract_choice, extract_number, gold_number, majority_vote,
+                      numbers_equal, plain_pattern_number)
+from .data import load_split
+from .errors import ConfigError
+from .generation import SamplingSettings, make_generator
+from .results import RunState, fingerprint_digest, write_jsonl, write_results
+from .utils import seed_everything
+
+log = logging.getLogger(__name__)
+LETTERS = "ABCDEFGHIJ"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class CotFormat:
+    """How questions and responses become a prompt (a ``template/`` config of a generation task).
+
+    prompt = instruction + separator.join([query + " " + response, ...] + [query (+ zero_shot_cue)])
+    """
+
+    instruction: str  # once at the top; may read the query's fields, e.g. {category}
+    query: str  # one question up to where its response starts, e.g. "Q: {question}\nA:"
+    zero_shot_cue: str  # appended to the query of a zero-shot prompt, e.g. " Let's think step by step."
+    separator: str  # between examples; the stop strings are where a next example would start
+    stop: tuple[str, ...]
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "CotFormat":
+        return cls(cfg.instruction, cfg.query, cfg.get("zero_shot_cue") or "", cfg.separator, tuple(cfg.stop or ()))
+
+    def render(self, query: dict, demos: list[tuple[dict, str]] = (), zero_shot: bool = False) -> str:
+        try:
+            shots = [self.query.format(**row) + " " + response.strip() for row, response in demos]
+            last = self.query.format(**query) + (self.zero_shot_cue if zero_shot else "")
+            return self.instruction.format(**query) + self.separator.join([*shots, last])
+        except (KeyError, IndexError) as err:
+            raise ConfigError(f"template needs field {err} that the rows lack (fields: {sorted(query)}); "
+                              "pick a matching template= (literal braces are written {{ }})") from None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class GenerativeTask:
+    """The questions (dataset rows), their gold answers, and what the baseline demonstrates."""
+
+    rows: list[dict]
+    sources: list[str]  # "split[row]" of each question, to name it
+    gold: list  # a float (number tasks) or a letter (choice tasks) per question
+    answer_type: str  # number | choice
+    categories: list[str] | None  # demonstrations come from the same category; accuracy per category
+    exemplars: list[tuple[dict, str, str | None]] | None  # (row, written response, category): the baseline's
+
+    def extract(self, q: int, text: str):
+        """The final answer a response commits to, or None."""
+        if self.answer_type == "number":
+            return extract_number(text)
+        return extract_choice(text, LETTERS[:len(self.rows[q]["options"])])
+
+    def correct(self, answers: list) -> list[bool]:
+        if self.answer_type == "number":
+            return [numbers_equal(a, g) for a, g in zip(answers, self.gold)]
+        return [a == g for a, g in zip(answers, self.gold)]
+
+
+def _with_options(row: dict, cfg) -> dict:
+    """Choice tasks: the option list as lettered lines, ``{options_text}`` in templates."""
+    field = cfg.get("options_field")
+    if not field:
+        return row
+    options = list(row[field])
+    if not 0 < len(options) <= len(LETTERS):
+        raise ConfigError(f"a row of {cfg.name!r} has {len(options)} options; 1 to {len(LETTERS)} are supported")
+    return {**row, "options": options, "options_text": "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))}
+
+
+def _gold(row: dict, cfg, source: str):
+    raw = row.get(cfg.answer_field)
+    try:
+        if cfg.answer_type == "number":
+            return gold_number(raw)
+        if cfg.answer_type == "choice" and isinstance(raw, str) and raw.strip() in LETTERS[:len(row["options"])]:
+            return raw.strip()
+    except ValueError:
+        pass
+    if cfg.answer_type not in ("number", "choice"):
+        raise ConfigError(f"dataset.answer_type must be number or choice, got {cfg.answer_type!r}")
+    expected = ("text ending in '#### <number>'" if cfg.answer_type == "number"
+                else f"a letter among the row's {len(row.get('options', []))} options")
+    question = str(row.get(cfg.question_field, ""))[:80]
+    raise ConfigError(f"row {source} of {cfg.name!r} has no gold answer in the expected format: field "
+                      f"{cfg.answer_field!r} is {str(raw)[-120:]!r}, expected {expected} (question: {question!r})")
+
+
+def _exemplars(cfg) -> list[tuple[dict, str, str | None]] | None:
+    """Demonstrations of the supervised baseline: built-in, or another split's written CoT; None if absent."""
+    ex = cfg.exemplars
+    if ex is None:
+        return None
+    if ex.source == "gsm8k_cot":
+        return [({"question": e["question"]}, e["response"], None) for e in GSM8K_COT_EXEMPLARS]
+    if ex.source != "split":
+        raise ConfigError(f"dataset.exemplars.source must be gsm8k_cot or split, got {ex.source!r}")
+    try:
+        rows = load_split(cfg, ex.split).to_list()
+    except ConfigError as err:
+        log.warning("no supervised baseline: the exemplar split %r is not available (%s)", ex.split, err)
+        return None
+    prefix, category = ex.get("strip_prefix") or "", cfg.get("category_field")
+    return [(_with_options(r, cfg), r[ex.response_field].strip().removeprefix(prefix).strip(),
+             str(r[category]) if category else None) for r in rows]
+
+
+def load_generative_task(cfg) -> GenerativeTask:
+    """The questions of ``cfg.source_splits`` (a seeded subset of ``num_examples``), gold answers checked."""
+    rows, sources = [], []
+    for split in cfg.source_splits:
+        part = load_split(cfg, split).to_list()
+        rows += part
+        sources += [f"{split}[{i}]" for i in range(len(part))]
+    if not rows:
+        raise ConfigError(f"dataset {cfg.name!r} has no rows in splits {list(cfg.source_splits)}")
+    if cfg.get("num_examples") is not None and cfg.num_examples < len(rows):
+        keep = np.sort(np.random.default_rng(cfg.sample_seed).choice(len(rows), cfg.num_examples, replace=False))
+        rows, sources = [rows[i] for i in keep], [sources[i] for i in keep]
+    rows = [_with_options(r, cfg) for r in rows]
+    categories = [str(r[cfg.category_field]) for r in rows] if cfg.get("category_field") else None
+    return GenerativeTask(rows=rows, sources=sources, gold=[_gold(r, cfg, s) for r, s in zip(rows, sources)],
+                          answer_type=cfg.answer_type, categories=categories, exemplars=_exemplars(cfg))
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def question_rng(key: tuple[int, ...], q: int, use: int) -> np.random.Generator:
+    """The random stream of question ``q`` in a stage: use 0 draws demonstrations, use 1 breaks vote ties."""
+    return np.random.default_rng([*key, q, use])
+
+
+def same_answer(a, b) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return numbers_equal(a, b)
+
+
+def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_samples: int, key: tuple[int, ...]) -> dict:
+    """Generate for every prompt, vote per question; the stage's answers and one winning response each.
+
+    ``prompts[q]`` are question q's prompts, each sampled ``num_samples`` times. The response kept is a
+    random one among those whose answer won (any response when none parses).
+    """
+    outputs = iter(generator.generate([p for ps in prompts for p in ps], num_samples,
+                                      seed=int(np.random.default_rng(key).integers(2**31))))
+    answers, responses = [], []
+    for q, ps in enumerate(prompts):
+        samples = [text for _ in ps for text in next(outputs)]
+        extracted = [task.extract(q, s) for s in samples]
+        rng = question_rng(key, q, 1)
+        winner = majority_vote(extracted, rng)
+        backing = [s for s, a in zip(samples, extracted) if a is not None and same_answer(a, winner)] or samples
+        answers.append(winner)
+        responses.append(backing[int(rng.integers(len(backing)))])
+    return {"answers": answers, "responses": responses}
+
+
+def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots: int, num_repeats: int,
+                  key: tuple[int, ...], name: str) -> tuple[list[list[str]], dict]:
+    """``num_repeats`` n-shot prompts per question from the other questions' parseable responses.
+
+    Returns the prompts and ``{"pool_size": ...}``. Where fewer than ``n_shots`` demonstrations are
+    available, the prompts use what there is and one warning says how many remain.
+    """
+    pool = [j for j, a in enumerate(previous["answers"]) if a is not None]
+    prompts, short = [], []
+    for q, row in enumerate(task.rows):
+        candidates = [j for j in pool
+                      if j != q and (task.categories is None or task.categories[j] == task.categories[q])]
+        k = min(n_shots, len(candidates))
+        if k < n_shots:
+            short.append(k)
+        rng = question_rng(key, q, 0)
+        prompts.append([fmt.render(row, [(task.rows[candidates[i]], previous["responses"][candidates[i]])
+                                         for i in rng.permutation(len(candidates))[:k]])
+                        for _ in range(num_repeats)])
+    if short:
+        log.warning("%s: n_shots=%d, but only %s parseable responses of other questions remain for %d of %d "
+                    "questions; their prompts use that many demonstrations", name, n_shots,
+                    min(short) if min(short) == max(short) else f"{min(short)}-{max(short)}", len(short), len(prompts))
+    return prompts, {"pool_size": len(pool)}
+
+
+def supervised_prompts(task: GenerativeTask, fmt: CotFormat, n_shots: int) -> list[list[str]]:
+    """One prompt per question: the first ``n_shots`` exemplars (of the question's category), in order."""
+    prompts, fewest = [], n_shots
+    for q, row in enumerate(task.rows):
+        demos = [(r, resp) for r, resp, c in task.exemplars
+                 if task.categories is None or c == task.categories[q]][:n_shots]
+        fewest = min(fewest, len(demos))
+        prompts.append([fmt.render(row, demos)])
+    if fewest < n_shots:
+        log.warning("supervised baseline: n_shots=%d, but some questions have only %d exemplars", n_shots, fewest)
+    return prompts
+
+
+def summary(task: GenerativeTask, stage: dict) -> dict:
+    """Accuracy of a stage, with the extraction comparison (numbers) or per-category accuracy (categories)."""
+    correct = task.correct(stage["answers"])
+    out = {"test_accuracy": float(np.mean(correct)), "answered": sum(a is not None for a in stage["answers"])}
+    if task.answer_type == "number":
+        # What the plain "The answer is <digits>" pattern reads from the same responses.
+        plain = [plain_pattern_number(r) for r in stage["responses"]]
+        out["plain_pattern_accuracy"] = float(np.mean([numbers_equal(p, g) for p, g in zip(plain, task.gold)]))
+        out["missed_by_plain_pattern"] = sum(a is not None and not numbers_equal(a, p)
+                                             for a, p in zip(stage["answers"], plain))
+    if task.categories is not None:
+        out["per_category"] = {c: float(np.mean([ok for ok, cq in zip(correct, task.categories) if cq == c]))
+                               for c in sorted(set(task.categories))}
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_generation(cfg: DictConfig) -> dict:
+    """Zero-shot, supervised few-shot and T rounds of unsupervised ICL; results in ``cfg.output_dir``."""
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+
+    # ---- data and prompts
+    task = load_generative_task(cfg.dataset)
+    fmt = CotFormat.from_cfg(cfg.template)
+    n_shots = cfg.n_shots if cfg.get("n_shots") is not None else cfg.dataset.n_shots
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, fmt.stop)
+    log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend", cfg.dataset.name, len(task.rows), n_shots,
+             cfg.num_repeats, cfg.backend)
+
+    state = RunState(out_dir / "state.json", {
+        "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
+        "template": OmegaConf.to_container(cfg.template), "n_shots": n_shots, "num_repeats": cfg.num_repeats,
+        "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p],
+        "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
+    })
+    generator = None
+
+    def stage(name, key, build, num_samples):
+        """Answer the prompts ``build()`` makes, unless a previous start already finished this stage."""
+        nonlocal generator
+        if name not in state:
+            generator = generator or make_generator(cfg, settings)  # the model loads only when needed
+            start = time.perf_counter()
+            prompts, extra = build()
+            result = {**answer(generator, task, prompts, num_samples, (cfg.seed, key)), **extra}
+            state.finish(name, result, time.perf_counter() - start, sum(map(len, prompts)))
+        log.info("%s: accuracy %.4f", name, summary(task, state[name])["test_accuracy"])
+        return state[name]
+
+    # ---- round 0: zero-shot chain of thought
+    zero_shot = stage("zero_shot", 0, lambda: ([[fmt.render(r, zero_shot=True)] for r in task.rows], {}),
+                      cfg.num_repeats)
+
+    # ---- baseline: supervised few-shot with written exemplars (never used by the rounds)
+    supervised = None
+    if cfg.supervised_icl and task.exemplars:
+        supervised = stage("supervised_icl", 1, lambda: (supervised_prompts(task, fmt, n_shots), {}), cfg.num_repeats)
+
+    # ---- unsupervised ICL: demonstrations are the other questions with the previous round's responses
+    rounds, previous = [], zero_shot
+    for t in range(1, cfg.T + 1):
+        name, key, prev = f"round_{t}", t + 1, previous
+        previous = stage(name, key, lambda: round_prompts(task, fmt, prev, n_shots, cfg.num_repeats,
+                                                          (cfg.seed, key), name), 1)
+        rounds.append(previous)
+
+    # ---- results
+    results = {
+        "task": cfg.dataset.name, "model": cfg.model.name, "num_test": len(task.rows),
+        "zero_shot": summary(task, zero_shot),
+        "supervised_icl": summary(task, supervised) if supervised else None,
+        "rounds": [{"round": t, **summary(task, r), "pool_size": r["pool_size"]} for t, r in enumerate(rounds, 1)],
+        "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
+        "settings": {"n_shots": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
+                     "backend": cfg.backend, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "template": OmegaConf.to_container(cfg.template)},
+    }
+    def per_question(stage):
+        return [{"answer": a, "correct": ok, "response": r}
+                for a, ok, r in zip(stage["answers"], task.correct(stage["answers"]), stage["responses"])]
+
+    zs, sup, rnd = per_question(zero_shot), supervised and per_question(supervised), [per_question(r) for r in rounds]
+    write_jsonl(out_dir / "answers.jsonl", [
+        {"source": task.sources[q], "question": row.get(cfg.dataset.question_field), "gold": task.gold[q],
+         **({"category": task.categories[q]} if task.categories else {}), "zero_shot": zs[q],
+         **({"supervised_icl": sup[q]} if sup else {}), "rounds": [r[q] for r in rnd]}
+        for q, row in enumerate(task.rows)])
+    write_results(out_dir, results)
+    log.info("results in %s", out_dir)
+    return results

