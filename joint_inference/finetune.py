@@ -1,0 +1,353 @@
+"""Unsupervised fine-tuning (METHOD.md §4): task encoders, the reward, the training loop, checkpoints.
+
+One copy of the base model serves both roles: the task encoder is the model with LoRA adapters
+(or a linear head on fixed features), and the reward is the same model with the adapters
+disabled, read by the shared :class:`~joint_inference.scoring.Scorer`. A training step draws
+B*N pool examples, samples labels from the task encoder, scores the sampled and the argmax
+labellings in one batched call, and takes an Adam step on the estimator's surrogate loss minus
+``gamma`` times the batch entropy.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .estimators import batch_entropy, surrogate_loss
+from .icl import zero_shot_logprobs
+from .prompts import EncodedExample
+from .scoring import Scorer
+
+log = logging.getLogger(__name__)
+SCHEDULES = ("constant", "cosine")
+
+
+# --------------------------------------------------------------------------------- task encoders
+def linear_module_names(model) -> list[str]:
+    """Distinct names of the model's linear layers (what LoRA can target), the output layer left out."""
+    head = model.get_output_embeddings()
+    linear = [name for name, module in model.named_modules()
+              if module is not head and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")]
+    return sorted({name.split(".")[-1] for name in linear})
+
+
+def add_lora(model, r: int, alpha: float, dropout: float, target_modules: Sequence[str]):
+    """The model wrapped by peft with LoRA adapters on ``target_modules`` (in place: one copy)."""
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_module_names(model)
+    targets = [t for t in target_modules if t in available]
+    if not targets:
+        raise ConfigError(f"LoRA target modules {list(target_modules)} match nothing in {type(model).__name__}; "
+                          f"its linear modules are {available}. Set lora.target_modules=[...]")
+    if len(targets) < len(target_modules):
+        log.warning("LoRA targets %s are not in the model; using %s",
+                    sorted(set(target_modules) - set(targets)), targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """The frozen model: no autograd, and LoRA adapters disabled when there are any."""
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), adapters_off:
+        yield
+
+
+class LoraTaskEncoder:
+    """q(y|x) of the LoRA'd model: the scorer's K-way log-probs at a single-example prompt's label position."""
+
+    def __init__(self, scorer: Scorer, examples: dict[str, Sequence[EncodedExample]]):
+        self.scorer, self.examples, self.model = scorer, examples, scorer.model
+
+    def logits(self, split: str, idx: Sequence[int]) -> torch.Tensor:
+        # the scorer itself, not the sharded zero_shot_logprobs: this output needs its autograd graph
+        return self.scorer.label_logprobs([[self.examples[split][i]] for i in idx], [[] for _ in idx])
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state[n])
+
+    def save(self, directory: Path) -> None:
+        """The adapter alone, loadable with ``PeftModel.from_pretrained(base_model, directory)``."""
+        self.model.save_pretrained(directory)
+
+
+class LinearTaskEncoder:
+    """q(y|x) = softmax(W f(x) + b) on fixed features f (CLIP image embeddings, frozen LM states, ...)."""
+
+    def __init__(self, features: dict[str, torch.Tensor], num_labels: int,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``init``: (weight (K, dim), bias (K,)) to start from, e.g. :func:`label_head`; zeros otherwise."""
+        self.features = {split: f.detach().float() for split, f in features.items()}
+        dim = next(iter(self.features.values())).shape[-1]
+        self.head = torch.nn.Linear(dim, num_labels).to(next(iter(self.features.values())).device)
+        with torch.no_grad():
+            weight, bias = init if init is not None else (torch.zeros(num_labels, dim), torch.zeros(num_labels))
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+
+    def logits(self, split: str, idx: Sequence[int]) -> torch.Tensor:
+        rows = torch.as_tensor(list(idx), device=self.features[split].device)
+        return self.head(self.features[split][rows]).log_softmax(-1)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.head.parameters())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.head.named_parameters()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.head.load_state_dict(state)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(directory / "linear_head.pt", self.head.state_dict())
+
+
+def label_head(scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, bias) mapping the LM's final hidden states to the scorer's K label scores.
+
+    A linear head on :func:`lm_features` initialised with it starts at the model's zero-shot
+    predictions (exactly, up to logit soft-capping). None in ``exact`` mode, which is not linear.
+    """
+    if scorer.mode == "exact":
+        return None
+    columns, weights = scorer._label_weights
+    columns = columns.to(scorer.device)
+    weight = weights.to(scorer.device) @ scorer.head.weight.detach().index_select(0, columns).float()
+    bias = getattr(scorer.head, "bias", None)
+    bias = torch.zeros(len(weights)) if bias is None else weights.to(scorer.device) @ bias.detach()[columns].float()
+    return weight, bias.to(weight.device)
+
+
+def lm_features(scorer: Scorer, examples: Sequence[EncodedExample]) -> torch.Tensor:
+    """(Q, hidden) last hidden state of the frozen model at each example's label position."""
+    seqs, positions = [], []
+    for ex in examples:
+        ids, pos = scorer.encoder.assemble([ex], [])
+        seqs.append(ids)
+        positions.append(pos)
+    with frozen(scorer.model):
+        return scorer._run(seqs, positions, lambda hidden, _: hidden.float(), desc=None)
+
+
+# ---------------------------------------------------------------------------------------- reward
+class LMReward:
+    """R[b, n, k] of METHOD.md §3: log p(y_n = k | x_n, (x_<n, y_<n)) of the frozen model, divided by N.
+
+    The scorer's model may carry LoRA adapters; they are disabled here, so this is the base model.
+    With ``log_prior`` (calibration) the prior is subtracted before dividing by N.
+    """
+
+    def __init__(self, scorer: Scorer, examples: Sequence[EncodedExample], log_prior: torch.Tensor | None = None):
+        self.scorer, self.examples, self.log_prior = scorer, examples, log_prior
+
+    def __call__(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """idx, labels: (R, N) pool indices and their labels -> (R, N, K); all R sequences in one call."""
+        prompts = [[self.examples[i] for i in row] for row in idx.tolist()]
+        with frozen(self.scorer.model):
+            reward = self.scorer.label_logprobs(prompts, labels.tolist(), read="all")
+        if self.log_prior is not None:
+            reward = reward - self.log_prior.to(reward.device)
+        return reward / idx.shape[1]
+
+
+def zero_shot_log_prior(scorer: Scorer, examples: Sequence[EncodedExample]) -> torch.Tensor:
+    """(K,) log of the mean zero-shot label probabilities of the frozen model over ``examples``."""
+    with frozen(scorer.model):
+        logp = zero_shot_logprobs(scorer, examples, desc="log-prior")
+    return logp.logsumexp(0) - math.log(len(examples))
+
+
+# ------------------------------------------------------------------------------------ optimiser
+def make_optimizer(params, lr: float, schedule: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0,
+                   total_steps: int = 1):
+    """Adam and a LambdaLR: linear warm-up over ``warmup_steps``, then constant or cosine to ``min_lr``."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown optimization.schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    floor = min_lr / lr if lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------------- one step
+def train_step(encoder, reward: Callable, idx: torch.Tensor, optimizer, scheduler, *, estimator: str,
+               baseline: bool, gamma: float, max_norm: float, generator: torch.Generator) -> dict:
+    """One update on the (B, N) pool indices ``idx``; returns the step's statistics.
+
+    Labels are sampled with ``generator`` (on the CPU, so runs reproduce on any device); the
+    sampled and the argmax labellings are scored together as 2B sequences.
+    """
+    b, n = idx.shape
+    logits = encoder.logits("train", idx.flatten().tolist()).view(b, n, -1)
+    probs = logits.detach().float().softmax(-1).cpu().view(b * n, -1)
+    sample = torch.multinomial(probs, 1, generator=generator).view(b, n).to(logits.device)
+    argmax = logits.detach().argmax(-1)
+    rewards = reward(idx.repeat(2, 1), torch.cat([sample, argmax]))
+    reward_sample, reward_argmax = rewards[:b].to(logits.device), rewards[b:].to(logits.device)
+    entropy = batch_entropy(logits)
+    loss = surrogate_loss(estimator, logits, sample, reward_sample, reward_argmax if baseline else None)
+    loss = loss - gamma * entropy
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
+    optimizer.step()
+    scheduler.step()
+
+    def total(r, y):
+        return r.gather(-1, y.unsqueeze(-1)).sum((1, 2)).mean().item()
+
+    return {"loss": loss.item(), "reward_sample": total(reward_sample, sample),
+            "reward_argmax": total(reward_argmax, argmax), "entropy": entropy.item(),
+            "grad_norm": grad_norm.item(), "argmax": argmax.cpu()}
+
+
+def evaluate(encoder, split: str, gold: np.ndarray, batch: int = 256) -> float:
+    """Accuracy of the task encoder's argmax labels on ``split``."""
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(gold), batch):
+            preds.append(encoder.logits(split, range(start, min(start + batch, len(gold)))).argmax(-1).cpu())
+    return float((torch.cat(preds).numpy() == gold).mean())
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def atomic_torch_save(path: Path, obj) -> None:
+    """torch.save so that readers see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    """The training generator and the global torch, CUDA, numpy and python states (torch.load-safe types)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"train": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": random.getstate()}
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    generator.set_state(states["train"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """The checkpoint at ``path``; a ConfigError naming the keys when it was made with another config."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ckpt["fingerprint"]
+    differ = sorted(k for k in fingerprint.keys() | saved.keys() if fingerprint.get(k) != saved.get(k))
+    if differ:
+        raise ConfigError(
+            f"{path} is a checkpoint of a different configuration (keys differ: {differ}); "
+            "use a new run directory (hydra.run.dir=...) or the original settings")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------- the loop
+def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.ndarray, cfg, fingerprint: dict,
+        ckpt_path: Path, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train for ``cfg.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
+
+    ``cfg`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
+    seed, estimator.{name, baseline} and optimization.{lr, schedule, warmup_steps, min_lr}.
+    Returns the run's state: step, history (one entry per evaluation, rewards and entropy
+    averaged over the steps since the previous one), zero_shot and train seconds.
+    """
+    b, n, opt = cfg.batch_size, cfg.N, cfg.optimization
+    optimizer, scheduler = make_optimizer(encoder.parameters(), opt.lr, opt.schedule, opt.warmup_steps,
+                                          opt.min_lr, cfg.num_iterations)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, fingerprint)
+        encoder.load_trainable_state(ckpt["trainable"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_states(ckpt["rng"], generator)
+        state = ckpt["state"]
+        log.info("resuming from %s at step %d", ckpt_path, state["step"])
+    else:
+        accuracy = evaluate(encoder, "test", test_labels)
+        state = {"step": 0, "seconds": 0.0, "zero_shot": accuracy, "window": [],
+                 "history": [{"step": 0, "test_accuracy": accuracy, "reward_argmax": None,
+                              "reward_sample": None, "entropy": None}]}
+
+    def checkpoint():
+        atomic_torch_save(ckpt_path, {
+            "fingerprint": fingerprint, "trainable": encoder.trainable_state(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "state": state})
+
+    bar = tqdm(total=cfg.num_iterations, initial=state["step"], desc="fine-tuning", disable=not progress)
+    while state["step"] < cfg.num_iterations:
+        start = time.perf_counter()
+        idx = torch.randperm(len(pool_labels), generator=generator)[: b * n].view(b, n)
+        stats = train_step(encoder, reward, idx, optimizer, scheduler, estimator=cfg.estimator.name,
+                           baseline=cfg.estimator.baseline, gamma=cfg.gamma, max_norm=cfg.max_norm,
+                           generator=generator)
+        state["seconds"] += time.perf_counter() - start
+        state["step"] += 1
+        stats["batch_accuracy"] = float((stats.pop("argmax").numpy() == pool_labels[idx.numpy()]).mean())
+        stats["lr"] = scheduler.get_last_lr()[0]
+        state["window"].append({k: stats[k] for k in ("reward_argmax", "reward_sample", "entropy")})
+        bar.update()
+        bar.set_postfix(reward=f"{stats['reward_argmax']:.3f}", acc=f"{stats['batch_accuracy']:.2f}",
+                        H=f"{stats['entropy']:.3f}")
+        step = state["step"]
+        if step % cfg.eval_freq == 0 or step == cfg.num_iterations:
+            stats["test_accuracy"] = evaluate(encoder, "test", test_labels)
+            means = {k: float(np.mean([w[k] for w in state["window"]])) for k in state["window"][0]}
+            state["history"].append({"step": step, "test_accuracy": stats["test_accuracy"], **means})
+            state["window"] = []
+            log.info("step %d: test accuracy %.4f, reward %.4f", step, stats["test_accuracy"], means["reward_argmax"])
+        if on_step is not None:
+            on_step(step, stats)
+        if step % cfg.ckpt_freq == 0 or step == cfg.num_iterations:
+            checkpoint()
+    bar.close()
+    return state
+
