@@ -54,6 +54,7 @@ def majority_vote(votes: np.ndarray, num_classes: int, rng: np.random.Generator)
     return int(rng.choice(np.flatnonzero(counts == counts.max())))
 
 
+@torch.inference_mode()
 def zero_shot_logprobs(scorer: Scorer, examples: Sequence[EncodedExample], desc: str | None = None):
     """(Q, K) label log-probs of each example alone."""
     return torch.stack(shard_map(lambda idx: scorer.label_logprobs(
@@ -67,6 +68,7 @@ def check_support_sampling(support_sampling: str, block_size: int) -> None:
         raise ConfigError(f"block_size={block_size}: shared demonstrations need blocks of at least 1 query")
 
 
+@torch.inference_mode()
 def icl_predict(
     scorer: Scorer,
     pool: Sequence[EncodedExample],

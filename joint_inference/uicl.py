@@ -19,7 +19,7 @@ from .models import load_model
 from .prompts import PromptEncoder, Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .scoring import Scorer
-from .utils import resolve_device, seed_everything
+from .utils import default_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run_classification(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device)
     encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names))
-    batch_size = (64 if device.type == "cuda" else 16) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    batch_size = default_batch_size(device) if cfg.batch_size == "auto" else int(cfg.batch_size)
     scorer = Scorer(model, encoder, cfg.label_mode, batch_size, show_progress=cfg.progress)
     encoded = {"test": encoder.encode_all(data.test), "train": encoder.encode_all(data.train)}
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,

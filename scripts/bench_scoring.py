@@ -32,7 +32,7 @@ from joint_inference.models import load_model  # noqa: E402
 from joint_inference.prompts import PromptEncoder, Template  # noqa: E402
 from joint_inference.scoring import Scorer  # noqa: E402
 from joint_inference.tiny import synthetic_sentences  # noqa: E402
-from joint_inference.utils import atomic_write_json, resolve_device  # noqa: E402
+from joint_inference.utils import atomic_write_json, default_batch_size, resolve_device  # noqa: E402
 
 
 def load_sentences(n: int) -> tuple[list[dict], np.ndarray, str]:
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3_270m", help="a configs/model/ name")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--N", type=int, default=8, help="demonstrations per prompt")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the scorer's auto choice")
     parser.add_argument("--block-size", type=int, default=32, help="queries sharing one demonstration set")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="override the model config's dtype")
@@ -73,7 +73,8 @@ def main() -> None:
     model, tokenizer = load_model(model_cfg, device)
     encoder = PromptEncoder(tokenizer, Template("{sentence}\nThe sentiment of the sentence is {y}."),
                             ["negative", "positive"])
-    scorer = Scorer(model, encoder, "first", batch_size=args.batch_size, show_progress=False)
+    batch_size = args.batch_size or default_batch_size(device)
+    scorer = Scorer(model, encoder, "first", batch_size=batch_size, show_progress=False)
 
     pool_size = max(200, args.N + 1)
     rows, gold, source = load_sentences(pool_size + args.num_prompts)
@@ -114,7 +115,7 @@ def main() -> None:
     round_prompts = 3000 * 5  # a paper round: 3,000 examples x 5 votes
     figures = {
         "model": args.model, "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
-        "num_prompts": len(prompts), "N": args.N, "batch_size": args.batch_size, "data": source,
+        "num_prompts": len(prompts), "N": args.N, "batch_size": batch_size, "data": source,
         "num_tokens": num_tokens,
         "naive_seconds": naive_s, "batched_seconds": batched_s,
         "naive_prompts_per_s": len(prompts) / naive_s, "batched_prompts_per_s": len(prompts) / batched_s,
