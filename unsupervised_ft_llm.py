@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from joint_inference.data import load_task
+from joint_inference.data import check_label_set, load_task
 from joint_inference.errors import ConfigError
 from joint_inference.estimators import ESTIMATORS
 from joint_inference.finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head,
@@ -80,9 +80,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"N={cfg.N}: joint inference needs at least 2 examples per sequence")
     if cfg.task_encoder not in ("lora", "linear"):
         raise ConfigError(f"unknown task_encoder {cfg.task_encoder!r}; valid: lora, linear")
-    if len(cfg.labelset.names) != cfg.dataset.num_classes:
-        raise ConfigError(f"label set has {len(cfg.labelset.names)} names but dataset {cfg.dataset.name!r} "
-                          f"has {cfg.dataset.num_classes} classes; pick a matching labelset=")
+    check_label_set(cfg.labelset.names, cfg.dataset)
 
     # ---- data
     data = load_task(cfg.dataset)

@@ -93,6 +93,13 @@ def load_rows(cfg) -> tuple[list[dict], np.ndarray]:
     return rows, np.asarray(labels)
 
 
+def check_label_set(names, cfg) -> None:
+    """The label set must name every class of the dataset, in order."""
+    if len(names) != cfg.num_classes:
+        raise ConfigError(f"label set has {len(names)} names but dataset {cfg.name!r} has {cfg.num_classes} "
+                          "classes; pick a matching labelset=")
+
+
 def protocol_sample(
     labels: np.ndarray, num_classes: int, num_examples: int, seed: int = 42
 ) -> tuple[np.ndarray, np.ndarray]:

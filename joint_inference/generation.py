@@ -11,15 +11,13 @@ prompt are the same text (generated once). Nothing else changes with the backend
 from __future__ import annotations
 
 import importlib.util
-import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .utils import in_batches_longest_first, resolve_device
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,36 +57,23 @@ class HFGenerator:
         s = self.settings
         per_prompt = 1 if s.greedy else num_samples
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
         texts: list[list[str]] = [[] for _ in prompts]
         sampling = {} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
-        progress = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not self.show_progress)
-        start = 0
-        while start < len(order):
-            idx = order[start:start + self.batch_size]
+
+        def process(idx):
             enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                                  padding_side="left").to(self.model.device)
-            torch.manual_seed(seed * 1_000_003 + start)  # sampled outputs depend on the seed and the batch only
-            try:
-                with torch.no_grad():
-                    out = self.model.generate(
-                        **enc, do_sample=not s.greedy, **sampling, max_new_tokens=s.max_new_tokens,
-                        num_return_sequences=per_prompt, stop_strings=list(s.stop) or None,
-                        tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id)
-            except torch.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                self.batch_size //= 2  # remembered for the rest of the run
-                log.warning("out of memory: generation batch size lowered to %d", self.batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
+            torch.manual_seed(seed * 1_000_003 + idx[0])  # sampled outputs depend on the seed and the batch only
+            with torch.no_grad():
+                out = self.model.generate(
+                    **enc, do_sample=not s.greedy, **sampling, max_new_tokens=s.max_new_tokens,
+                    num_return_sequences=per_prompt, stop_strings=list(s.stop) or None,
+                    tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id)
             decoded = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(idx):
                 texts[i] = [cut_at_stop(t, s.stop) for t in decoded[j * per_prompt:(j + 1) * per_prompt]]
-            start += len(idx)
-            progress.update(len(idx))
-        progress.close()
+
+        self.batch_size = in_batches_longest_first(lengths, self.batch_size, process, "generating", self.show_progress)
         return [t * num_samples if s.greedy else t for t in texts]
 
 
@@ -127,7 +112,6 @@ def check_vllm() -> None:
 def make_generator(cfg, settings: SamplingSettings):
     """The generator that ``cfg.backend`` names, with the model of ``cfg.model``."""
     from .models import load_model, resolve_weights
-    from .utils import resolve_device
 
     if cfg.backend == "hf":
         device = resolve_device(cfg.device)

@@ -14,16 +14,14 @@ are distinct, else ``exact``). The K scores are renormalised with a log-softmax.
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .prompts import EncodedExample, PromptEncoder
+from .utils import in_batches_longest_first
 
-log = logging.getLogger(__name__)
 LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
 
 
@@ -270,29 +268,17 @@ class Scorer:
                 f"a prompt has {longest} tokens but the model's context is {self.max_length}; "
                 "lower N (demonstrations per prompt) or use a model with a longer context"
             )
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out: list[torch.Tensor | None] = [None] * len(seqs)
-        progress = tqdm(total=len(seqs), desc=desc, disable=not self.show_progress or desc is None, leave=False)
-        start = 0
-        while start < len(order):
-            idx = order[start : start + self.batch_size]
-            try:
-                hidden = self._hidden([seqs[i] for i in idx], prefix)
-            except torch.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                self.batch_size //= 2  # remembered for the rest of the run
-                log.warning("out of memory: batch size lowered to %d", self.batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
+
+        def process(idx):
+            hidden = self._hidden([seqs[i] for i in idx], prefix)
             rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], device=hidden.device)
             cols = torch.tensor([p for i in idx for p in positions[i]], device=hidden.device)
             flat_targets = [t for i in idx for t in targets[i]] if targets is not None else []
             reduced = reduce(hidden[rows, cols], flat_targets)
             for i, chunk in zip(idx, reduced.split([len(positions[i]) for i in idx])):
                 out[i] = chunk
-            start += len(idx)
-            progress.update(len(idx))
-        progress.close()
+
+        self.batch_size = in_batches_longest_first([len(s) for s in seqs], self.batch_size, process, desc,
+                                                   self.show_progress)
         return torch.cat(out)

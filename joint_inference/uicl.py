@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .data import load_task
+from .data import check_label_set, load_task
 from .errors import ConfigError
 from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, zero_shot_logprobs
 from .models import load_model
@@ -30,9 +30,7 @@ def run_classification(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     # ---- data, template, label set
-    if len(cfg.labelset.names) != cfg.dataset.num_classes:
-        raise ConfigError(f"label set has {len(cfg.labelset.names)} names but dataset {cfg.dataset.name!r} "
-                          f"has {cfg.dataset.num_classes} classes; pick a matching labelset=")
+    check_label_set(cfg.labelset.names, cfg.dataset)
     data = load_task(cfg.dataset)
     check_support_sampling(cfg.support_sampling, cfg.block_size)
     excluded = min(cfg.block_size, len(data.train)) if cfg.support_sampling == "shared" else 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -40,6 +44,34 @@ def resolve_device(device: str) -> torch.device:
 
         return process_state().device
     return torch.device(device)
+
+
+def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc: str | None = None,
+                             show_progress: bool = True) -> int:
+    """Call ``process(indices)`` on batches of item indices, longest items first.
+
+    On an out-of-memory error the batch size is halved and the batch retried. Returns the batch
+    size that fit, for the caller to keep for its next calls.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    progress = tqdm(total=len(order), desc=desc, disable=not show_progress or desc is None, leave=False)
+    start = 0
+    while start < len(order):
+        idx = order[start : start + batch_size]
+        try:
+            process(idx)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            log.warning("out of memory: batch size lowered to %d", batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += len(idx)
+        progress.update(len(idx))
+    progress.close()
+    return batch_size
 
 
 def default_batch_size(device: torch.device) -> int:
