@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32, help="queries sharing one demonstration set")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="override the model config's dtype")
+    parser.add_argument("--also-dtype", default=None,
+                        help="also time the batched and shared scorers with the model in this dtype (e.g. bfloat16)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -112,6 +114,20 @@ def main() -> None:
     def agree(a, b):
         return bool((a.argmax(-1).cpu() == b.argmax(-1).cpu()).all())
 
+    low_precision = {}
+    if args.also_dtype:  # the batched and shared scorers again, in a lower precision, against the same naive loop
+        model.to(getattr(torch, args.also_dtype))
+        with torch.inference_mode():
+            scorer.label_logprobs(prompts[:2], labels[:2])
+            low_batched, low_batched_s = timed(lambda: scorer.label_logprobs(prompts, labels))
+            low_shared, low_shared_s = timed(shared)
+        low_precision = {args.also_dtype: {
+            "batched_seconds": low_batched_s, "batched_speedup": naive_s / low_batched_s,
+            "batched_predictions_agree": agree(naive, low_batched),
+            "shared_seconds": low_shared_s, "shared_speedup": naive_s / low_shared_s,
+            "shared_predictions_agree": agree(naive, low_shared),
+            "max_abs_logprob_diff": float((naive.cpu() - low_batched.cpu()).abs().max())}}
+
     round_prompts = 3000 * 5  # a paper round: 3,000 examples x 5 votes
     figures = {
         "model": args.model, "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
@@ -128,6 +144,7 @@ def main() -> None:
         "uicl_round_seconds_3000_examples_5_votes": {
             "naive": round_prompts * naive_s / len(prompts), "batched": round_prompts * batched_s / len(prompts),
             "shared": round_prompts * shared_s / len(prompts)},
+        "naive_vs_lower_precision": low_precision,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
