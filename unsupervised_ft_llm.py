@@ -19,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from joint_inference.distributed import process_state
 from joint_inference.data import check_label_set, load_task
 from joint_inference.errors import ConfigError
 from joint_inference.estimators import ESTIMATORS
@@ -74,6 +75,9 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
 
     # ---- checks that need no data or model
+    if process_state().num_processes > 1:
+        raise ConfigError("fine-tuning under `accelerate launch` with several processes is not implemented yet; "
+                          "run one process (python unsupervised_ft_llm.py ...)")
     if cfg.estimator.name not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {cfg.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
     if cfg.N < 2:

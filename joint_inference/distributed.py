@@ -1,6 +1,8 @@
-"""Sharding work over processes started by ``accelerate launch`` (one GPU each).
+"""Sharding work over processes started by ``accelerate launch`` (one GPU each) or ``torchrun``.
 
-A single process (plain ``python ...``) runs everything itself; nothing here needs a launcher.
+A single process (plain ``python ...``) runs everything itself; nothing here needs a launcher. On
+machines without GPUs, ``torchrun --nproc_per_node 2 ...`` runs CPU processes that talk over gloo
+(``accelerate launch --cpu`` starts a single process).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .errors import ConfigError
 def process_state():
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes talk over gloo
     if state.num_processes > 1 and state.device.type == "cuda" and state.num_processes > torch.cuda.device_count():
         raise ConfigError(f"accelerate started {state.num_processes} processes but only {torch.cuda.device_count()} "
                           "GPUs are visible; use --num_processes <= the number of GPUs")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -227,3 +226,18 @@ def test_real_run_improves_on_zero_shot(tmp_path):
     objective = [h["reward_argmax"] + cfg.gamma * h["entropy"] for h in windows]
     assert objective[-1] > objective[0], windows
     assert results["final"]["test_accuracy"] > results["zero_shot"]["test_accuracy"], results["history"]
+
+
+def test_fine_tuning_under_several_processes_is_refused(tmp_path):
+    """Data-parallel fine-tuning is not implemented: say so instead of training twice."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+         str(REPO / "unsupervised_ft_llm.py"), "model=tiny_random_llm", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert launched.returncode != 0 and "not implemented yet" in launched.stderr
+    assert not (tmp_path / "results.json").exists()
