@@ -6,6 +6,7 @@ machines without GPUs, ``torchrun --nproc_per_node 2 ...`` runs CPU processes th
 """
 from __future__ import annotations
 
+import atexit
 from typing import Callable, Sequence
 
 import torch
@@ -13,14 +14,26 @@ import torch
 from .errors import ConfigError
 
 
+_shutdown_registered: list[bool] = []
+
+
 def process_state():
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes talk over gloo
+    if state.num_processes > 1 and not _shutdown_registered:
+        _shutdown_registered.append(True)
+        atexit.register(_shutdown, state)
     if state.num_processes > 1 and state.device.type == "cuda" and state.num_processes > torch.cuda.device_count():
         raise ConfigError(f"accelerate started {state.num_processes} processes but only {torch.cuda.device_count()} "
                           "GPUs are visible; use --num_processes <= the number of GPUs")
     return state
+
+
+def _shutdown(state) -> None:
+    """Leave together: a process that exits while its peers still talk to it makes them abort."""
+    state.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 def is_main_process() -> bool:

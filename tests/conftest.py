@@ -70,6 +70,18 @@ def tiny_sst2_root(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+def torchrun_two() -> list[str]:
+    """The command prefix that starts two local processes (gloo on CPU) on a free port."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port)]
+
+
 def compose(config_name: str, overrides: list[str]):
     """The config a command line with ``overrides`` would give, with the run dir resolved."""
     from hydra import compose as hydra_compose

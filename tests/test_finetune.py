@@ -231,13 +231,11 @@ def test_real_run_improves_on_zero_shot(tmp_path):
 def test_fine_tuning_under_several_processes_is_refused(tmp_path):
     """Data-parallel fine-tuning is not implemented: say so instead of training twice."""
     import subprocess
-    import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, torchrun_two
 
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-         str(REPO / "unsupervised_ft_llm.py"), "model=tiny_random_llm", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path)
+        [*torchrun_two(), str(REPO / "unsupervised_ft_llm.py"), "model=tiny_random_llm", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert launched.returncode != 0 and "not implemented yet" in launched.stderr
     assert not (tmp_path / "results.json").exists()

@@ -12,7 +12,7 @@ import pytest
 
 from joint_inference.errors import ConfigError
 from joint_inference.icl import balanced_support, majority_vote
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, torchrun_two
 
 # ----------------------------------------------------------------------------- sampling and voting
 
@@ -231,9 +231,6 @@ def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "bad", "support_sampling=global"))
 
 
-TORCHRUN_TWO = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
-
-
 def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(
@@ -243,13 +240,11 @@ def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
         "from joint_inference.distributed import process_state, shard_map\n"
         "rank = process_state().process_index\n"
         "out = shard_map(lambda idx: [torch.tensor([i, rank]) for i in idx], 7)\n"
-        "print('RESULT', rank, json.dumps([t.tolist() for t in out]))\n")
-    done = subprocess.run([*TORCHRUN_TWO, str(script)], capture_output=True, text=True, cwd=tmp_path)
+        "open(f'rank{rank}.json', 'w').write(json.dumps([t.tolist() for t in out]))\n")
+    done = subprocess.run([*torchrun_two(), str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    results = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    assert sorted(r[1] for r in results) == ["0", "1"]
-    for _, _, rows in results:  # every process holds all items, in order, each computed by one rank
-        assert json.loads(rows) == [[i, i % 2] for i in range(7)]
+    for rank in (0, 1):  # every process holds all items, in order, each computed by one rank
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[i, i % 2] for i in range(7)]
 
 
 @pytest.mark.parametrize("sampling", ["per_query", "shared"])
@@ -263,8 +258,8 @@ def test_two_processes_shard_queries_with_the_same_predictions(tiny_llama_dir, t
             "progress=false", "save_predictions=true", f"support_sampling={sampling}", "block_size=3"]
     run(compose("unsupervised_icl_llm", args + ["device=cpu", f"output_dir={tmp_path / 'one'}"]))
     launched = subprocess.run(
-        [*TORCHRUN_TWO, str(REPO / "unsupervised_icl_llm.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, cwd=tmp_path)
+        [*torchrun_two(), str(REPO / "unsupervised_icl_llm.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == one
