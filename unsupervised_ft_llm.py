@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from joint_inference.distributed import process_state
 from joint_inference.data import check_label_set, load_task
-from joint_inference.errors import ConfigError
+from joint_inference.distributed import process_state
+from joint_inference.errors import ConfigError, exit_on_config_error
 from joint_inference.estimators import ESTIMATORS
 from joint_inference.finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head,
                                       lm_features, zero_shot_log_prior)
@@ -153,11 +152,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_ft_llm")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_config_error(run, cfg)
 
 
 if __name__ == "__main__":

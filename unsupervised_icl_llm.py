@@ -9,12 +9,10 @@ Writes results.json and results.md to the run directory; starting again with the
 """
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.errors import ConfigError
+from joint_inference.errors import ConfigError, exit_on_config_error
 from joint_inference.generative import run_generation
 from joint_inference.uicl import run_classification
 
@@ -31,11 +29,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_llm")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_config_error(run, cfg)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def report_figures(figures: dict, out: str | None) -> None:
+    """Benchmarks: add the machine and the command, print as JSON, and write to ``out`` if given."""
+    import platform
+    import sys
+
+    figures = {**figures,
+               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    print(json.dumps(figures, indent=2))
+    if out:
+        atomic_write_json(out, figures)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from joint_inference.models import load_model  # noqa: E402
 from joint_inference.prompts import PromptEncoder, Template  # noqa: E402
 from joint_inference.scoring import Scorer  # noqa: E402
 from joint_inference.tiny import synthetic_sentences  # noqa: E402
-from joint_inference.utils import atomic_write_json, default_batch_size, resolve_device  # noqa: E402
+from joint_inference.utils import default_batch_size, report_figures, resolve_device  # noqa: E402
 
 
 def load_sentences(n: int) -> tuple[list[dict], np.ndarray, str]:
@@ -145,14 +144,8 @@ def main() -> None:
             "naive": round_prompts * naive_s / len(prompts), "batched": round_prompts * batched_s / len(prompts),
             "shared": round_prompts * shared_s / len(prompts)},
         "naive_vs_lower_precision": low_precision,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        atomic_write_json(args.out, figures)
+    report_figures(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,10 @@ figures as JSON. Extra Hydra overrides can follow ``--``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,7 +31,7 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from joint_inference.utils import atomic_write_json
+    from joint_inference.utils import report_figures
     from unsupervised_ft_llm import run
 
     with tempfile.TemporaryDirectory() as out_dir, initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
@@ -51,13 +47,8 @@ def main() -> None:
         "steps": timing["steps"], "seconds_per_step": timing["seconds_per_step"],
         "steps_per_s": 1 / timing["seconds_per_step"], "peak_memory_bytes": results["peak_memory_bytes"],
         "sequences_scored_per_step": 2 * args.B, "overrides": args.overrides,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        atomic_write_json(args.out, figures)
+    report_figures(figures, args.out)
 
 
 if __name__ == "__main__":
