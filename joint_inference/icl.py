@@ -111,7 +111,7 @@ def icl_predict(
                 for demos in draws[b]], 1) for b in tqdm(idx, desc=desc, disable=desc is None or not scorer.show_progress)]
 
         scores = torch.cat(shard_map(score_blocks, len(blocks)))
-    votes = scores.reshape(len(queries), num_repeats, num_classes).argmax(-1).numpy()
+    votes = scores.reshape(len(queries), num_repeats, num_classes).argmax(-1).cpu().numpy()
     return np.array([majority_vote(votes[q], num_classes, rng) for block, rng in zip(blocks, rngs) for q in block],
                     dtype=np.int64)
 
