@@ -27,7 +27,7 @@ from joint_inference.finetune import (LinearTaskEncoder, LMReward, LoraTaskEncod
 from joint_inference.models import load_model
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.results import fingerprint_digest
-from joint_inference.scoring import Scorer
+from joint_inference.scoring import FOLDING_MODES, Scorer
 from joint_inference.utils import atomic_write_json, resolve_device, seed_everything
 
 log = logging.getLogger("unsupervised_ft_llm")
@@ -96,7 +96,8 @@ def run(cfg: DictConfig) -> dict:
     model, tokenizer = load_model(cfg.model, device)
     if cfg.task_encoder == "lora":
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules))
-    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names))
+    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
+                            fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
     scorer = Scorer(model, encoder, cfg.label_mode, cfg.forward_batch_size, show_progress=cfg.progress)
     examples = {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
     log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", cfg.dataset.name,

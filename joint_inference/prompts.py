@@ -86,7 +86,12 @@ class PromptEncoder:
     starts with the tokenizer's BOS token when the tokenizer adds one.
     """
 
-    def __init__(self, tokenizer, template: Template, label_names: Sequence[str]):
+    def __init__(self, tokenizer, template: Template, label_names: Sequence[str], fold_shared_label_tokens: bool = False):
+        """``fold_shared_label_tokens``: leading tokens that every label shares (Gemma and
+        Llama-2 write " 1" as "▁" + "1") become part of each example's prefix, so a label is
+        read where the labels differ. The token sequences are unchanged; ``first`` and ``exact``
+        scores are unchanged too (a shared token's probability cancels in the renormalisation),
+        but ``first`` becomes possible. Off for the reproduction modes ``bot``/``bot_minimal``."""
         if len(set(label_names)) != len(label_names):
             raise ConfigError(f"label set has duplicate names: {list(label_names)}")
         self.tokenizer = tokenizer
@@ -101,6 +106,12 @@ class PromptEncoder:
         for name, ids in zip(label_names, self.label_ids):
             if not ids:
                 raise ConfigError(f"label {name!r} encodes to no tokens")
+        shared = 0
+        if fold_shared_label_tokens:
+            while shared < min(map(len, self.label_ids)) - 1 and len({ids[shared] for ids in self.label_ids}) == 1:
+                shared += 1
+        self.label_stem = self.label_ids[0][:shared]
+        self.label_ids = [ids[shared:] for ids in self.label_ids]
         self.separator = tuple(tokenizer.encode("\n", add_special_tokens=False))
         probe = tokenizer("a").input_ids
         bos = tokenizer.bos_token_id
@@ -113,7 +124,8 @@ class PromptEncoder:
     def encode(self, example: Mapping) -> EncodedExample:
         prefix, suffix = self.template.render_parts(example)
         enc = self.tokenizer.encode
-        return EncodedExample(tuple(enc(prefix, add_special_tokens=False)), tuple(enc(suffix, add_special_tokens=False)))
+        return EncodedExample(tuple(enc(prefix, add_special_tokens=False)) + self.label_stem,
+                              tuple(enc(suffix, add_special_tokens=False)))
 
     def encode_all(self, examples: Sequence[Mapping]) -> list[EncodedExample]:
         return [self.encode(ex) for ex in examples]

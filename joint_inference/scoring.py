@@ -23,6 +23,7 @@ from .prompts import EncodedExample, PromptEncoder
 from .utils import in_batches_longest_first
 
 LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
+FOLDING_MODES = ("auto", "first", "exact")  # modes whose scores do not change when shared label tokens fold
 
 
 def minimal_prefix_lengths(label_ids: Sequence[Sequence[int]]) -> list[int]:

@@ -18,7 +18,7 @@ from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, zero_sho
 from .models import load_model
 from .prompts import PromptEncoder, Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
-from .scoring import Scorer
+from .scoring import FOLDING_MODES, Scorer
 from .utils import default_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def run_classification(cfg: DictConfig) -> dict:
     # ---- model and scorer
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device)
-    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names))
+    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
+                            fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
     batch_size = default_batch_size(device) if cfg.batch_size == "auto" else int(cfg.batch_size)
     scorer = Scorer(model, encoder, cfg.label_mode, batch_size, show_progress=cfg.progress)
     encoded = {"test": encoder.encode_all(data.test), "train": encoder.encode_all(data.train)}

@@ -258,3 +258,31 @@ def test_out_of_memory_halves_the_batch_and_keeps_scores(tiny_llama, monkeypatch
         got = scorer.label_logprobs(prompts, labels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert scorer.batch_size == 2 and sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2
+
+
+@pytest.mark.parametrize("read", ["query", "all"])
+def test_shared_leading_label_tokens_fold_into_the_prompt(tiny_llama, read):
+    """Labels " 1" / " 2" that a tokenizer splits as " " + digit: folding the shared " " into the
+    prefix leaves every token sequence as it was, makes `first` possible, and gives the exact
+    scores of the unfolded labels (the shared token's probability cancels)."""
+    model, tokenizer = tiny_llama
+    names = ["1", "2", "3"]
+    plain = PromptEncoder(tokenizer, TEMPLATE, names)
+    folded = PromptEncoder(tokenizer, TEMPLATE, names, fold_shared_label_tokens=True)
+    assert len({ids[0] for ids in plain.label_ids}) == 1  # the precondition: a shared first token
+    assert folded.label_stem == plain.label_ids[0][:1] and all(len(ids) >= 1 for ids in folded.label_ids)
+    assert resolve_label_mode("auto", folded.label_ids, names) == "first"
+    sentences = [SENTENCES[:3], SENTENCES[2:5], SENTENCES[3:6]]
+    labels = [[0, 2, 1][: 3 if read == "all" else 2]] * 3
+    for sents in sentences:
+        ids_plain, pos_plain = plain.assemble([plain.encode({"sentence": s}) for s in sents], labels[0])
+        ids_folded, pos_folded = folded.assemble([folded.encode({"sentence": s}) for s in sents], labels[0])
+        assert ids_folded[: len(ids_plain)] == ids_plain
+        assert pos_folded == [p + len(folded.label_stem) for p in pos_plain]
+    scorer = Scorer(model, folded, "auto", batch_size=2, show_progress=False)
+    with torch.no_grad():
+        got = scorer.label_logprobs([[folded.encode({"sentence": s}) for s in sents] for sents in sentences],
+                                    labels, read=read)
+    for i, sents in enumerate(sentences):
+        want = reference_logprobs(model, tokenizer, names, "exact", sents, labels[i], read)
+        torch.testing.assert_close(got[i], want[0] if read == "query" else want, atol=1e-4, rtol=1e-4)
