@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +26,7 @@ from .estimators import batch_entropy, surrogate_loss
 from .icl import zero_shot_logprobs
 from .prompts import EncodedExample
 from .scoring import Scorer
+from .utils import atomic_write
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
@@ -244,18 +243,7 @@ def evaluate(encoder, split: str, gold: np.ndarray, batch: int = 256) -> float:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(path: Path, obj) -> None:
-    """torch.save so that readers see the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def rng_states(generator: torch.Generator) -> dict:
