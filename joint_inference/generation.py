@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
-from .utils import in_batches_longest_first, resolve_device
+from .utils import in_batches_longest_first, resolve_batch_size, resolve_device
 
 
 
@@ -116,7 +116,7 @@ def make_generator(cfg, settings: SamplingSettings):
     if cfg.backend == "hf":
         device = resolve_device(cfg.device)
         model, tokenizer = load_model(cfg.model, device)
-        batch_size = (64 if device.type == "cuda" else 16) if cfg.batch_size == "auto" else int(cfg.batch_size)
+        batch_size = resolve_batch_size(cfg.batch_size, device, cpu_default=16)  # decoding gains from bigger batches
         return HFGenerator(model, tokenizer, settings, batch_size, cfg.progress)
     if cfg.backend == "vllm":
         check_vllm()  # before any conversion of embedded weights

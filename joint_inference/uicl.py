@@ -19,7 +19,7 @@ from .models import load_model
 from .prompts import PromptEncoder, Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .scoring import FOLDING_MODES, Scorer
-from .utils import default_batch_size, resolve_device, seed_everything
+from .utils import resolve_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_classification(cfg: DictConfig) -> dict:
     model, tokenizer = load_model(cfg.model, device)
     encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
                             fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-    batch_size = default_batch_size(device) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    batch_size = resolve_batch_size(cfg.batch_size, device)
     scorer = Scorer(model, encoder, cfg.label_mode, batch_size, show_progress=cfg.progress)
     encoded = {"test": encoder.encode_all(data.test), "train": encoder.encode_all(data.train)}
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,

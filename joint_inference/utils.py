@@ -78,10 +78,12 @@ def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc:
     return batch_size
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Prompts per forward pass when ``batch_size=auto``: large on GPUs (halved on
-    out-of-memory); small on CPUs, where 4 measured fastest (scripts/bench_scoring.py)."""
-    return 64 if device.type == "cuda" else 4
+def resolve_batch_size(value, device: torch.device, cpu_default: int = 4) -> int:
+    """``auto``: 64 on GPUs (halved on out-of-memory), ``cpu_default`` on CPUs, where 4 prompts
+    per scoring pass measured fastest (scripts/bench_scoring.py)."""
+    if value == "auto":
+        return 64 if device.type == "cuda" else cpu_default
+    return int(value)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,7 +31,7 @@ from joint_inference.models import load_model  # noqa: E402
 from joint_inference.prompts import PromptEncoder, Template  # noqa: E402
 from joint_inference.scoring import Scorer  # noqa: E402
 from joint_inference.tiny import synthetic_sentences  # noqa: E402
-from joint_inference.utils import default_batch_size, report_figures, resolve_device  # noqa: E402
+from joint_inference.utils import report_figures, resolve_batch_size, resolve_device  # noqa: E402
 
 
 def load_sentences(n: int) -> tuple[list[dict], np.ndarray, str]:
@@ -74,7 +74,7 @@ def main() -> None:
     model, tokenizer = load_model(model_cfg, device)
     encoder = PromptEncoder(tokenizer, Template("{sentence}\nThe sentiment of the sentence is {y}."),
                             ["negative", "positive"])
-    batch_size = args.batch_size or default_batch_size(device)
+    batch_size = resolve_batch_size(args.batch_size or "auto", device)
     scorer = Scorer(model, encoder, "first", batch_size=batch_size, show_progress=False)
 
     pool_size = max(200, args.N + 1)
