@@ -41,8 +41,12 @@ def linear_module_names(model) -> list[str]:
     return sorted({name.split(".")[-1] for name in linear})
 
 
-def add_lora(model, r: int, alpha: float, dropout: float, target_modules: Sequence[str]):
-    """The model wrapped by peft with LoRA adapters on ``target_modules`` (in place: one copy)."""
+def add_lora(model, r: int, alpha: float, dropout: float, target_modules: Sequence[str],
+             exclude_modules: str | None = None):
+    """The model wrapped by peft with LoRA adapters on ``target_modules`` (in place: one copy).
+
+    ``exclude_modules``: a regex of module names left alone (a VLM's vision tower, whose attention
+    layers share names with the language model's)."""
     from peft import LoraConfig, get_peft_model
 
     available = linear_module_names(model)
@@ -54,7 +58,7 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: Sequen
         log.warning("LoRA targets %s are not in the model; using %s",
                     sorted(set(target_modules) - set(targets)), targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
+                        exclude_modules=exclude_modules, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .data import check_label_set, load_task
 from .errors import ConfigError
 from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, zero_shot_logprobs
-from .models import load_model
-from .prompts import PromptEncoder, Template
+from .prompts import Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
-from .scoring import FOLDING_MODES, Scorer
+from .scoring import Scorer
+from .tasks import load_data, load_prompts
 from .utils import resolve_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -30,8 +29,7 @@ def run_classification(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     # ---- data, template, label set
-    check_label_set(cfg.labelset.names, cfg.dataset)
-    data = load_task(cfg.dataset)
+    data = load_data(cfg)
     check_support_sampling(cfg.support_sampling, cfg.block_size)
     excluded = min(cfg.block_size, len(data.train)) if cfg.support_sampling == "shared" else 1
     if cfg.N > len(data.train) - excluded:
@@ -42,12 +40,9 @@ def run_classification(cfg: DictConfig) -> dict:
 
     # ---- model and scorer
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device)
-    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
-                            fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-    batch_size = resolve_batch_size(cfg.batch_size, device)
-    scorer = Scorer(model, encoder, cfg.label_mode, batch_size, show_progress=cfg.progress)
-    encoded = {"test": encoder.encode_all(data.test), "train": encoder.encode_all(data.train)}
+    model, encoder, encoded = load_prompts(cfg, device, data)
+    scorer = Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
+                    show_progress=cfg.progress)
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 

@@ -106,7 +106,7 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
     assert first_preds == again_preds and first == {**again, "timing": first["timing"]}
     assert len({p[2] for p in first_preds}) == 2 and len({tuple(p[3]) for p in first_preds}) > 1  # not constant
 
-    real_load = uicl.load_task
+    real_load = uicl.load_data
 
     def scrambled(cfg):
         data = real_load(cfg)
@@ -115,7 +115,7 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
         data.test_labels = rng.integers(0, 2, len(data.test_labels))
         return data
 
-    monkeypatch.setattr(uicl, "load_task", scrambled)
+    monkeypatch.setattr(uicl, "load_data", scrambled)
     _, scrambled_preds, scrambled_gold = predictions("c")
     assert scrambled_gold != first_gold
     assert scrambled_preds == first_preds

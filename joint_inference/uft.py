@@ -1,0 +1,143 @@
+"""The unsupervised fine-tuning run (METHOD.md §4) for text and image tasks, from config to results.
+
+Shared by ``unsupervised_ft_llm.py`` and ``unsupervised_ft_vlm.py``: the task (text or images) is
+loaded by :mod:`joint_inference.tasks`, and everything after that is modality-agnostic.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .distributed import process_state
+from .errors import ConfigError
+from .estimators import ESTIMATORS
+from .finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head, lm_features,
+                       zero_shot_log_prior)
+from .results import fingerprint_digest
+from .scoring import Scorer
+from .tasks import load_data, load_prompts
+from .utils import atomic_write_json, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+# Keys that do not change the trained parameters: they may differ when a run is resumed.
+RUNTIME_KEYS = ("output_dir", "num_iterations", "eval_freq", "ckpt_freq", "device", "progress", "wandb",
+                "wandb_project", "forward_batch_size", "dataset.data_root")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def plot_learning_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, acc_ax = plt.subplots(figsize=(6, 4))
+    acc_ax.plot([h["step"] for h in history], [h["test_accuracy"] for h in history], "o-", color="C0")
+    acc_ax.set(xlabel="step", ylabel="test accuracy")
+    reward_ax = acc_ax.twinx()
+    trained = [h for h in history if h["reward_argmax"] is not None]
+    for key, color in (("reward_argmax", "C1"), ("reward_sample", "C2")):
+        reward_ax.plot([h["step"] for h in trained], [h[key] for h in trained], ".--", color=color, label=key)
+    reward_ax.set_ylabel("reward (mean log-prob per example)")
+    reward_ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_finetuning(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+    started = time.perf_counter()
+
+    # ---- checks that need no data or model
+    if process_state().num_processes > 1:
+        raise ConfigError("fine-tuning under `accelerate launch` with several processes is not implemented yet; "
+                          "run one process (python unsupervised_ft_llm.py ...)")
+    if cfg.estimator.name not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator {cfg.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
+    if cfg.N < 2:
+        raise ConfigError(f"N={cfg.N}: joint inference needs at least 2 examples per sequence")
+    if cfg.task_encoder not in ("lora", "linear"):
+        raise ConfigError(f"unknown task_encoder {cfg.task_encoder!r}; valid: lora, linear")
+
+    # ---- data
+    data = load_data(cfg)
+    if cfg.N * cfg.batch_size > len(data.train):
+        raise ConfigError(f"N * batch_size = {cfg.N * cfg.batch_size} examples per step, but the unlabelled pool "
+                          f"has {len(data.train)}; lower N or batch_size, or raise dataset.num_examples")
+
+    # ---- model, prompts, scorer (one copy of the model: adapters on for q, off for the reward)
+    device = resolve_device(cfg.device)
+    model, encoder, examples = load_prompts(cfg, device, data)
+    if cfg.task_encoder == "lora":
+        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules),
+                         cfg.lora.get("exclude_modules"))
+    scorer = Scorer(model, encoder, cfg.label_mode, cfg.forward_batch_size, show_progress=cfg.progress)
+    log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", cfg.dataset.name,
+             len(data.train), len(data.test), scorer.mode, cfg.task_encoder)
+
+    # ---- task encoder and reward
+    if cfg.task_encoder == "lora":
+        task_encoder = LoraTaskEncoder(scorer, examples)
+    else:
+        features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
+        task_encoder = LinearTaskEncoder(features, encoder.num_labels, init=label_head(scorer))
+    log_prior = zero_shot_log_prior(scorer, examples["train"]) if cfg.calibrate else None
+    reward = LMReward(scorer, examples["train"], log_prior)
+
+    # ---- train (resumes from checkpoint.pt when the run directory has one)
+    settings = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items() if k not in RUNTIME_KEYS}
+    fingerprint = {**settings, "label_mode": scorer.mode,
+                   "schedule_steps": cfg.num_iterations if cfg.optimization.schedule == "cosine" else None,
+                   "data": fingerprint_digest([data.train, data.test])}
+    on_step = None
+    if cfg.wandb:
+        import wandb  # optional: only imported when asked for
+
+        wandb.init(project=cfg.wandb_project, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
+        on_step = lambda step, stats: wandb.log(stats, step=step)  # noqa: E731
+    state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
+                fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", progress=cfg.progress, on_step=on_step)
+
+    # ---- save the task encoder, results and the learning curve
+    task_encoder.save(out_dir / ("adapter" if cfg.task_encoder == "lora" else "linear_head"))
+    history = state["history"]
+    results = {
+        "task": cfg.dataset.name, "model": cfg.model.name, "task_encoder": cfg.task_encoder,
+        "num_train": len(data.train), "num_test": len(data.test),
+        "zero_shot": {"test_accuracy": state["zero_shot"]},
+        "final": {"test_accuracy": history[-1]["test_accuracy"]},
+        "history": history,
+        "timing": {"seconds": time.perf_counter() - started, "train_seconds": state["seconds"],
+                   "steps": state["step"], "seconds_per_step": state["seconds"] / max(1, state["step"])},
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "settings": {"estimator": cfg.estimator.name, "baseline": cfg.estimator.baseline, "B": cfg.batch_size,
+                     "N": cfg.N, "gamma": cfg.gamma, "lr": cfg.optimization.lr, "calibrate": cfg.calibrate,
+                     "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device)},
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    plot_learning_curve(history, out_dir / "learning_curve.png")
+    if cfg.wandb:
+        wandb.finish()
+    log.info("zero-shot %.4f -> fine-tuned %.4f; results in %s", state["zero_shot"],
+             results["final"]["test_accuracy"], out_dir)
+    return results
+
+
