@@ -1,5 +1,24 @@
-"""Unsupervised in-context learning with a vision-language model (paper Table 3): not implemented yet."""
-import sys
+"""Unsupervised in-context learning with a vision-language model (METHOD.md §5, paper Table 3).
+
+    python unsupervised_icl_vlm.py dataset=cifar100 model=openflamingo_4b
+    python unsupervised_icl_vlm.py model=tiny_random_vlm dataset=cifar10 dataset.num_examples=60 N=2 T=1 num_repeats=1 device=cpu
+
+The rounds are the text ones (joint_inference.uicl); only the prompts hold images. Writes
+results.json and results.md to the run directory; the same ``hydra.run.dir`` resumes.
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from joint_inference.errors import exit_on_config_error
+from joint_inference.uicl import run_classification as run
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_vlm")
+def main(cfg: DictConfig) -> None:
+    exit_on_config_error(run, cfg)
+
 
 if __name__ == "__main__":
-    sys.exit("unsupervised_icl_vlm.py is not implemented yet: vision support is planned (see the README roadmap).")
+    main()

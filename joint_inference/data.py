@@ -26,6 +26,7 @@ class TaskData:
     test: list[dict]
     train_labels: np.ndarray
     test_labels: np.ndarray
+    images: list | None = None  # image tasks: decoded images; row["image"] indexes this list
 
 
 def _local_file(root: Path, name: str, split: str) -> Path | None:
@@ -51,6 +52,9 @@ def load_split(cfg, split: str):
                 f"expected {split}.jsonl/.parquet/.csv. Pick existing splits with dataset.source_splits=[...]"
             )
         return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    if not cfg.get("hub_id"):
+        raise ConfigError(f"{cfg.name!r} is not on the hub: set DATA_ROOT (or dataset.data_root=...) to a folder "
+                          f"holding {cfg.get('local_name') or cfg.name}/{split}.jsonl (layout: configs/dataset/{cfg.name}.yaml)")
     try:
         return datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=split)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
@@ -73,13 +77,18 @@ def load_rows(cfg) -> tuple[list[dict], np.ndarray]:
     for field in cfg.get("humanize_fields") or []:
         for r in rows:
             r[field] = str(r[field]).replace("_", " ")
-    label_map = {str(k): v for k, v in (cfg.get("label_map") or {}).items()}
-    labels = []
     for i, row in enumerate(rows):
         if cfg.label_column not in row:
-            raise ConfigError(f"rows of {cfg.name!r} have no label column {cfg.label_column!r}; fields: {sorted(row)}")
-        raw = row[cfg.label_column]
-        label = label_map[str(raw)] if str(raw) in label_map else raw
+            raise ConfigError(f"row {i} of {cfg.name!r} has no label column {cfg.label_column!r}; fields: {sorted(row)}")
+    return rows, class_ids([r[cfg.label_column] for r in rows], cfg)
+
+
+def class_ids(raw_labels, cfg) -> np.ndarray:
+    """Class ids in ``0..K-1`` of the raw label values (through ``cfg.label_map`` when given)."""
+    label_map = {str(k): v for k, v in (cfg.get("label_map") or {}).items()}
+    labels = []
+    for i, raw in enumerate(raw_labels):
+        label = label_map.get(str(raw), raw)
         try:
             label = int(label)
         except (TypeError, ValueError):
@@ -90,7 +99,7 @@ def load_rows(cfg) -> tuple[list[dict], np.ndarray]:
                 "(unlabelled split? choose labelled splits with dataset.source_splits=[...])"
             )
         labels.append(label)
-    return rows, np.asarray(labels)
+    return np.asarray(labels, dtype=np.int64)
 
 
 def check_label_set(names, cfg) -> None:

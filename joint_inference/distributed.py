@@ -55,3 +55,41 @@ def shard_map(fn: Callable[[list[int]], Sequence], num_items: int) -> list:
     for rank, shard in enumerate(shards):
         out[rank::state.num_processes] = shard
     return out
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """All processes' rows in item order, where process r holds items r::P (equal shares).
+
+    Differentiable: the backward pass sums every process's gradient for this process's rows,
+    so a quantity that all processes compute from the gathered rows gets P times its gradient
+    here, which averaging the gradients over the processes turns back into one copy.
+    """
+    state = process_state()
+    if state.num_processes == 1:
+        return rows
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.stack(all_gather(rows), 1).flatten(0, 1)  # (R, P, ...) -> item i*P + r
+
+
+def mean_over_processes(values: list[float]) -> list[float]:
+    """Each figure averaged over the processes (one all-reduce): global means of equal shares."""
+    state = process_state()
+    if state.num_processes == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=state.device)
+    torch.distributed.all_reduce(total)
+    return (total / state.num_processes).tolist()
+
+
+def average_gradients(params) -> None:
+    """Replace every gradient by its mean over the processes (one all-reduce), so all take the same step."""
+    state = process_state()
+    if state.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= state.num_processes
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import average_gradients, gather_rows, is_main_process, mean_over_processes, process_state, shard_map
 from .errors import ConfigError
 from .estimators import batch_entropy, surrogate_loss
 from .icl import zero_shot_logprobs
@@ -207,42 +208,55 @@ def make_optimizer(params, lr: float, schedule: str = "constant", warmup_steps: 
 # ------------------------------------------------------------------------------------- one step
 def train_step(encoder, reward: Callable, idx: torch.Tensor, optimizer, scheduler, *, estimator: str,
                baseline: bool, gamma: float, max_norm: float, generator: torch.Generator) -> dict:
-    """One update on the (B, N) pool indices ``idx``; returns the step's statistics.
+    """One update on the (B, N) pool indices ``idx``; returns the step's statistics over all B sequences.
 
     Labels are sampled with ``generator`` (on the CPU, so runs reproduce on any device); the
-    sampled and the argmax labellings are scored together as 2B sequences.
+    sampled and the argmax labellings are scored together. Under several processes each one
+    takes sequences ``rank::P`` and the step equals the one-process step: all B*N labels are
+    sampled from the gathered logits (the generator advances alike everywhere), the entropy is
+    over the whole batch, and the gradients are averaged before clipping.
     """
     b, n = idx.shape
-    logits = encoder.logits("train", idx.flatten().tolist()).view(b, n, -1)
-    probs = logits.detach().float().softmax(-1).cpu().view(b * n, -1)
-    sample = torch.multinomial(probs, 1, generator=generator).view(b, n).to(logits.device)
-    argmax = logits.detach().argmax(-1)
-    rewards = reward(idx.repeat(2, 1), torch.cat([sample, argmax]))
-    reward_sample, reward_argmax = rewards[:b].to(logits.device), rewards[b:].to(logits.device)
-    entropy = batch_entropy(logits)
+    processes = process_state()
+    rank, num_processes = processes.process_index, processes.num_processes
+    mine = idx[rank::num_processes]
+    logits = encoder.logits("train", mine.flatten().tolist()).view(len(mine), n, -1)
+    all_logits = gather_rows(logits)
+    probs = all_logits.detach().float().softmax(-1).cpu().view(b * n, -1)
+    sample = torch.multinomial(probs, 1, generator=generator).view(b, n)[rank::num_processes].to(logits.device)
+    all_argmax = all_logits.detach().argmax(-1)
+    argmax = all_argmax[rank::num_processes]
+    rewards = reward(mine.repeat(2, 1), torch.cat([sample, argmax]))
+    reward_sample, reward_argmax = rewards[: len(mine)].to(logits.device), rewards[len(mine):].to(logits.device)
+    entropy = batch_entropy(all_logits)
+    # the surrogate is a mean over this process's B/P sequences: averaging the gradients makes it the mean over B
     loss = surrogate_loss(estimator, logits, sample, reward_sample, reward_argmax if baseline else None)
     loss = loss - gamma * entropy
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     scheduler.step()
 
     def total(r, y):
         return r.gather(-1, y.unsqueeze(-1)).sum((1, 2)).mean().item()
 
-    return {"loss": loss.item(), "reward_sample": total(reward_sample, sample),
-            "reward_argmax": total(reward_argmax, argmax), "entropy": entropy.item(),
-            "grad_norm": grad_norm.item(), "argmax": argmax.cpu()}
+    mean_loss, mean_reward_sample, mean_reward_argmax = mean_over_processes(
+        [loss.item(), total(reward_sample, sample), total(reward_argmax, argmax)])
+    return {"loss": mean_loss, "reward_sample": mean_reward_sample, "reward_argmax": mean_reward_argmax,
+            "entropy": entropy.item(), "grad_norm": grad_norm.item(), "argmax": all_argmax.cpu()}
 
 
 def evaluate(encoder, split: str, gold: np.ndarray, batch: int = 256) -> float:
-    """Accuracy of the task encoder's argmax labels on ``split``."""
-    preds = []
-    with torch.no_grad():
-        for start in range(0, len(gold), batch):
-            preds.append(encoder.logits(split, range(start, min(start + batch, len(gold)))).argmax(-1).cpu())
-    return float((torch.cat(preds).numpy() == gold).mean())
+    """Accuracy of the task encoder's argmax labels on ``split`` (the examples shared out over the processes)."""
+    def predict(rows: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([encoder.logits(split, rows[start:start + batch]).argmax(-1).cpu()
+                              for start in range(0, len(rows), batch)])
+
+    return float((torch.stack(shard_map(predict, len(gold))).numpy() == gold).mean())
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -289,7 +303,9 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
     ``cfg`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
     seed, estimator.{name, baseline} and optimization.{lr, schedule, warmup_steps, min_lr}.
     Returns the run's state: step, history (one entry per evaluation, rewards and entropy
-    averaged over the steps since the previous one), zero_shot and train seconds.
+    averaged over the steps since the previous one), zero_shot and train seconds. Under several
+    processes (data-parallel, see :func:`train_step`) all hold this same state; the main one
+    writes the checkpoint, and all read it to resume.
     """
     b, n, opt = cfg.batch_size, cfg.N, cfg.optimization
     optimizer, scheduler = make_optimizer(encoder.parameters(), opt.lr, opt.schedule, opt.warmup_steps,
@@ -310,11 +326,14 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
                               "reward_sample": None, "entropy": None}]}
 
     def checkpoint():
+        if not is_main_process():  # the processes hold the same weights and state
+            return
         atomic_torch_save(ckpt_path, {
             "fingerprint": fingerprint, "trainable": encoder.trainable_state(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "state": state})
 
-    bar = tqdm(total=cfg.num_iterations, initial=state["step"], desc="fine-tuning", disable=not progress)
+    bar = tqdm(total=cfg.num_iterations, initial=state["step"], desc="fine-tuning",
+               disable=not progress or not is_main_process())
     while state["step"] < cfg.num_iterations:
         start = time.perf_counter()
         idx = torch.randperm(len(pool_labels), generator=generator)[: b * n].view(b, n)

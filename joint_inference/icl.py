@@ -82,8 +82,8 @@ def icl_predict(
     support_sampling: str = "per_query",
     block_size: int = 32,
     desc: str | None = None,
-) -> np.ndarray:
-    """Majority-vote predictions of ``num_repeats`` n-shot prompts per query.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(majority-vote predictions (Q,), the votes (Q, num_repeats)) of ``num_repeats`` n-shot prompts per query.
 
     Demonstrations are drawn class-balanced by ``pool_labels`` (gold labels for supervised ICL,
     pseudo-labels for UICL). With ``queries_are_pool`` query i is pool example i and is never
@@ -112,9 +112,16 @@ def icl_predict(
 
         scores = torch.cat(shard_map(score_blocks, len(blocks)))
     votes = scores.reshape(len(queries), num_repeats, num_classes).argmax(-1).cpu().numpy()
-    return np.array([majority_vote(votes[q], num_classes, rng) for block, rng in zip(blocks, rngs) for q in block],
-                    dtype=np.int64)
+    majority = [majority_vote(votes[q], num_classes, rng) for block, rng in zip(blocks, rngs) for q in block]
+    return np.array(majority, dtype=np.int64), votes
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
     return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
+def repeat_accuracy(votes: Sequence[Sequence[int]], gold: Sequence[int]) -> dict[str, float]:
+    """Mean and standard deviation over repeats of the accuracy of each repeat's prompts alone
+    (what the paper's vision table reports beside the majority vote)."""
+    per_repeat = (np.asarray(votes) == np.asarray(gold)[:, None]).mean(0)
+    return {"mean": float(per_repeat.mean()), "std": float(per_repeat.std())}

@@ -86,8 +86,10 @@ class PromptEncoder:
     starts with the tokenizer's BOS token when the tokenizer adds one.
     """
 
-    def __init__(self, tokenizer, template: Template, label_names: Sequence[str], fold_shared_label_tokens: bool = False):
-        """``fold_shared_label_tokens``: leading tokens that every label shares (Gemma and
+    def __init__(self, tokenizer, template: Template, label_names: Sequence[str], fold_shared_label_tokens: bool = False,
+                 separator: str = "\n"):
+        """``separator``: text between examples (a newline, as the protocol's EOS-to-newline swap).
+        ``fold_shared_label_tokens``: leading tokens that every label shares (Gemma and
         Llama-2 write " 1" as "▁" + "1") become part of each example's prefix, so a label is
         read where the labels differ. The token sequences are unchanged; ``first`` and ``exact``
         scores are unchanged too (a shared token's probability cancels in the renormalisation),
@@ -112,7 +114,7 @@ class PromptEncoder:
                 shared += 1
         self.label_stem = self.label_ids[0][:shared]
         self.label_ids = [ids[shared:] for ids in self.label_ids]
-        self.separator = tuple(tokenizer.encode("\n", add_special_tokens=False))
+        self.separator = tuple(tokenizer.encode(separator, add_special_tokens=False))
         probe = tokenizer("a").input_ids
         bos = tokenizer.bos_token_id
         self.bos: tuple[int, ...] = (bos,) if bos is not None and probe and probe[0] == bos else ()

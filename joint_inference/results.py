@@ -60,19 +60,22 @@ class RunState:
 
 
 def markdown_table(results: dict) -> str:
-    """A one-run summary: rows of accuracies."""
-    lines = [f"# {results['task']} / {results['model']}", "", "| stage | test accuracy | train accuracy |",
-             "| --- | --- | --- |"]
+    """A one-run summary: rows of accuracies (majority vote; mean ± std over repeats when there are several)."""
+    lines = [f"# {results['task']} / {results['model']}", "",
+             "| stage | test accuracy | test, mean ± std over repeats | train accuracy |", "| --- | --- | --- | --- |"]
 
     def pct(x):
         return "" if x is None else f"{100 * x:.1f}%"
 
-    zs = results["zero_shot"]
-    lines.append(f"| zero-shot | {pct(zs['test_accuracy'])} | {pct(zs.get('train_accuracy'))} |")
+    def row(name, r):
+        spread = f"{pct(r['test_accuracy_mean'])} ± {100 * r['test_accuracy_std']:.1f}" if "test_accuracy_mean" in r else ""
+        lines.append(f"| {name} | {pct(r['test_accuracy'])} | {spread} | {pct(r.get('train_accuracy'))} |")
+
+    row("zero-shot", results["zero_shot"])
     if results.get("supervised_icl"):
-        lines.append(f"| supervised ICL | {pct(results['supervised_icl']['test_accuracy'])} | |")
+        row("supervised ICL", results["supervised_icl"])
     for r in results["rounds"]:
-        lines.append(f"| unsupervised ICL, round {r['round']} | {pct(r['test_accuracy'])} | {pct(r.get('train_accuracy'))} |")
+        row(f"unsupervised ICL, round {r['round']}", r)
     t = results["timing"]
     lines += ["", f"{t['prompts_scored']} prompts scored in {t['seconds']:.1f} s."]
     return "\n".join(lines) + "\n"

@@ -88,7 +88,7 @@ class Scorer:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.body, self.head = split_body_head(model)
-        config = model.config
+        config = model.config.get_text_config()  # a VLM keeps its language model's settings there
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.max_length = getattr(config, "max_position_embeddings", None)
         vocab = self.head.weight.shape[0]
@@ -156,7 +156,7 @@ class Scorer:
         if any(not q.prefix for q in queries):
             raise ConfigError("a query has no text before its label; the template needs text before {y}")
         context = self.encoder.context(demonstrations, demo_labels)
-        prefix = self.body(input_ids=torch.tensor([context], device=self.device), use_cache=True).cache
+        prefix = self.body(**self._inputs(torch.tensor([context], device=self.device)), use_cache=True).cache
         return self._finish(self._run([list(q.prefix) for q in queries], [[len(q.prefix) - 1] for q in queries],
                                       self._mixed_label_logits, None, prefix=prefix), len(queries), "query")
 
@@ -231,6 +231,17 @@ class Scorer:
         return scores
 
     # ------------------------------------------------------------------------ batched forward
+    def _inputs(self, input_ids: torch.Tensor) -> dict:
+        """Model inputs for ``input_ids``. Prompts with images hold negative ids: id ``-1 - r`` stands
+        for row ``r`` of the encoder's ``image_features`` (image embeddings computed once per image),
+        so the sequence is passed as embeddings; text prompts go in as token ids."""
+        table = getattr(self.encoder, "image_features", None)
+        if table is None:
+            return {"input_ids": input_ids}
+        embeds = self.body.get_input_embeddings()(input_ids.clamp(min=0))
+        rows = table.to(device=embeds.device, dtype=embeds.dtype)[(-1 - input_ids).clamp(min=0)]
+        return {"inputs_embeds": torch.where((input_ids < 0).unsqueeze(-1), rows, embeds)}
+
     def _hidden(self, seqs: list[list[int]], prefix=None) -> torch.Tensor:
         """Last hidden states of right-padded ``seqs`` (after a shared ``prefix`` cache, if any)."""
         width = max(len(s) for s in seqs)
@@ -240,14 +251,14 @@ class Scorer:
             input_ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         if prefix is None:
-            return self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            return self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
                              use_cache=False).last_hidden_state
         offset = prefix.get_seq_length()
         cache = copy.deepcopy(prefix)  # each batch extends its own copy
         cache.batch_repeat_interleave(len(seqs))
         mask = torch.cat([torch.ones(len(seqs), offset, dtype=torch.long), mask], dim=1)
         positions = torch.arange(offset, offset + width, device=self.device).expand(len(seqs), -1)
-        return self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+        return self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
                          position_ids=positions, cache=cache, use_cache=True).last_hidden_state
 
     def _run(

@@ -26,7 +26,7 @@ def load_data(cfg) -> TaskData:
     if modality(cfg) == "image":
         from .vision import load_image_task
 
-        return load_image_task(cfg.dataset)
+        return load_image_task(cfg.dataset, list(cfg.labelset.names))
     return load_task(cfg.dataset)
 
 

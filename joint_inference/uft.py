@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .distributed import process_state
+from .distributed import is_main_process, process_state
 from .errors import ConfigError
 from .estimators import ESTIMATORS
 from .finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head, lm_features,
                        zero_shot_log_prior)
 from .results import fingerprint_digest
 from .scoring import Scorer
-from .tasks import load_data, load_prompts
+from .tasks import load_data, load_prompts, modality
 from .utils import atomic_write_json, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
     started = time.perf_counter()
 
     # ---- checks that need no data or model
-    if process_state().num_processes > 1:
-        raise ConfigError("fine-tuning under `accelerate launch` with several processes is not implemented yet; "
-                          "run one process (python unsupervised_ft_llm.py ...)")
+    num_processes = process_state().num_processes
+    if cfg.batch_size % num_processes:
+        raise ConfigError(f"batch_size B={cfg.batch_size} is not divisible by the number of processes P={num_processes}"
+                          " (each process trains on B/P of the sequences); set batch_size to a multiple of "
+                          f"{num_processes} or launch a number of processes that divides {cfg.batch_size}")
     if cfg.estimator.name not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {cfg.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
     if cfg.N < 2:
@@ -96,7 +98,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
     # ---- task encoder and reward
     if cfg.task_encoder == "lora":
         task_encoder = LoraTaskEncoder(scorer, examples)
-    else:
+    elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (METHOD.md §4)
+        from .vision import clip_features
+
+        task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels)
+    else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
         features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
         task_encoder = LinearTaskEncoder(features, encoder.num_labels, init=label_head(scorer))
     log_prior = zero_shot_log_prior(scorer, examples["train"]) if cfg.calibrate else None
@@ -108,7 +114,8 @@ def run_finetuning(cfg: DictConfig) -> dict:
                    "schedule_steps": cfg.num_iterations if cfg.optimization.schedule == "cosine" else None,
                    "data": fingerprint_digest([data.train, data.test])}
     on_step = None
-    if cfg.wandb:
+    log_to_wandb = cfg.wandb and is_main_process()
+    if log_to_wandb:
         import wandb  # optional: only imported when asked for
 
         wandb.init(project=cfg.wandb_project, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
@@ -116,8 +123,10 @@ def run_finetuning(cfg: DictConfig) -> dict:
     state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
                 fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", progress=cfg.progress, on_step=on_step)
 
-    # ---- save the task encoder, results and the learning curve
-    task_encoder.save(out_dir / ("adapter" if cfg.task_encoder == "lora" else "linear_head"))
+    # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
+    main = is_main_process()
+    if main:
+        task_encoder.save(out_dir / ("adapter" if cfg.task_encoder == "lora" else "linear_head"))
     history = state["history"]
     results = {
         "task": cfg.dataset.name, "model": cfg.model.name, "task_encoder": cfg.task_encoder,
@@ -130,11 +139,13 @@ def run_finetuning(cfg: DictConfig) -> dict:
         "peak_memory_bytes": peak_memory_bytes(device),
         "settings": {"estimator": cfg.estimator.name, "baseline": cfg.estimator.baseline, "B": cfg.batch_size,
                      "N": cfg.N, "gamma": cfg.gamma, "lr": cfg.optimization.lr, "calibrate": cfg.calibrate,
-                     "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device)},
+                     "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device),
+                     "processes": num_processes},
     }
-    atomic_write_json(out_dir / "results.json", results)
-    plot_learning_curve(history, out_dir / "learning_curve.png")
-    if cfg.wandb:
+    if main:
+        atomic_write_json(out_dir / "results.json", results)
+        plot_learning_curve(history, out_dir / "learning_curve.png")
+    if log_to_wandb:
         wandb.finish()
     log.info("zero-shot %.4f -> fine-tuned %.4f; results in %s", state["zero_shot"],
              results["final"]["test_accuracy"], out_dir)

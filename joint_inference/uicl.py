@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, zero_shot_logprobs
+from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, repeat_accuracy, zero_shot_logprobs
 from .prompts import Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .scoring import Scorer
@@ -62,12 +62,22 @@ def run_classification(cfg: DictConfig) -> dict:
         return state[name]
 
     def icl(pool_labels, rng_stage, desc, splits=SPLITS):
-        """Predictions for ``splits`` with demonstrations labelled by ``pool_labels``."""
-        return {split: icl_predict(scorer, encoded["train"], pool_labels, encoded[split], n=cfg.N,
-                                   num_repeats=cfg.num_repeats, rng_key=(cfg.seed, rng_stage, SPLITS.index(split)),
-                                   queries_are_pool=split == "train", support_sampling=cfg.support_sampling,
-                                   block_size=cfg.block_size, desc=f"{desc} [{split}]").tolist()
-                for split in splits}
+        """Majority-vote predictions for ``splits`` (and each repeat's, as ``<split>_votes``) with
+        demonstrations labelled by ``pool_labels``."""
+        out = {}
+        for split in splits:
+            majority, votes = icl_predict(
+                scorer, encoded["train"], pool_labels, encoded[split], n=cfg.N, num_repeats=cfg.num_repeats,
+                rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=split == "train",
+                support_sampling=cfg.support_sampling, block_size=cfg.block_size, desc=f"{desc} [{split}]")
+            out.update({split: majority.tolist(), f"{split}_votes": votes.tolist()})
+        return out
+
+    def scores(stage_predictions, splits=SPLITS):
+        """Majority-vote accuracy per split, and the test accuracy's mean/std over repeats."""
+        spread = repeat_accuracy(stage_predictions["test_votes"], gold["test"])
+        return {**{f"{s}_accuracy": accuracy(stage_predictions[s], gold[s]) for s in splits},
+                "test_accuracy_mean": spread["mean"], "test_accuracy_std": spread["std"]}
 
     # ---- round 0: zero-shot
     zero_shot = stage("zero_shot", len(data.train) + len(data.test), lambda: {
@@ -94,9 +104,8 @@ def run_classification(cfg: DictConfig) -> dict:
         "task": cfg.dataset.name, "model": cfg.model.name,
         "num_train": len(data.train), "num_test": len(data.test),
         "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in SPLITS},
-        "supervised_icl": {"test_accuracy": accuracy(supervised["test"], gold["test"])} if supervised else None,
-        "rounds": [{"round": t, **{f"{s}_accuracy": accuracy(r[s], gold[s]) for s in SPLITS}}
-                   for t, r in enumerate(rounds, 1)],
+        "supervised_icl": scores(supervised, ("test",)) if supervised else None,
+        "rounds": [{"round": t, **scores(r)} for t, r in enumerate(rounds, 1)],
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "label_mode": scorer.mode, "support_sampling": cfg.support_sampling,

@@ -228,14 +228,45 @@ def test_real_run_improves_on_zero_shot(tmp_path):
     assert results["final"]["test_accuracy"] > results["zero_shot"]["test_accuracy"], results["history"]
 
 
-def test_fine_tuning_under_several_processes_is_refused(tmp_path):
-    """Data-parallel fine-tuning is not implemented: say so instead of training twice."""
+def launch_two(out, tiny_llama_dir, data_root, *extra):
+    """unsupervised_ft_llm.py under torchrun: two CPU processes over gloo (`accelerate launch` sets up
+    one process per GPU the same way)."""
     import subprocess
 
     from tests.conftest import REPO, torchrun_two
 
-    launched = subprocess.run(
-        [*torchrun_two(), str(REPO / "unsupervised_ft_llm.py"), "model=tiny_random_llm", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert launched.returncode != 0 and "not implemented yet" in launched.stderr
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([*torchrun_two(), str(REPO / "unsupervised_ft_llm.py"),
+                           *overrides(out, tiny_llama_dir, data_root, *extra)],
+                          capture_output=True, text=True, cwd=out, timeout=600)
+
+
+def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir, tiny_sst2_root):
+    """Data-parallel: each process takes 2 of the B=4 sequences, and the steps equal one process's."""
+    config = ["batch_size=4", "num_iterations=3"]
+    one = run(compose("unsupervised_ft_llm", overrides(tmp_path / "one", tiny_llama_dir, tiny_sst2_root, *config)))
+    interrupted = launch_two(tmp_path / "two", tiny_llama_dir, tiny_sst2_root, "batch_size=4", "num_iterations=2")
+    assert interrupted.returncode == 0, interrupted.stderr[-3000:]
+    resumed = launch_two(tmp_path / "two", tiny_llama_dir, tiny_sst2_root, *config)  # both processes load step 2
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
+    assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]] == [0, 2, 3]
+    for mine, single in zip(two["history"], one["history"]):
+        assert mine == pytest.approx(single, rel=1e-5, abs=1e-6)
+    trained = {run_dir: torch.load(tmp_path / run_dir / "checkpoint.pt", weights_only=True)["trainable"]
+               for run_dir in ("one", "two")}
+    assert trained["two"].keys() == trained["one"].keys()
+    assert any(value.abs().max() > 0 for name, value in trained["one"].items() if "lora_B" in name)  # it trained
+    for name, value in trained["one"].items():
+        torch.testing.assert_close(trained["two"][name], value, rtol=1e-5, atol=1e-5,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_batch_not_divisible_by_the_processes_is_an_error(tmp_path, tiny_llama_dir, tiny_sst2_root):
+    launched = launch_two(tmp_path, tiny_llama_dir, tiny_sst2_root, "batch_size=3")
+    assert launched.returncode != 0
+    assert "B=3 is not divisible by the number of processes P=2" in launched.stderr
+    assert "set batch_size to a multiple of 2" in launched.stderr
     assert not (tmp_path / "results.json").exists()

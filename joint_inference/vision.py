@@ -1,0 +1,327 @@
+"""Image tasks: decoding images, the protocol's sample, vision-language models and image prompts.
+
+The rest of the project never sees an image. An image enters a prompt as a *fragment*: the
+token ids the model's processor writes for one image (e.g. ``<image>`` repeated once per
+visual token, with whatever markers the model puts around it), where every visual-token slot
+holds a negative id ``-1 - r`` naming row ``r`` of a table of image embeddings. The table is
+computed once per image (the vision tower and projector run once, not once per prompt) and
+cached on disk; the :class:`~joint_inference.scoring.Scorer` swaps the rows in as input
+embeddings. Any transformers VLM that merges image features into its language model's input
+embeddings works this way (LLaVA, LLaVA-1.5, Idefics3/SmolVLM); OpenFlamingo, which reads images
+through cross-attention, has its own backend in :mod:`joint_inference.openflamingo`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import TaskData, class_ids, load_split, protocol_sample
+from .errors import ConfigError
+from .features import cached_features, images_digest
+from .models import resolve_dtype
+from .prompts import EncodedExample, PromptEncoder, Template
+
+log = logging.getLogger(__name__)
+IMAGE_MARKER = "<image>"          # where the image goes in a template (METHOD.md §7)
+CHUNK_END_MARKER = "<|endofchunk|>"  # OpenFlamingo's end of an example; other models map it to their own text
+BAD_IMAGE_POLICIES = ("stop", "skip")
+
+
+# ------------------------------------------------------------------------------------- data
+def decode_image(value, where: str):
+    """An RGB PIL image from a hub ``Image`` value (``{"bytes", "path"}``), a PIL image or a file path."""
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, Mapping):
+            if value.get("bytes"):
+                return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+            value = value.get("path")
+        if isinstance(value, (str, Path)) and value:
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        raise ValueError(f"no image data in {type(value).__name__} value")
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise ConfigError(f"cannot decode the image of {where}: {type(err).__name__}: {err}") from None
+
+
+def _resolve_paths(ds, column: str, root: Path):
+    """Image paths in local files are relative to the file's folder (COCO-QA's documented layout)."""
+    import datasets
+
+    if not isinstance(ds.features[column], datasets.Value):
+        return ds
+    return ds.map(lambda row: {column: str(root / row[column]) if row[column] else row[column]})
+
+
+def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
+    """The protocol's sample of an image task; the images of the sampled rows decoded.
+
+    Labels are read first and the sample drawn on them, so only sampled images are decoded. With
+    ``cfg.labels_are_names`` (COCO-QA's free-text answers) a row's label is its answer's position in
+    the label set, and rows whose answer is not in the set are dropped. An image that cannot be
+    decoded stops the run (``cfg.on_bad_image=stop``) or is dropped with a warning (``skip``).
+    """
+    import datasets
+
+    if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"dataset.on_bad_image={cfg.on_bad_image!r}; valid: {', '.join(BAD_IMAGE_POLICIES)}")
+    parts = []
+    for split in cfg.source_splits:
+        part = load_split(cfg, split)
+        if cfg.image_column not in part.features:
+            raise ConfigError(f"{cfg.name!r} split {split!r} has no image column {cfg.image_column!r}; "
+                              f"columns: {sorted(part.features)}. Set dataset.image_column=...")
+        if isinstance(part.features[cfg.image_column], datasets.Image):
+            part = part.cast_column(cfg.image_column, datasets.Image(decode=False))  # decode only what is sampled
+        if cfg.get("data_root"):
+            part = _resolve_paths(part, cfg.image_column, Path(cfg.data_root).expanduser() / (cfg.get("local_name") or cfg.name))
+        parts.append(part)
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    raw = ds[cfg.label_column]
+    if cfg.get("labels_are_names"):
+        position = {name: k for k, name in enumerate(label_names)}
+        known = [i for i, answer in enumerate(raw) if str(answer).strip().lower() in position]
+        if len(known) < len(raw):
+            log.warning("%s: %d of %d rows have answers outside the label set and are left out",
+                        cfg.name, len(raw) - len(known), len(raw))
+        ds = ds.select(known)
+        labels = np.asarray([position[str(a).strip().lower()] for a in ds[cfg.label_column]], dtype=np.int64)
+    else:
+        labels = class_ids(raw, cfg)
+    train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed)
+
+    images, splits = [], {}
+    for split, indices in (("train", train_idx), ("test", test_idx)):
+        rows, kept = [], []
+        for i in indices.tolist():
+            row = ds[i]
+            try:
+                image = decode_image(row.pop(cfg.image_column), f"row {i} of {cfg.name!r} ({split} sample)")
+            except ConfigError as err:
+                if cfg.on_bad_image == "stop":
+                    raise ConfigError(f"{err}; set dataset.on_bad_image=skip to leave such rows out") from None
+                log.warning("%s; skipped (dataset.on_bad_image=skip)", err)
+                continue
+            rows.append({**{k: v for k, v in row.items() if isinstance(v, (str, int, float))},
+                         "row": i, "image": len(images)})
+            images.append(image)
+            kept.append(i)
+        splits[split] = (rows, labels[kept])
+    return TaskData(train=splits["train"][0], test=splits["test"][0], train_labels=splits["train"][1],
+                    test_labels=splits["test"][1], images=images)
+
+
+# ----------------------------------------------------------------------------------- models
+def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8):
+    """(random LLaVA-style VLM, processor): a 2-layer CLIP-like vision tower and a 2-layer Llama,
+    with a locally trained tokenizer. For smoke tests; no download."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from .tiny import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+        image_token=IMAGE_MARKER, num_additional_image_tokens=1)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, initializer_range=0.2)
+    text = LlamaConfig(vocab_size=len(tokenizer) + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       initializer_range=0.2, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_MARKER))
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+def load_vlm(cfg, device: torch.device):
+    """(VLM in eval mode with frozen weights, its processor) for a ``model/`` config of a transformers VLM."""
+    if cfg.get("backend", "transformers") != "transformers":
+        raise ConfigError(f"model {cfg.name!r} uses backend {cfg.backend!r}; this loader serves transformers VLMs")
+    if cfg.get("random_init"):
+        model, processor = tiny_vlm(**cfg.random_init)
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(cfg.pretrained, **(cfg.get("processor_kwargs") or {}))
+            model = AutoModelForImageTextToText.from_pretrained(
+                cfg.pretrained, dtype=resolve_dtype(cfg.get("dtype", "auto"), device))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"could not load VLM {cfg.pretrained!r}: {err}\nOffline or no access? Point "
+                              "model.pretrained at a local directory, or smoke-test with model=tiny_random_vlm.") from None
+    model.to(device=device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device)).eval().requires_grad_(False)
+    if getattr(model.config, "image_token_id", None) is None and getattr(model.config, "image_token_index", None) is None:
+        raise ConfigError(f"{type(model).__name__} has no image token in its config; the transformers backend "
+                          "needs a VLM that merges image features into its input embeddings (LLaVA, Idefics3, SmolVLM)")
+    return model, processor
+
+
+class _Captured(Exception):
+    """Raised by a hook to stop a forward pass once the language model's input embeddings are known."""
+
+
+@torch.inference_mode()
+def image_fragments(model, processor, images: Sequence, batch_size: int = 32, progress: bool = True):
+    """(fragments, features): per image, the processor's token ids with ``-1`` at each visual-token slot,
+    and the (total slots, hidden) embeddings the model puts there, in order.
+
+    The model's own forward pass computes them (vision tower, projector, merge), stopped by a hook
+    at the entrance of the language model, so any VLM that merges features this way is served.
+    """
+    image_token = getattr(processor, "image_token", IMAGE_MARKER)
+    config = model.config
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = config.image_token_index
+    body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    tokenizer = processor.tokenizer
+    lead = tokenizer("").input_ids  # special tokens the tokenizer adds around any text (BOS)
+    captured = []
+
+    def capture(module, args, kwargs):
+        captured.append(kwargs["inputs_embeds"])
+        raise _Captured
+
+    fragments, features = [], []
+    hook = body.get_decoder().register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="image features", disable=not progress):
+            batch = list(images[start:start + batch_size])
+            inputs = processor(text=[image_token] * len(batch), images=batch, return_tensors="pt", padding=True)
+            inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            captured.clear()
+            try:
+                body(**inputs)
+            except _Captured:
+                pass
+            embeds = captured[0]
+            for row in range(len(batch)):
+                ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+                ids = ids[len(lead):] if ids[:len(lead)] == lead else ids
+                slots = torch.tensor([t == image_id for t in ids])
+                if not slots.any():
+                    raise ConfigError(f"the processor of {type(model).__name__} wrote no image tokens for an image")
+                valid = embeds[row][inputs["attention_mask"][row].bool()]
+                valid = valid[len(valid) - len(ids):]  # without the lead tokens
+                features.append(valid[slots.to(valid.device)].float().cpu())
+                fragments.append([-1 if t == image_id else t for t in ids])
+    finally:
+        hook.remove()
+    return fragments, torch.cat(features)
+
+
+def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int = 64, progress: bool = True):
+    """(images, dim) L2-normalised CLIP image embeddings (``cfg``: a model's ``image_features`` entry):
+    the fixed features of the linear task encoder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if cfg.get("random_init"):
+        from transformers import CLIPImageProcessorPil
+
+        size = cfg.random_init.get("image_size", 32)
+        torch.manual_seed(cfg.random_init.get("seed", 0))
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**{
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "projection_dim": 16, "patch_size": 8, **cfg.random_init, "image_size": size}))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    else:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(cfg.pretrained)
+            model = CLIPVisionModelWithProjection.from_pretrained(cfg.pretrained)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"could not load CLIP {cfg.pretrained!r}: {err}\nOffline? Point "
+                              "model.image_features.pretrained at a local copy, or precompute the features "
+                              "elsewhere with scripts/precompute_features.py and copy the cache.") from None
+    model.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), batch_size), desc="CLIP features", disable=not progress):
+            pixels = processor(images=list(images[start:start + batch_size]), return_tensors="pt").pixel_values
+            out.append(torch.nn.functional.normalize(model(pixel_values=pixels.to(device)).image_embeds.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------- prompts
+class ImagePromptEncoder(PromptEncoder):
+    """A :class:`PromptEncoder` whose examples carry an image: the template's ``<image>`` becomes
+    the example's image fragment, ``<|endofchunk|>`` the model's own end-of-example text."""
+
+    def __init__(self, tokenizer, template: Template, label_names: Sequence[str], fragments: Sequence[Sequence[int]],
+                 features: torch.Tensor, chunk_end: str = "", separator: str = "\n", fold_shared_label_tokens=False):
+        before, after = template.text.split("{y}")
+        if IMAGE_MARKER not in before or IMAGE_MARKER in after:
+            raise ConfigError(f"an image template needs {IMAGE_MARKER} before {{y}} (and none after it): "
+                              f"{template.text!r}")
+        super().__init__(tokenizer, Template(template.text.replace(CHUNK_END_MARKER, chunk_end)), label_names,
+                         fold_shared_label_tokens, separator)
+        self.image_features = features
+        offsets = np.cumsum([0] + [sum(t == -1 for t in f) for f in fragments])
+        self.fragments = []
+        for fragment, offset in zip(fragments, offsets):
+            slot = iter(range(offset, offset + len(fragment)))
+            self.fragments.append(tuple(-1 - next(slot) if t == -1 else t for t in fragment))
+
+    def encode(self, example: Mapping) -> EncodedExample:
+        prefix, suffix = self.template.render_parts(example)
+        enc = self.tokenizer.encode
+        pieces = prefix.split(IMAGE_MARKER)
+        ids = list(enc(pieces[0], add_special_tokens=False)) if pieces[0] else []
+        for text in pieces[1:]:
+            ids.extend(self.fragments[example["image"]])
+            ids.extend(enc(text, add_special_tokens=False) if text else [])
+        return EncodedExample(tuple(ids) + self.label_stem, tuple(enc(suffix, add_special_tokens=False)))
+
+
+def load_image_prompts(cfg, device: torch.device, data: TaskData):
+    """(VLM, image prompt encoder, encoded examples); image embeddings come from the feature cache."""
+    from .scoring import FOLDING_MODES
+
+    if cfg.model.get("backend", "transformers") == "openflamingo":
+        from .openflamingo import load_openflamingo_prompts
+
+        return load_openflamingo_prompts(cfg, device, data)
+    model, processor = load_vlm(cfg.model, device)
+    fragments, features = vlm_image_features(cfg, model, processor, data, device)
+    encoder = ImagePromptEncoder(processor.tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
+                                 fragments, features.to(device), chunk_end=cfg.model.get("chunk_end", ""),
+                                 separator=cfg.model.get("separator", "\n"),
+                                 fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
+    return model, encoder, {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
+
+
+def vlm_image_features(cfg, model, processor, data: TaskData, device: torch.device):
+    """The VLM's image fragments and embeddings of the task's images, from the cache or computed once."""
+    settings = {"model": cfg.model.get("pretrained") or dict(cfg.model.random_init), "dtype": str(model.dtype),
+                "preprocessing": processor.image_processor.to_dict(), "images": images_digest(data)}
+    saved = cached_features("vlm", cfg.model.name, cfg.dataset, settings, lambda: dict(zip(
+        ("fragments", "features"), image_fragments(model, processor, data.images, progress=cfg.progress))))
+    return saved["fragments"], saved["features"]
+
+
+def clip_features(cfg, data: TaskData, device: torch.device) -> dict[str, torch.Tensor]:
+    """{"train", "test"}: CLIP image embeddings of the task's images, from the cache or computed once."""
+    spec = cfg.model.image_features
+    settings = {"model": spec.get("pretrained") or dict(spec.random_init), "normalised": True,
+                "images": images_digest(data)}
+    saved = cached_features("clip", spec.name, cfg.dataset, settings,
+                            lambda: {"features": clip_embeddings(spec, data.images, device, progress=cfg.progress)})
+    features = saved["features"].to(device)
+    return {split: features[[row["image"] for row in rows]]
+            for split, rows in (("train", data.train), ("test", data.test))}

@@ -1,0 +1,156 @@
+"""Classification scoring on vLLM (``backend=vllm``, CUDA only): the :class:`~joint_inference.scoring.Scorer`
+surface that zero-shot, ICL and UICL use, on a vLLM engine instead of a Hugging Face model.
+
+Each prompt goes to vLLM as token ids that end right after the query's prefix, so the label is
+the *next* token. One token is generated with ``allowed_token_ids`` set to the label tokens and
+``logprobs`` to their number, on an engine built with ``logprobs_mode="processed_logprobs"``:
+processed log-probs are taken after the allowed-token mask, so the returned top-k are exactly the
+label tokens, as ``logit - logsumexp(label logits)``. That shift is shared by every token at the
+position, so averaging over a label's tokens and renormalising over the K labels gives the
+Hugging Face scorer's ``first``/``bot``/``bot_minimal`` scores (means of logits, log-softmaxed).
+Prompt log-probs are never requested: vLLM skips its prefix cache for such requests, and the
+prefix cache is what makes prompts that share demonstrations cheap.
+
+Limits: ``exact`` mode with multi-token labels is refused (its later label tokens need one extra
+branch per label and position); single-token ``exact`` equals ``first`` and works. ``read="all"``
+(every example's label, used by fine-tuning) is refused: it needs prompt log-probs. Needs
+vLLM >= 0.10.2, the first release whose documentation lists ``processed_logprobs``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .prompts import EncodedExample, PromptEncoder
+from .scoring import minimal_prefix_lengths, resolve_label_mode
+
+MIN_VLLM = "0.10.2"
+
+
+def vllm_label_mode(label_mode: str, encoder: PromptEncoder) -> str:
+    """``label_mode`` resolved as the HF scorer does, refusing what one next-token read cannot give."""
+    mode = resolve_label_mode(label_mode, encoder.label_ids, encoder.label_names)
+    multi = [name for name, ids in zip(encoder.label_names, encoder.label_ids) if len(ids) > 1]
+    if mode == "exact" and multi:
+        raise ConfigError(
+            f"backend=vllm cannot score label_mode=exact with multi-token labels {multi}: it reads only the "
+            "next token after the prompt. Use label_mode=first (needs distinct first tokens), bot or bot_minimal, "
+            "or backend=hf.")
+    return mode
+
+
+def label_columns(mode: str, label_ids: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
+    """Token ids the labels read and a (K, columns) matrix averaging each label's tokens.
+
+    Same reads as ``Scorer``: the first token (``first``, and ``exact`` with single-token labels),
+    all tokens (``bot``) or the shortest distinguishing prefix (``bot_minimal``)."""
+    if mode in ("first", "exact"):
+        used = [ids[:1] for ids in label_ids]
+    elif mode == "bot":
+        used = [tuple(ids) for ids in label_ids]
+    else:
+        used = [ids[:m] for ids, m in zip(label_ids, minimal_prefix_lengths(label_ids))]
+    columns = sorted({t for ids in used for t in ids})
+    weights = torch.zeros(len(used), len(columns))
+    for k, ids in enumerate(used):
+        for t in ids:
+            weights[k, columns.index(t)] += 1.0 / len(ids)
+    return columns, weights
+
+
+class VLLMScorer:
+    """Label log-probabilities of a ``vllm.LLM`` built with ``logprobs_mode="processed_logprobs"``
+    (see :func:`make_vllm_scorer`). Returns CPU tensors."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, llm, encoder: PromptEncoder, label_mode: str = "auto", show_progress: bool = True):
+        self.llm = llm
+        self.encoder = encoder
+        self.mode = vllm_label_mode(label_mode, encoder)
+        self.columns, self.weights = label_columns(self.mode, encoder.label_ids)
+        self.show_progress = show_progress
+        self.batch_size = None  # vLLM schedules its own batches
+
+    def label_logprobs(
+        self,
+        prompts: Sequence[Sequence[EncodedExample]],
+        labels: Sequence[Sequence[int]],
+        read: str = "query",
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """(P, K) log-softmax over the K labels at each prompt's query, as ``Scorer.label_logprobs``."""
+        if read == "all":
+            raise ConfigError("backend=vllm scores only the query's label (read='query'); reading every "
+                              "example's label (fine-tuning) needs backend=hf")
+        if read != "query":
+            raise ValueError(f"read must be 'query' or 'all', got {read!r}")
+        seqs = []
+        for examples, labs in zip(prompts, labels, strict=True):
+            if len(labs) != len(examples) - 1:
+                raise ValueError("read='query' takes one label per demonstration (all examples but the last)")
+            seqs.append(self.encoder.assemble(examples, labs)[0])
+        return self._score(seqs, progress=self.show_progress and desc is not None)
+
+    def shared_label_logprobs(
+        self,
+        demonstrations: Sequence[EncodedExample],
+        demo_labels: Sequence[int],
+        queries: Sequence[EncodedExample],
+    ) -> torch.Tensor:
+        """(Q, K) label log-probs of each query after the same demonstrations: whole prompts,
+        whose shared demonstrations vLLM's prefix cache computes once."""
+        return self.label_logprobs([[*demonstrations, q] for q in queries], [list(demo_labels)] * len(queries))
+
+    def _score(self, seqs: list[list[int]], progress: bool) -> torch.Tensor:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not seqs:
+            return torch.empty(0, self.encoder.num_labels)
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(self.columns),
+                                allowed_token_ids=self.columns)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=progress)
+        rows = []
+        for out in outputs:
+            step = out.outputs[0].logprobs[0]  # {token id: Logprob} of the one generated position
+            missing = [t for t in self.columns if t not in step]
+            if missing:
+                raise RuntimeError(f"vLLM returned no log-probs for label tokens {missing}; the engine must be "
+                                   "built with logprobs_mode='processed_logprobs' (see make_vllm_scorer)")
+            rows.append([step[t].logprob for t in self.columns])
+        return torch.log_softmax(torch.tensor(rows, dtype=torch.float32) @ self.weights.T, dim=-1)
+
+
+def make_vllm_scorer(model_cfg, encoder: PromptEncoder, label_mode: str = "auto", *, seed: int = 0,
+                     show_progress: bool = True, **engine_args) -> VLLMScorer:
+    """A :class:`VLLMScorer` on a new vLLM engine for a ``model/`` config, over
+    ``model.tensor_parallel_size`` GPUs (default: all visible). ``engine_args`` go to ``vllm.LLM``.
+
+    Label-mode errors come before vLLM is imported, so a bad configuration fails without a GPU.
+    """
+    from .generation import check_vllm
+    from .models import resolve_weights
+
+    mode = vllm_label_mode(label_mode, encoder)
+    check_vllm()
+    if model_cfg.get("random_init"):
+        raise ConfigError("backend=vllm loads weights from model.pretrained; model.random_init builds them in "
+                          "memory: use backend=hf")
+    source, gguf_file = resolve_weights(model_cfg)
+    if gguf_file:
+        raise ConfigError("backend=vllm reads a model directory or hub id, not model.gguf_file; use backend=hf")
+    import vllm
+    from packaging.version import Version
+
+    if Version(vllm.__version__) < Version(MIN_VLLM):
+        raise ConfigError(f"backend=vllm scoring needs vLLM >= {MIN_VLLM} (logprobs_mode='processed_logprobs'), "
+                          f"found {vllm.__version__}: pip install -U vllm")
+    columns, _ = label_columns(mode, encoder.label_ids)
+    llm = vllm.LLM(model=source, tokenizer=model_cfg.get("tokenizer") or source, dtype=model_cfg.get("dtype", "auto"),
+                   seed=seed, tensor_parallel_size=model_cfg.get("tensor_parallel_size") or torch.cuda.device_count(),
+                   enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                   max_logprobs=max(20, len(columns)), **engine_args)
+    return VLLMScorer(llm, encoder, mode, show_progress)

@@ -1,0 +1,246 @@
+"""The vLLM scorer against the Hugging Face scorer, on CPU, with a stand-in ``vllm`` module.
+
+The stand-in computes the next token's log-probabilities with the real tiny model and returns
+them the way vLLM V1 does with ``logprobs_mode="processed_logprobs"``: the logits of tokens
+outside ``allowed_token_ids`` are set to -inf before the log-softmax, and the ``logprobs`` most
+likely tokens plus the sampled one come back as ``outputs[0].logprobs[0]: {token id: Logprob}``.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from joint_inference.errors import ConfigError
+from joint_inference.icl import icl_predict, zero_shot_logprobs
+from joint_inference.prompts import PromptEncoder, Template
+from joint_inference.scoring import Scorer
+from joint_inference.tiny import synthetic_sentences
+from joint_inference.vllm_scoring import VLLMScorer, make_vllm_scorer
+
+TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
+SINGLE = ["negative", "positive"]
+MULTI = ["zebra crossing", "zebra stripes", "qux", "zebra"]  # unknown words: several tokens, shared first ones
+SENTENCES = synthetic_sentences(12, length=6, seed=3)
+
+
+# ------------------------------------------------------------------------ the stand-in vllm module
+@dataclass
+class SamplingParams:  # the fields of vllm.SamplingParams that matter here, same names and defaults
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list | None = None
+
+
+@dataclass
+class FakeLLM:
+    """``vllm.LLM`` on a saved tiny Hugging Face model, next-token logprobs as vLLM V1 computes them."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool | None = None
+    logprobs_mode: str = "raw_logprobs"
+    max_logprobs: int = 20
+    calls: list = field(default_factory=list)
+
+    def __post_init__(self):
+        from transformers import AutoModelForCausalLM
+
+        self.hf = AutoModelForCausalLM.from_pretrained(self.model).eval()
+        FakeLLM.built.append(self)
+
+    @torch.no_grad()
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append(params)
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"Requested sample logprobs of {params.logprobs}, which is greater than max allowed: "
+                             f"{self.max_logprobs}")
+        outputs = []
+        for i, prompt in enumerate(prompts):
+            ids = prompt["prompt_token_ids"]
+            logits = self.hf(torch.tensor([ids])).logits[0, -1].float()
+            raw = torch.log_softmax(logits, -1)
+            if params.allowed_token_ids:
+                allowed = torch.zeros_like(logits, dtype=torch.bool)
+                allowed[params.allowed_token_ids] = True
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            sampled = int(logits.argmax())  # temperature 0: greedy
+            lp = torch.log_softmax(logits, -1) if self.logprobs_mode == "processed_logprobs" else raw
+            top = torch.topk(lp, params.logprobs or 0).indices.tolist()
+            step = {t: Logprob(float(lp[t]), int((lp > lp[t]).sum()) + 1, f"<{t}>") for t in [sampled, *top]}
+            outputs.append(RequestOutput(str(i), list(ids), [CompletionOutput(0, f"<{sampled}>", [sampled],
+                                                                              float(lp[sampled]), [step])]))
+        return outputs
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """A ``vllm`` package (LLM, SamplingParams, inputs.TokensPrompt) and a visible 'GPU'."""
+    vllm = types.ModuleType("vllm")
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # importlib.util.find_spec reads it
+    vllm.__version__ = "0.11.0"
+    vllm.LLM, vllm.SamplingParams = FakeLLM, SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}  # a TypedDict in vLLM
+    vllm.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(FakeLLM, "built", [], raising=False)  # engines built in this test
+    return vllm
+
+
+def model_cfg(path, **extra):
+    return OmegaConf.create({"name": "tiny", "pretrained": str(path), "embedded": None, "gguf_file": None,
+                             "tokenizer": None, "dtype": "float32", **extra})
+
+
+def prompts_with_demonstrations(encoder, n_prompts=7):
+    """Prompts of 1 to 4 examples (0 to 3 demonstrations), labels cycling over the label set."""
+    prompts, labels = [], []
+    for i in range(n_prompts):
+        m = i % 4 + 1
+        prompts.append([encoder.encode({"sentence": SENTENCES[(i + j) % len(SENTENCES)]}) for j in range(m)])
+        labels.append([(i * 7 + j) % encoder.num_labels for j in range(m - 1)])
+    return prompts, labels
+
+
+# ------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("mode,names", [("first", SINGLE), ("auto", SINGLE), ("exact", SINGLE),
+                                        ("bot", MULTI), ("bot_minimal", MULTI)])
+def test_label_logprobs_equal_the_hf_scorer(request, fake_vllm, model_name, mode, names):
+    model, tokenizer = request.getfixturevalue(model_name)
+    encoder = PromptEncoder(tokenizer, TEMPLATE, names)
+    hf = Scorer(model, encoder, mode, batch_size=3, show_progress=False)
+    vl = make_vllm_scorer(model_cfg(request.getfixturevalue(model_name + "_dir")), encoder, mode, show_progress=False)
+    assert vl.mode == hf.mode
+    prompts, labels = prompts_with_demonstrations(encoder)
+    with torch.no_grad():
+        want = hf.label_logprobs(prompts, labels)
+    got = vl.label_logprobs(prompts, labels, desc="scoring")
+    assert got.shape == (len(prompts), len(names)) and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    queries = [encoder.encode({"sentence": s}) for s in SENTENCES[:5]]
+    demos = [encoder.encode({"sentence": s}) for s in SENTENCES[5:8]]
+    with torch.no_grad():
+        shared_want = hf.shared_label_logprobs(demos, [0, 1, 1], queries)
+    torch.testing.assert_close(vl.shared_label_logprobs(demos, [0, 1, 1], queries), shared_want, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_and_requests_use_prefix_cache_and_label_tokens_only(tiny_llama, tiny_llama_dir, fake_vllm):
+    _, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, MULTI)
+    scorer = make_vllm_scorer(model_cfg(tiny_llama_dir, tensor_parallel_size=1), encoder, "bot", seed=5,
+                              show_progress=False, gpu_memory_utilization=0.5)
+    llm = FakeLLM.built[-1]
+    assert (llm.model, llm.tokenizer, llm.dtype, llm.seed, llm.tensor_parallel_size) == (
+        str(tiny_llama_dir), str(tiny_llama_dir), "float32", 5, 1)
+    assert llm.enable_prefix_caching is True and llm.logprobs_mode == "processed_logprobs"
+    scorer.label_logprobs(*prompts_with_demonstrations(encoder, 3))
+    params = llm.calls[-1]
+    tokens = sorted({t for ids in encoder.label_ids for t in ids})
+    assert params.allowed_token_ids == tokens and params.logprobs == len(tokens) <= llm.max_logprobs
+    assert params.max_tokens == 1 and params.prompt_logprobs is None and params.temperature == 0
+
+
+@pytest.mark.parametrize("support_sampling", ["per_query", "shared"])
+def test_icl_predictions_equal_the_hf_scorer(tiny_llama, tiny_llama_dir, fake_vllm, support_sampling):
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    hf = Scorer(model, encoder, "first", batch_size=4, show_progress=False)
+    vl = make_vllm_scorer(model_cfg(tiny_llama_dir), encoder, "first", show_progress=False)
+    pool = encoder.encode_all([{"sentence": s} for s in synthetic_sentences(16, length=5, seed=7)])
+    pool_labels = np.arange(16) % 2
+    queries = encoder.encode_all([{"sentence": s} for s in SENTENCES])
+    kwargs = dict(n=3, num_repeats=3, rng_key=(0, 1, 0), support_sampling=support_sampling, block_size=4)
+    want = icl_predict(hf, pool, pool_labels, queries, **kwargs)
+    got = icl_predict(vl, pool, pool_labels, queries, **kwargs)
+    np.testing.assert_array_equal(got, want)
+    torch.testing.assert_close(zero_shot_logprobs(vl, queries), zero_shot_logprobs(hf, queries), atol=1e-4, rtol=1e-4)
+
+
+def test_missing_vllm_or_gpu_is_a_config_error(tiny_llama, tiny_llama_dir, monkeypatch):
+    encoder = PromptEncoder(tiny_llama[1], TEMPLATE, SINGLE)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: find_spec gives None, import fails
+    with pytest.raises(ConfigError, match="pip install vllm"):
+        make_vllm_scorer(model_cfg(tiny_llama_dir), encoder, "first")
+
+
+def test_no_gpu_old_vllm_and_unloadable_models_are_config_errors(tiny_llama, tiny_llama_dir, fake_vllm, monkeypatch):
+    encoder = PromptEncoder(tiny_llama[1], TEMPLATE, SINGLE)
+    with pytest.raises(ConfigError, match="random_init"):
+        make_vllm_scorer(model_cfg(tiny_llama_dir, random_init={"arch": "llama"}), encoder)
+    with pytest.raises(ConfigError, match="gguf_file"):
+        make_vllm_scorer(model_cfg(tiny_llama_dir, gguf_file="m.gguf"), encoder)
+    monkeypatch.setattr(fake_vllm, "__version__", "0.9.2")
+    with pytest.raises(ConfigError, match=r"vLLM >= 0\.10\.2.*0\.9\.2"):
+        make_vllm_scorer(model_cfg(tiny_llama_dir), encoder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU.*backend=hf"):
+        make_vllm_scorer(model_cfg(tiny_llama_dir), encoder)
+
+
+def test_exact_multi_token_labels_and_read_all_are_refused(tiny_llama, tiny_llama_dir, fake_vllm):
+    _, tokenizer = tiny_llama
+    multi = PromptEncoder(tokenizer, TEMPLATE, MULTI)
+    for mode in ("exact", "auto"):  # auto resolves to exact: the labels share first tokens
+        with pytest.raises(ConfigError, match=r"label_mode=exact with multi-token.*label_mode=first.*backend=hf"):
+            make_vllm_scorer(model_cfg(tiny_llama_dir), multi, mode)
+    assert FakeLLM.built == []  # refused before any weights were loaded
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    scorer = make_vllm_scorer(model_cfg(tiny_llama_dir), encoder, "first", show_progress=False)
+    example = encoder.encode({"sentence": SENTENCES[0]})
+    with pytest.raises(ConfigError, match="read='all'.*backend=hf"):
+        scorer.label_logprobs([[example, example]], [[0, 1]], read="all")
+
+
+def test_label_tokens_missing_from_the_response_are_an_error(tiny_llama, fake_vllm, tiny_llama_dir):
+    """An engine returning raw (unmasked) top-k log-probs may leave label tokens out: caught, not guessed."""
+    _, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
+    llm = FakeLLM(str(tiny_llama_dir), logprobs_mode="processed_logprobs")
+    llm.generate = lambda prompts, params, use_tqdm: [
+        RequestOutput("0", [], [CompletionOutput(0, "", [1], 0.0, [{1: Logprob(0.0, 1)}])]) for _ in prompts]
+    scorer = VLLMScorer(llm, encoder, "first", show_progress=False)
+    with pytest.raises(RuntimeError, match="processed_logprobs"):
+        scorer.label_logprobs([[encoder.encode({"sentence": SENTENCES[0]})]], [[]])
