@@ -87,13 +87,14 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
         parts.append(part)
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     raw = ds[cfg.label_column]
+    source_rows = np.arange(len(ds))  # a row's index in the source splits, kept through filtering
     if cfg.get("labels_are_names"):
         position = {name: k for k, name in enumerate(label_names)}
         known = [i for i, answer in enumerate(raw) if str(answer).strip().lower() in position]
         if len(known) < len(raw):
             log.warning("%s: %d of %d rows have answers outside the label set and are left out",
                         cfg.name, len(raw) - len(known), len(raw))
-        ds = ds.select(known)
+        ds, source_rows = ds.select(known), source_rows[known]
         labels = np.asarray([position[str(a).strip().lower()] for a in ds[cfg.label_column]], dtype=np.int64)
     else:
         labels = class_ids(raw, cfg)
@@ -105,14 +106,14 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
         for i in indices.tolist():
             row = ds[i]
             try:
-                image = decode_image(row.pop(cfg.image_column), f"row {i} of {cfg.name!r} ({split} sample)")
+                image = decode_image(row.pop(cfg.image_column), f"row {source_rows[i]} of {cfg.name!r} ({split} sample)")
             except ConfigError as err:
                 if cfg.on_bad_image == "stop":
                     raise ConfigError(f"{err}; set dataset.on_bad_image=skip to leave such rows out") from None
                 log.warning("%s; skipped (dataset.on_bad_image=skip)", err)
                 continue
             rows.append({**{k: v for k, v in row.items() if isinstance(v, (str, int, float))},
-                         "row": i, "image": len(images)})
+                         "row": int(source_rows[i]), "image": len(images)})
             images.append(image)
             kept.append(i)
         splits[split] = (rows, labels[kept])

@@ -14,10 +14,12 @@ from tests.conftest import CONFIG_DIR, compose
 
 PRIMARY = "unsupervised_icl_llm"
 CONFIGS = Path(CONFIG_DIR)
-# Classification datasets; generation tasks (kind: generation) are checked in test_generative.py.
+# Text classification datasets and language models; generation tasks are checked in test_generative.py,
+# image tasks and vision-language models in test_vision.py.
 DATASETS = sorted(p.stem for p in (CONFIGS / "dataset").glob("*.yaml")
-                  if OmegaConf.load(p).get("kind", "classification") != "generation")
-MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+                  if OmegaConf.load(p).get("kind", "classification") != "generation"
+                  and OmegaConf.load(p).get("modality", "text") == "text")
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if "image_features" not in OmegaConf.load(p))
 TABLE1 = ["sst2", "amazon_polarity", "ag_news", "trec", "dbpedia_14", "subj", "rte", "qnli", "mnli", "copa",
           "boolq", "piqa", "hellaswag", "mmlu"]
 

@@ -1,0 +1,43 @@
+"""Compute the image features of a task once and cache them on disk (joint_inference.features).
+
+    python scripts/precompute_features.py dataset=cifar100 model=openflamingo_4b
+    python scripts/precompute_features.py dataset=cifar10 model=tiny_random_vlm dataset.num_examples=60 device=cpu
+
+Takes the same overrides as unsupervised_icl_vlm.py / unsupervised_ft_vlm.py and fills the cache
+those runs read: the VLM's image embeddings (what its prompts hold) and the CLIP image embeddings
+of the linear task encoder. Runs with the same dataset sample then load them without recomputing.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from joint_inference.errors import exit_on_config_error  # noqa: E402
+from joint_inference.tasks import load_data, load_prompts  # noqa: E402
+from joint_inference.utils import resolve_device  # noqa: E402
+from joint_inference.vision import clip_features  # noqa: E402
+
+log = logging.getLogger("precompute_features")
+
+
+def run(cfg: DictConfig) -> None:
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    load_prompts(cfg, device, data)  # the VLM's image embeddings: computed and cached when missing
+    clip = clip_features(cfg, data, device)
+    log.info("%s: features of %d images cached (CLIP dim %d)", cfg.dataset.name, len(data.images), clip["train"].shape[1])
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="unsupervised_icl_vlm")
+def main(cfg: DictConfig) -> None:
+    exit_on_config_error(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

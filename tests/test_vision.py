@@ -1,0 +1,337 @@
+"""Image tasks: a tiny random LLaVA-style VLM read through cached image embeddings must score exactly
+as the model reading pixels; the feature cache, image loading, configs and both entry scripts."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from joint_inference.errors import ConfigError
+from joint_inference.prompts import Template
+from joint_inference.scoring import Scorer, minimal_prefix_lengths
+from joint_inference.vision import ImagePromptEncoder, image_fragments, load_image_task, tiny_vlm
+from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose
+
+TEMPLATE = Template("<image>An image of {y}.<|endofchunk|>")
+LABELS = ["cat", "dog", "ship"]
+IMAGE_DATASETS = ["cifar10", "cifar100", "food101", "cocoqa_color", "cocoqa_number"]
+
+
+def synthetic_images(n: int, seed: int = 0):
+    """Random RGB images of varied sizes (the processor resizes them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (int(rng.integers(24, 48)), 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_image_parquet(path, images, labels, extra=None):
+    """A parquet file in the hub's CIFAR schema: ``img`` = {bytes, path}, ``label``."""
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+    rows = {"img": [{"bytes": b if isinstance(b, bytes) else png(b), "path": None} for b in images], "label": labels}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return tiny_vlm(seed=3)
+
+
+@pytest.fixture()
+def image_root(tmp_path, monkeypatch):
+    """A DATA_ROOT with cifar10/test.parquet: 60 random images, 10 classes; the feature cache in tmp."""
+    monkeypatch.setenv("JOINT_INFERENCE_CACHE", str(tmp_path / "cache"))
+    write_image_parquet(tmp_path / "data" / "cifar10" / "test.parquet", synthetic_images(60), [i % 10 for i in range(60)])
+    return tmp_path / "data"
+
+
+def encoder_for(vlm, images, mode):
+    model, processor = vlm
+    fragments, features = image_fragments(model, processor, images, batch_size=4, progress=False)
+    encoder = ImagePromptEncoder(processor.tokenizer, TEMPLATE, LABELS, fragments, features)
+    return Scorer(model, encoder, mode, batch_size=3, show_progress=False), encoder
+
+
+def reference_scores(vlm, encoder, images, chosen, labels, mode):
+    """Slow reference for one prompt of images ``chosen``: the VLM merges its own image features from
+    pixels, full-vocabulary logits, label scores computed from their definitions (METHOD.md §2).
+    Returns (reads, K): every example's label when all are labelled, else the query's."""
+    model, processor = vlm
+    ids, positions = encoder.assemble([encoder.encode({"image": i}) for i in chosen], labels)
+    ids = [model.config.image_token_index if t < 0 else t for t in ids]
+    pixels = processor.image_processor(images=[images[i] for i in chosen], return_tensors="pt").pixel_values
+
+    per_image = sum(t < 0 for t in encoder.fragments[chosen[0]])
+
+    def logits_of(seq):  # a branch may stop before the later images
+        shown = seq.count(model.config.image_token_index) // per_image
+        return model(input_ids=torch.tensor([seq]), pixel_values=pixels[:shown]).logits[0].float()
+
+    logits = logits_of(ids)
+    rows = []
+    for p in positions if len(labels) == len(chosen) else positions[-1:]:
+        if mode == "bot_minimal":
+            lengths = minimal_prefix_lengths(encoder.label_ids)
+            rows.append(torch.stack([logits[p, list(l_ids[:m])].mean() for l_ids, m in zip(encoder.label_ids, lengths)]))
+        else:  # exact: sum of the label tokens' log-probs, on a branch of the prompt
+            scores = []
+            for l_ids in encoder.label_ids:
+                branch = logits_of(ids[: p + 1] + list(l_ids[:-1])).log_softmax(-1)
+                scores.append(sum(branch[p + j, t] for j, t in enumerate(l_ids)))
+            rows.append(torch.stack(scores))
+    return torch.stack(rows).log_softmax(-1)
+
+
+@pytest.mark.parametrize("mode", ["bot_minimal", "exact"])
+@torch.no_grad()
+def test_scores_from_cached_image_embeddings_equal_the_vlm_reading_pixels(vlm, mode):
+    images = synthetic_images(9, seed=1)
+    scorer, encoder = encoder_for(vlm, images, mode)
+    assert max(map(len, encoder.label_ids)) > 1  # multi-token labels: the modes differ
+    rng = np.random.default_rng(0)
+    chosen = [rng.choice(len(images), size, replace=False).tolist() for size in (1, 2, 3, 4)]  # varied lengths
+    labels = [rng.integers(0, len(LABELS), len(c) - 1).tolist() for c in chosen]
+    prompts = [[encoder.encode({"image": i}) for i in c] for c in chosen]
+    got = scorer.label_logprobs(prompts, labels)
+    want = torch.cat([reference_scores(vlm, encoder, images, c, lab, mode) for c, lab in zip(chosen, labels)])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the images matter
+    # read="all" (the fine-tuning reward): every example's label is read after the pairs before it
+    chosen = [rng.choice(len(images), 3, replace=False).tolist() for _ in range(3)]
+    labels = [rng.integers(0, len(LABELS), 3).tolist() for _ in chosen]
+    got_all = scorer.label_logprobs([[encoder.encode({"image": i}) for i in c] for c in chosen], labels, read="all")
+    want_all = torch.stack([reference_scores(vlm, encoder, images, c, lab, mode) for c, lab in zip(chosen, labels)])
+    torch.testing.assert_close(got_all, want_all, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_shared_demonstrations_with_images_equal_separate_prompts(vlm):
+    images = synthetic_images(8, seed=2)
+    scorer, encoder = encoder_for(vlm, images, "bot_minimal")
+    examples = [encoder.encode({"image": i}) for i in range(len(images))]
+    demos, demo_labels, queries = examples[:3], [2, 0, 1], examples[3:]
+    shared = scorer.shared_label_logprobs(demos, demo_labels, queries)
+    separate = scorer.label_logprobs([[*demos, q] for q in queries], [demo_labels] * len(queries))
+    torch.testing.assert_close(shared, separate, atol=2e-5, rtol=1e-4)
+
+
+def test_image_template_needs_its_image_before_the_label(vlm):
+    model, processor = vlm
+    with pytest.raises(ConfigError, match="<image> before"):
+        ImagePromptEncoder(processor.tokenizer, Template("An image of {y}. <image>"), LABELS, [[-1]], torch.zeros(1, 32))
+
+
+# ------------------------------------------------------------------------------- data loading
+def image_cfg(root, *overrides):
+    return compose("unsupervised_icl_vlm", ["model=tiny_random_vlm", "dataset=cifar10", f"dataset.data_root={root}",
+                                            "dataset.num_examples=60", *overrides])
+
+
+def test_image_task_sample_follows_the_protocol(image_root):
+    cfg = image_cfg(image_root)
+    data = load_image_task(cfg.dataset, list(cfg.labelset.names))
+    assert len(data.train) == 40 and len(data.test) == 20  # 6 per class: 4 pool, 2 test
+    assert np.bincount(data.train_labels, minlength=10).tolist() == [4] * 10
+    assert len(data.images) == 60 and sorted(r["image"] for r in data.train + data.test) == list(range(60))
+    rows = {r["row"] for r in data.train} | {r["row"] for r in data.test}
+    assert len(rows) == 60
+    assert data.train_labels.tolist() == [r["row"] % 10 for r in data.train]  # label i % 10 was written at row i
+
+
+def test_an_undecodable_image_stops_or_is_skipped(tmp_path):
+    images = synthetic_images(30)
+    blobs = [png(im) for im in images]
+    blobs[7] = b"not an image"
+    write_image_parquet(tmp_path / "cifar10" / "test.parquet", blobs, [i % 10 for i in range(30)])
+    cfg = image_cfg(tmp_path, "dataset.num_examples=30")
+    with pytest.raises(ConfigError, match=r"row 7 .*on_bad_image=skip"):
+        load_image_task(cfg.dataset, list(cfg.labelset.names))
+    cfg = image_cfg(tmp_path, "dataset.num_examples=30", "dataset.on_bad_image=skip")
+    data = load_image_task(cfg.dataset, list(cfg.labelset.names))
+    assert len(data.train) + len(data.test) == 29 and 7 not in {r["row"] for r in data.train + data.test}
+
+
+def test_cocoqa_local_layout_labels_by_answer(tmp_path):
+    folder = tmp_path / "cocoqa_color"
+    (folder / "images").mkdir(parents=True)
+    answers = ["red", "blue", "turquoise"] * 6
+    rows = []
+    for i, (image, answer) in enumerate(zip(synthetic_images(len(answers)), answers)):
+        image.save(folder / "images" / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "question": f"what is the color of thing {i}", "answer": answer})
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose("unsupervised_icl_vlm", ["dataset=cocoqa_color", f"dataset.data_root={tmp_path}",
+                                           "labelset.names=[red,blue]", "dataset.num_classes=2"])
+    data = load_image_task(cfg.dataset, list(cfg.labelset.names))
+    kept = data.train + data.test
+    assert len(kept) == 12  # "turquoise" is not in the label set
+    assert all(answers[r["row"]] != "turquoise" for r in kept)  # rows index the kept answers
+    by_question = {r["question"]: lab for r, lab in zip(data.train + data.test, np.r_[data.train_labels, data.test_labels])}
+    assert all(["red", "blue"][lab] == answers[int(q.split()[-1])] for q, lab in by_question.items())
+    prefix, _ = Template(cfg.template.text).render_parts(kept[0])
+    assert prefix.startswith("<image>Question: what is the color of thing") and prefix.endswith("? Short answer:")
+
+
+def test_cocoqa_is_not_on_the_hub(monkeypatch):
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    cfg = compose("unsupervised_icl_vlm", ["dataset=cocoqa_number", "dataset.data_root=null"])
+    with pytest.raises(ConfigError, match="not on the hub"):
+        load_image_task(cfg.dataset, list(cfg.labelset.names))
+
+
+# ------------------------------------------------------------------------------ feature cache
+def test_feature_cache_round_trip_and_stale_settings(image_root, monkeypatch):
+    import joint_inference.vision as vision
+
+    cfg = image_cfg(image_root)
+    data = load_image_task(cfg.dataset, list(cfg.labelset.names))
+    model, processor = vision.load_vlm(cfg.model, torch.device("cpu"))
+    fragments, features = vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
+    assert len(fragments) == len(data.images) and features.shape[0] == sum(f.count(-1) for f in fragments)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr(vision, "image_fragments", must_not_run)
+    again = vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
+    assert again[0] == fragments and torch.equal(again[1], features)
+    processor.image_processor.image_mean = [0.0, 0.0, 0.0]  # other preprocessing: the cache is stale
+    with pytest.raises(ConfigError, match=r"different settings \(preprocessing.image_mean"):
+        vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
+
+    clip = vision.clip_features(cfg, data, torch.device("cpu"))
+    assert clip["train"].shape[0] == len(data.train) and clip["test"].shape[0] == len(data.test)
+    torch.testing.assert_close(clip["train"].norm(dim=-1), torch.ones(len(data.train)))
+    monkeypatch.setattr(vision, "clip_embeddings", must_not_run)
+    torch.testing.assert_close(vision.clip_features(cfg, data, torch.device("cpu"))["test"], clip["test"])
+
+
+def test_precompute_features_script_fills_the_cache(image_root, tmp_path):
+    env = {"JOINT_INFERENCE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "precompute_features.py"), "model=tiny_random_vlm",
+                           "dataset=cifar10", f"dataset.data_root={image_root}", "dataset.num_examples=60",
+                           "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cached = sorted(p.relative_to(tmp_path / "cache" / "features").parts[:2]
+                    for p in (tmp_path / "cache" / "features").rglob("*.pt"))
+    assert cached == [("clip", "tiny_random_clip"), ("vlm", "tiny_random_vlm")]
+
+
+# ---------------------------------------------------------------------------------- end to end
+def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
+    from unsupervised_icl_vlm import run
+
+    results = run(image_cfg(image_root, "N=2", "T=2", "num_repeats=3", "device=cpu", "progress=false",
+                            f"output_dir={tmp_path / 'run'}"))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved["zero_shot"]) == {"train_accuracy", "test_accuracy"}
+    assert [r["round"] for r in saved["rounds"]] == [1, 2]
+    for r in saved["rounds"]:
+        assert 0 <= r["test_accuracy_std"] <= 0.5 and 0 <= r["test_accuracy_mean"] <= 1
+    stage = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["round_1"]
+    votes = np.array(stage["test_votes"])
+    assert votes.shape == (20, 3)
+    # the reported mean over repeats is the mean accuracy of each repeat's predictions
+    data = load_image_task(image_cfg(image_root).dataset, list(image_cfg(image_root).labelset.names))
+    assert saved["rounds"][0]["test_accuracy_mean"] == pytest.approx((votes == data.test_labels[:, None]).mean())
+    assert saved["settings"]["label_mode"] == "bot_minimal"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "test.parquet").exists(), reason="needs ../shared/data")
+def test_the_documented_smoke_command_runs_on_real_cifar10(tmp_path):
+    env = {"DATA_ROOT": str(SHARED_DATA), "JOINT_INFERENCE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "unsupervised_icl_vlm.py"), "model=tiny_random_vlm",
+                           "dataset=cifar10", "dataset.num_examples=60", "N=2", "T=1", "num_repeats=1", "device=cpu",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["num_train"] == 40 and results["num_test"] == 20 and len(results["rounds"]) == 1
+
+
+@pytest.mark.parametrize("task_encoder", ["lora", "linear"])
+def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, task_encoder):
+    from unsupervised_ft_vlm import run
+
+    out = tmp_path / task_encoder
+    cfg = compose("unsupervised_ft_vlm", [
+        "model=tiny_random_vlm", "dataset=cifar10", f"dataset.data_root={image_root}", "dataset.num_examples=60",
+        f"task_encoder={task_encoder}", "batch_size=2", "N=4", "num_iterations=3", "eval_freq=3", "device=cpu",
+        "progress=false", "optimizers.lora.warmup_steps=1", f"output_dir={out}"])
+    results = run(cfg)
+    assert results["timing"]["steps"] == 3 and [h["step"] for h in results["history"]] == [0, 3]
+    assert json.loads((out / "results.json").read_text())["task_encoder"] == task_encoder
+    if task_encoder == "lora":
+        from safetensors.torch import load_file
+
+        weights = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert weights and all("language_model" in k for k in weights)  # the vision tower has no adapters
+        assert {k.split(".")[-3] for k in weights} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert results["settings"]["lr"] == 1e-4
+    else:
+        assert (out / "linear_head" / "linear_head.pt").exists() and results["settings"]["lr"] == 1e-3
+
+
+def test_linear_task_encoder_learns_from_the_reward():
+    """A linear head on fixed features, trained by train_step on a reward that prefers the true class,
+    separates two feature clusters (steps are the UFT loop's own)."""
+    from joint_inference.finetune import LinearTaskEncoder, make_optimizer, train_step
+
+    g = torch.Generator().manual_seed(0)
+    gold = torch.arange(64) % 2
+    features = torch.randn(64, 8, generator=g) + 3 * torch.nn.functional.one_hot(gold, 8).float()
+    encoder = LinearTaskEncoder({"train": features, "test": features}, 2)
+    optimizer, scheduler = make_optimizer(encoder.parameters(), 0.1)
+
+    def reward(idx, labels):
+        return torch.where(torch.nn.functional.one_hot(gold[idx], 2).bool(), 0.0, -1.0) / idx.shape[1]
+
+    for _ in range(30):
+        idx = torch.randperm(64, generator=g)[:32].view(4, 8)
+        train_step(encoder, reward, idx, optimizer, scheduler, estimator="rao_marginalized", baseline=True, gamma=1.0,
+                   max_norm=10.0, generator=g)
+    accuracy = (encoder.logits("test", range(64)).argmax(-1) == gold).float().mean()
+    assert accuracy > 0.95
+
+
+# ------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", IMAGE_DATASETS)
+def test_image_dataset_configs_compose(name):
+    cfg = compose("unsupervised_icl_vlm", [f"dataset={name}"])
+    assert cfg.dataset.modality == "image" and len(cfg.labelset.names) == cfg.dataset.num_classes
+    assert len(set(cfg.labelset.names)) == len(cfg.labelset.names)
+    assert cfg.template.text.startswith("<image>") and cfg.template.text.endswith("<|endofchunk|>")
+    assert cfg.N == 16 and cfg.num_repeats == 3 and cfg.T == 10 and cfg.label_mode == "bot_minimal"
+
+
+def test_label_sets_match_the_hub_class_counts():
+    sizes = {name: len(OmegaConf.load(f"{CONFIG_DIR}/labelset/{name}.yaml").names) for name in IMAGE_DATASETS[:3]}
+    assert sizes == {"cifar10": 10, "cifar100": 100, "food101": 101}
+
+
+def test_vision_fine_tuning_defaults_follow_the_task_encoder():
+    lora = compose("unsupervised_ft_vlm", ["dataset=cifar100"])
+    assert (lora.batch_size, lora.N, lora.num_iterations, lora.max_norm) == (32, 16, 3000, 10.0)
+    assert dict(lora.optimization) == {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 500, "min_lr": 1e-6}
+    assert lora.lora.r == 2 and lora.model.name == "openflamingo_4b"
+    linear = compose("unsupervised_ft_vlm", ["task_encoder=linear"])
+    assert dict(linear.optimization) == {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0}
