@@ -151,7 +151,8 @@ class Scorer:
         by every batch of queries (position ids continue after it). Equal, up to float error,
         to scoring each (demonstrations + query) prompt with :meth:`label_logprobs`.
         """
-        if self.mode == "exact":  # exact multi-token labels need branches: score whole prompts
+        if self.mode == "exact" or not getattr(self.model, "supports_prefix_caching", True):
+            # exact multi-token labels need branches, OpenFlamingo every image of a row: score whole prompts
             return self.label_logprobs([[*demonstrations, q] for q in queries], [list(demo_labels)] * len(queries))
         if any(not q.prefix for q in queries):
             raise ConfigError("a query has no text before its label; the template needs text before {y}")

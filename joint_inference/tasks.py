@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .data import TaskData, check_label_set, load_task
+from .errors import ConfigError
 from .models import load_model
 from .prompts import PromptEncoder, Template
 from .scoring import FOLDING_MODES
@@ -37,6 +38,32 @@ def load_prompts(cfg, device: torch.device, data: TaskData):
 
         return load_image_prompts(cfg, device, data)
     model, tokenizer = load_model(cfg.model, device)
+    return (model, *text_prompts(cfg, tokenizer, data))
+
+
+def text_prompts(cfg, tokenizer, data: TaskData):
+    """(prompt encoder, {"train", "test"}: encoded examples) of a text task."""
     encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
                             fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-    return model, encoder, {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
+    return encoder, {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
+
+
+def load_vllm_scorer(cfg, data: TaskData):
+    """(vLLM scorer, encoded examples) for ``backend=vllm``: the tokenizer alone is loaded here, the
+    weights by vLLM. Text tasks, one process."""
+    from transformers import AutoTokenizer
+
+    from .distributed import process_state
+    from .models import resolve_weights
+    from .vllm_scoring import make_vllm_scorer
+
+    if modality(cfg) != "text":
+        raise ConfigError("backend=vllm scores text tasks; image tasks run with backend=hf")
+    if process_state().num_processes > 1:
+        raise ConfigError("backend=vllm runs in one process (it spreads the model over the visible GPUs with "
+                          "tensor parallelism); start it with python, not accelerate launch")
+    source, gguf_file = resolve_weights(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.get("tokenizer") or source,
+                                              **({"gguf_file": gguf_file} if gguf_file else {}))
+    encoder, examples = text_prompts(cfg, tokenizer, data)
+    return make_vllm_scorer(cfg.model, encoder, cfg.label_mode, seed=cfg.seed, show_progress=cfg.progress), examples

@@ -17,7 +17,7 @@ from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, repeat_a
 from .prompts import Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .scoring import Scorer
-from .tasks import load_data, load_prompts
+from .tasks import load_data, load_prompts, load_vllm_scorer
 from .utils import resolve_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,12 @@ def run_classification(cfg: DictConfig) -> dict:
 
     # ---- model and scorer
     device = resolve_device(cfg.device)
-    model, encoder, encoded = load_prompts(cfg, device, data)
-    scorer = Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
-                    show_progress=cfg.progress)
+    if cfg.get("backend", "hf") == "vllm":
+        scorer, encoded = load_vllm_scorer(cfg, data)
+    else:
+        model, encoder, encoded = load_prompts(cfg, device, data)
+        scorer = Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
+                        show_progress=cfg.progress)
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 
@@ -110,7 +113,7 @@ def run_classification(cfg: DictConfig) -> dict:
         "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "label_mode": scorer.mode, "support_sampling": cfg.support_sampling,
                      "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
-                     "device": str(device)},
+                     "device": "vllm" if cfg.get("backend", "hf") == "vllm" else str(device)},
     }
     if cfg.save_predictions:
         fields = Template(cfg.template.text).fields

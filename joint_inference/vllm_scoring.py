@@ -14,11 +14,11 @@ prefix cache is what makes prompts that share demonstrations cheap.
 Limits: ``exact`` mode with multi-token labels is refused (its later label tokens need one extra
 branch per label and position); single-token ``exact`` equals ``first`` and works. ``read="all"``
 (every example's label, used by fine-tuning) is refused: it needs prompt log-probs. Needs
-vLLM >= 0.10.2, the first release whose documentation lists ``processed_logprobs``.
+vLLM >= 0.10.2 (``logprobs_mode="processed_logprobs"``; 0.10.0 had raw modes only).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -335,3 +335,67 @@ def test_vision_fine_tuning_defaults_follow_the_task_encoder():
     assert lora.lora.r == 2 and lora.model.name == "openflamingo_4b"
     linear = compose("unsupervised_ft_vlm", ["task_encoder=linear"])
     assert dict(linear.optimization) == {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0}
+
+
+# ------------------------------------------------------------------------------- OpenFlamingo
+def test_openflamingo_missing_package_names_the_install_steps(image_root, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_open_clip(name, *args, **kwargs):
+        if name.split(".")[0] in ("open_clip", "open_flamingo"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_open_clip)
+    from unsupervised_icl_vlm import run
+
+    with pytest.raises(ConfigError, match=r"pip install open_clip_torch .*open_flamingo==2.0.1"):
+        run(image_cfg(image_root, "model=openflamingo_4b", "device=cpu", f"output_dir={tmp_path}"))
+    assert not (tmp_path / "results.json").exists()
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for OpenFlamingo's parts: records what the body hands them."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, x=None, **kwargs):
+        self.calls.append(x if x is not None else kwargs)
+        return x
+
+
+def test_openflamingo_body_conditions_each_row_on_its_own_images():
+    from types import SimpleNamespace
+
+    from joint_inference.openflamingo import FlamingoBody
+
+    media_token = 5
+    layers = [SimpleNamespace(vis=None, media=None, cached=None) for _ in range(2)]
+    for layer in layers:
+        layer.condition_vis_x = lambda v, layer=layer: setattr(layer, "vis", v)
+        layer.condition_media_locations = lambda m, layer=layer: setattr(layer, "media", m)
+        layer.condition_use_cached_media = lambda c, layer=layer: setattr(layer, "cached", c)
+    transformer, perceiver = _Recorder(), _Recorder()
+    transformer.get_input_embeddings = lambda: None
+    lang = SimpleNamespace(base_model_prefix="model", model=transformer, _get_decoder_layers=lambda: layers,
+                           clear_conditioned_layers=lambda: None)
+    flamingo = SimpleNamespace(perceiver=perceiver, lang_encoder=lang, media_token_id=media_token)
+    tokens = torch.arange(4 * 3 * 2, dtype=torch.float).view(4, 3, 2)  # 4 images, 3 patches, dim 2
+    body = FlamingoBody(flamingo, tokens)
+    ids = torch.tensor([[7, -3, 8, -1, 9], [-2, 8, 9, 0, 0]])  # row 0: images 2 then 0; row 1: image 1
+    body(input_ids=ids, attention_mask=torch.ones_like(ids))
+    vision = perceiver.calls[0]
+    assert vision.shape == (2, 2, 1, 3, 2)
+    torch.testing.assert_close(vision[0, :, 0], tokens[[2, 0]])
+    torch.testing.assert_close(vision[1, 0, 0], tokens[1])
+    assert not vision[1, 1].any()  # padding: row 1 has one image
+    sent = transformer.calls[0]["input_ids"]
+    assert sent.tolist() == [[7, 5, 8, 5, 9], [5, 8, 9, 0, 0]]
+    assert all(layer.media.tolist() == (sent == media_token).tolist() and layer.cached is False for layer in layers)
+    with pytest.raises(ConfigError, match="per_query"):
+        body(input_ids=ids, cache=object())

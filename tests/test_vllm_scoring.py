@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -25,7 +25,8 @@ from joint_inference.tiny import synthetic_sentences
 from joint_inference.vllm_scoring import VLLMScorer, make_vllm_scorer
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
-SINGLE = ["negative", "positive"]
+SINGLE = ["bad", "good"]  # several tokens each, distinct first tokens; the tiny model predicts both
+ONE_TOKEN = ["positive", "sentiment", "the"]  # one token each
 MULTI = ["zebra crossing", "zebra stripes", "qux", "zebra"]  # unknown words: several tokens, shared first ones
 SENTENCES = synthetic_sentences(12, length=6, seed=3)
 
@@ -68,24 +69,18 @@ class RequestOutput:
     prompt_logprobs: list | None = None
 
 
-@dataclass
 class FakeLLM:
     """``vllm.LLM`` on a saved tiny Hugging Face model, next-token logprobs as vLLM V1 computes them."""
 
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    seed: int = 0
-    tensor_parallel_size: int = 1
-    enable_prefix_caching: bool | None = None
-    logprobs_mode: str = "raw_logprobs"
-    max_logprobs: int = 20
-    calls: list = field(default_factory=list)
-
-    def __post_init__(self):
+    def __init__(self, model, tokenizer=None, dtype="auto", seed=0, tensor_parallel_size=1,
+                 enable_prefix_caching=None, logprobs_mode="raw_logprobs", max_logprobs=20, **engine_args):
         from transformers import AutoModelForCausalLM
 
-        self.hf = AutoModelForCausalLM.from_pretrained(self.model).eval()
+        self.model, self.tokenizer, self.dtype, self.seed = model, tokenizer, dtype, seed
+        self.tensor_parallel_size, self.enable_prefix_caching = tensor_parallel_size, enable_prefix_caching
+        self.logprobs_mode, self.max_logprobs, self.engine_args = logprobs_mode, max_logprobs, engine_args
+        self.hf = AutoModelForCausalLM.from_pretrained(model).eval()
+        self.calls = []
         FakeLLM.built.append(self)
 
     @torch.no_grad()
@@ -146,7 +141,7 @@ def prompts_with_demonstrations(encoder, n_prompts=7):
 
 # ------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
-@pytest.mark.parametrize("mode,names", [("first", SINGLE), ("auto", SINGLE), ("exact", SINGLE),
+@pytest.mark.parametrize("mode,names", [("first", SINGLE), ("auto", SINGLE), ("exact", ONE_TOKEN),
                                         ("bot", MULTI), ("bot_minimal", MULTI)])
 def test_label_logprobs_equal_the_hf_scorer(request, fake_vllm, model_name, mode, names):
     model, tokenizer = request.getfixturevalue(model_name)
@@ -176,6 +171,7 @@ def test_engine_and_requests_use_prefix_cache_and_label_tokens_only(tiny_llama, 
     assert (llm.model, llm.tokenizer, llm.dtype, llm.seed, llm.tensor_parallel_size) == (
         str(tiny_llama_dir), str(tiny_llama_dir), "float32", 5, 1)
     assert llm.enable_prefix_caching is True and llm.logprobs_mode == "processed_logprobs"
+    assert llm.engine_args == {"gpu_memory_utilization": 0.5}
     scorer.label_logprobs(*prompts_with_demonstrations(encoder, 3))
     params = llm.calls[-1]
     tokens = sorted({t for ids in encoder.label_ids for t in ids})
@@ -192,14 +188,15 @@ def test_icl_predictions_equal_the_hf_scorer(tiny_llama, tiny_llama_dir, fake_vl
     pool = encoder.encode_all([{"sentence": s} for s in synthetic_sentences(16, length=5, seed=7)])
     pool_labels = np.arange(16) % 2
     queries = encoder.encode_all([{"sentence": s} for s in SENTENCES])
-    kwargs = dict(n=3, num_repeats=3, rng_key=(0, 1, 0), support_sampling=support_sampling, block_size=4)
-    want = icl_predict(hf, pool, pool_labels, queries, **kwargs)
-    got = icl_predict(vl, pool, pool_labels, queries, **kwargs)
+    kwargs = {"n": 3, "num_repeats": 3, "rng_key": (0, 1, 0), "support_sampling": support_sampling, "block_size": 4}
+    (want, want_votes), (got, got_votes) = (icl_predict(s, pool, pool_labels, queries, **kwargs) for s in (hf, vl))
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_votes, want_votes)
+    assert 0 < want_votes.mean() < 1  # both labels are predicted: the comparison can fail
     torch.testing.assert_close(zero_shot_logprobs(vl, queries), zero_shot_logprobs(hf, queries), atol=1e-4, rtol=1e-4)
 
 
-def test_missing_vllm_or_gpu_is_a_config_error(tiny_llama, tiny_llama_dir, monkeypatch):
+def test_missing_vllm_is_a_config_error(tiny_llama, tiny_llama_dir, monkeypatch):
     encoder = PromptEncoder(tiny_llama[1], TEMPLATE, SINGLE)
     monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: find_spec gives None, import fails
     with pytest.raises(ConfigError, match="pip install vllm"):
@@ -230,7 +227,7 @@ def test_exact_multi_token_labels_and_read_all_are_refused(tiny_llama, tiny_llam
     encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
     scorer = make_vllm_scorer(model_cfg(tiny_llama_dir), encoder, "first", show_progress=False)
     example = encoder.encode({"sentence": SENTENCES[0]})
-    with pytest.raises(ConfigError, match="read='all'.*backend=hf"):
+    with pytest.raises(ConfigError, match="read='query'.*fine-tuning.*backend=hf"):
         scorer.label_logprobs([[example, example]], [[0, 1]], read="all")
 
 
@@ -244,3 +241,17 @@ def test_label_tokens_missing_from_the_response_are_an_error(tiny_llama, fake_vl
     scorer = VLLMScorer(llm, encoder, "first", show_progress=False)
     with pytest.raises(RuntimeError, match="processed_logprobs"):
         scorer.label_logprobs([[encoder.encode({"sentence": SENTENCES[0]})]], [[]])
+
+
+def test_a_whole_uicl_run_on_vllm_equals_the_hf_run(tiny_llama_dir, tiny_sst2_root, tmp_path, fake_vllm):
+    """backend=vllm from the entry point: the same zero-shot, baseline and round predictions as backend=hf."""
+    from tests.test_icl import icl_config
+    from unsupervised_icl_llm import run
+
+    hf = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "hf", "label_mode=first", "save_predictions=true"))
+    vl = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "vllm", "label_mode=first", "save_predictions=true",
+                        "backend=vllm"))
+    assert FakeLLM.built and vl["settings"]["device"] == "vllm"
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("timing", "settings")}  # noqa: E731
+    assert strip(vl) == strip(hf)
+    assert (tmp_path / "vllm" / "predictions.jsonl").read_text() == (tmp_path / "hf" / "predictions.jsonl").read_text()
