@@ -1,4 +1,5 @@
-"""Sharding work over processes started by ``accelerate launch`` (one GPU each) or ``torchrun``.
+"""Sharding work, and data-parallel training, over processes started by ``accelerate launch``
+(one GPU each) or ``torchrun``.
 
 A single process (plain ``python ...``) runs everything itself; nothing here needs a launcher. On
 machines without GPUs, ``torchrun --nproc_per_node 2 ...`` runs CPU processes that talk over gloo

@@ -59,7 +59,8 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: Sequen
         log.warning("LoRA targets %s are not in the model; using %s",
                     sorted(set(target_modules) - set(targets)), targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        exclude_modules=exclude_modules, bias="none", task_type="CAUSAL_LM")
+                        exclude_modules=exclude_modules, bias="none",
+                        task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None)
     return get_peft_model(model, config)
 
 

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .features import cached_features, images_digest
 from .prompts import Template
 
-INSTALL = ("pip install open_clip_torch einops einops-exts && pip install --no-deps open_flamingo==2.0.1 "
+INSTALL = ("pip install open_clip_torch==3.3.0 einops einops-exts && pip install --no-deps open_flamingo==2.0.1 "
            "(README: Vision / OpenFlamingo)")
 
 

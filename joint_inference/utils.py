@@ -42,11 +42,13 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` means this process's GPU when available (one per process under
-    ``accelerate launch``), else CPU."""
-    if device == "auto":
+    ``accelerate launch``), else CPU; a bare ``cuda`` also means this process's GPU."""
+    if device in ("auto", "cuda"):
         from .distributed import process_state
 
-        return process_state().device
+        state = process_state()
+        if device == "auto" or state.device.type == "cuda":
+            return state.device
     return torch.device(device)
 
 
