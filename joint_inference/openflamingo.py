@@ -9,7 +9,7 @@ The CLIP tokens are computed once per image with open_clip and cached (features.
 build the vision tower without its weights and drop it.
 
 Install (open_flamingo 2.0.1 pins torch 2.0.1; it works with newer torch and transformers):
-    pip install open_clip_torch einops einops-exts && pip install --no-deps open_flamingo==2.0.1
+    pip install open_clip_torch==3.3.0 einops einops-exts && pip install --no-deps open_flamingo==2.0.1
 Both need torchvision (GPU machines; never install it on a CPU-only machine of this project).
 """
 from __future__ import annotations

@@ -60,6 +60,25 @@ def resolve_label_mode(mode: str, label_ids: Sequence[Sequence[int]], label_name
     return mode
 
 
+def label_weights(mode: str, label_ids: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
+    """Output columns the labels read, and a (K, columns) matrix averaging each label's tokens: its
+    first token (``first``, and single-token ``exact``), all of them (``bot``) or its shortest
+    distinguishing prefix (``bot_minimal``)."""
+    if mode in ("first", "exact"):
+        used = [ids[:1] for ids in label_ids]
+    elif mode == "bot":
+        used = [tuple(ids) for ids in label_ids]
+    else:
+        used = [ids[:m] for ids, m in zip(label_ids, minimal_prefix_lengths(label_ids))]
+    columns = sorted({t for ids in used for t in ids})
+    index = {t: i for i, t in enumerate(columns)}
+    weights = torch.zeros(len(used), len(columns))
+    for k, ids in enumerate(used):
+        for t in ids:
+            weights[k, index[t]] += 1.0 / len(ids)
+    return columns, weights
+
+
 def split_body_head(model):
     """(transformer body, output projection) of a Hugging Face causal LM, PEFT-wrapped or not."""
     if hasattr(model, "get_base_model"):
@@ -163,22 +182,9 @@ class Scorer:
 
     # ------------------------------------------------------------------------ label projections
     def _build_label_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Columns of the output layer that labels use, and a (K, columns) averaging matrix."""
         if self.mode == "exact":
             return None
-        label_ids = self.encoder.label_ids
-        if self.mode == "first":
-            used = [ids[:1] for ids in label_ids]
-        elif self.mode == "bot":
-            used = [ids for ids in label_ids]
-        else:
-            used = [ids[:m] for ids, m in zip(label_ids, minimal_prefix_lengths(label_ids))]
-        columns = sorted({t for ids in used for t in ids})
-        index = {t: i for i, t in enumerate(columns)}
-        weights = torch.zeros(len(used), len(columns))
-        for k, ids in enumerate(used):
-            for t in ids:
-                weights[k, index[t]] += 1.0 / len(ids)
+        columns, weights = label_weights(self.mode, self.encoder.label_ids)
         return torch.tensor(columns, dtype=torch.long), weights
 
     def _project(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from .errors import ConfigError
 from .prompts import EncodedExample, PromptEncoder
-from .scoring import minimal_prefix_lengths, resolve_label_mode
+from .scoring import label_weights, resolve_label_mode
 
 MIN_VLLM = "0.10.2"
 
@@ -41,25 +41,6 @@ def vllm_label_mode(label_mode: str, encoder: PromptEncoder) -> str:
     return mode
 
 
-def label_columns(mode: str, label_ids: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
-    """Token ids the labels read and a (K, columns) matrix averaging each label's tokens.
-
-    Same reads as ``Scorer``: the first token (``first``, and ``exact`` with single-token labels),
-    all tokens (``bot``) or the shortest distinguishing prefix (``bot_minimal``)."""
-    if mode in ("first", "exact"):
-        used = [ids[:1] for ids in label_ids]
-    elif mode == "bot":
-        used = [tuple(ids) for ids in label_ids]
-    else:
-        used = [ids[:m] for ids, m in zip(label_ids, minimal_prefix_lengths(label_ids))]
-    columns = sorted({t for ids in used for t in ids})
-    weights = torch.zeros(len(used), len(columns))
-    for k, ids in enumerate(used):
-        for t in ids:
-            weights[k, columns.index(t)] += 1.0 / len(ids)
-    return columns, weights
-
-
 class VLLMScorer:
     """Label log-probabilities of a ``vllm.LLM`` built with ``logprobs_mode="processed_logprobs"``
     (see :func:`make_vllm_scorer`). Returns CPU tensors."""
@@ -70,7 +51,7 @@ class VLLMScorer:
         self.llm = llm
         self.encoder = encoder
         self.mode = vllm_label_mode(label_mode, encoder)
-        self.columns, self.weights = label_columns(self.mode, encoder.label_ids)
+        self.columns, self.weights = label_weights(self.mode, encoder.label_ids)
         self.show_progress = show_progress
         self.batch_size = None  # vLLM schedules its own batches
 
@@ -148,7 +129,7 @@ def make_vllm_scorer(model_cfg, encoder: PromptEncoder, label_mode: str = "auto"
     if Version(vllm.__version__) < Version(MIN_VLLM):
         raise ConfigError(f"backend=vllm scoring needs vLLM >= {MIN_VLLM} (logprobs_mode='processed_logprobs'), "
                           f"found {vllm.__version__}: pip install -U vllm")
-    columns, _ = label_columns(mode, encoder.label_ids)
+    columns, _ = label_weights(mode, encoder.label_ids)
     llm = vllm.LLM(model=source, tokenizer=model_cfg.get("tokenizer") or source, dtype=model_cfg.get("dtype", "auto"),
                    seed=seed, tensor_parallel_size=model_cfg.get("tensor_parallel_size") or torch.cuda.device_count(),
                    enable_prefix_caching=True, logprobs_mode="processed_logprobs",

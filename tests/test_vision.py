@@ -351,7 +351,7 @@ def test_openflamingo_missing_package_names_the_install_steps(image_root, tmp_pa
     monkeypatch.setattr(builtins, "__import__", no_open_clip)
     from unsupervised_icl_vlm import run
 
-    with pytest.raises(ConfigError, match=r"pip install open_clip_torch .*open_flamingo==2.0.1"):
+    with pytest.raises(ConfigError, match=r"pip install open_clip_torch==3.3.0 .*open_flamingo==2.0.1"):
         run(image_cfg(image_root, "model=openflamingo_4b", "device=cpu", f"output_dir={tmp_path}"))
     assert not (tmp_path / "results.json").exists()
 
@@ -399,3 +399,10 @@ def test_openflamingo_body_conditions_each_row_on_its_own_images():
     assert all(layer.media.tolist() == (sent == media_token).tolist() and layer.cached is False for layer in layers)
     with pytest.raises(ConfigError, match="per_query"):
         body(input_ids=ids, cache=object())
+
+
+def test_a_label_set_of_the_wrong_size_is_refused(image_root, tmp_path):
+    from unsupervised_icl_vlm import run
+
+    with pytest.raises(ConfigError, match="label set has 100 names but dataset 'cifar10' has 10 classes"):
+        run(image_cfg(image_root, "labelset=cifar100", "device=cpu", f"output_dir={tmp_path}"))
