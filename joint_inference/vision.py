@@ -122,9 +122,11 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
 
 
 # ----------------------------------------------------------------------------------- models
-def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8):
+def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8, vision: dict | None = None,
+             text: dict | None = None):
     """(random LLaVA-style VLM, processor): a 2-layer CLIP-like vision tower and a 2-layer Llama,
-    with a locally trained tokenizer. For smoke tests; no download."""
+    with a locally trained tokenizer. For smoke tests; no download. ``vision`` / ``text`` override
+    the towers' config keys (benchmarks build realistic widths this way)."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -138,12 +140,14 @@ def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8):
         tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
         image_token=IMAGE_MARKER, num_additional_image_tokens=1)
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2, initializer_range=0.2)
-    text = LlamaConfig(vocab_size=len(tokenizer) + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                       initializer_range=0.2, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(**{"image_size": image_size, "patch_size": patch_size, "hidden_size": 32,
+                                 "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                 "initializer_range": 0.2, **(vision or {})})
+    text = LlamaConfig(**{"vocab_size": len(tokenizer) + 7, "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "max_position_embeddings": 4096, "initializer_range": 0.2, "tie_word_embeddings": False,
+                          "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                          "pad_token_id": tokenizer.pad_token_id, **(text or {})})
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_MARKER))
     return LlavaForConditionalGeneration(config).eval(), processor
