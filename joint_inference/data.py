@@ -27,6 +27,7 @@ class TaskData:
     train_labels: np.ndarray
     test_labels: np.ndarray
     images: list | None = None  # image tasks: decoded images; row["image"] indexes this list
+    images_digest: str | None = None  # image tasks: what feature caches check their images against
 
 
 def _local_file(root: Path, name: str, split: str) -> Path | None:

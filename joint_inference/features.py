@@ -19,28 +19,19 @@ import torch
 from .errors import ConfigError
 from .models import cache_dir
 from .results import fingerprint_digest
-from .utils import atomic_write
+from .utils import atomic_write, differing_keys, flatten
 
 log = logging.getLogger(__name__)
 
 
-def images_digest(data) -> str:
+def images_digest(images, train: list[dict], test: list[dict]) -> str:
     """Stable hash of a task's images (pixels and sizes) and of which rows they belong to."""
     digest = hashlib.sha256()
-    for image in data.images:
+    for image in images:
         digest.update(f"{image.size}".encode())
         digest.update(image.tobytes())
-    digest.update(json.dumps([[r["row"] for r in data.train], [r["row"] for r in data.test]]).encode())
+    digest.update(json.dumps([[r["row"] for r in train], [r["row"] for r in test]]).encode())
     return digest.hexdigest()[:16]
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
 
 
 def cache_path(kind: str, model_name: str, dataset_cfg) -> Path:
@@ -55,8 +46,8 @@ def cached_features(kind: str, model_name: str, dataset_cfg, settings: dict, com
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        ours, theirs = _flatten(settings), _flatten(saved["settings"])
-        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        ours, theirs = flatten(settings), flatten(saved["settings"])
+        differ = differing_keys(ours, theirs)
         if differ:
             shown = "; ".join(f"{k}: cached {theirs.get(k)!r}, now {ours.get(k)!r}" for k in differ[:5])
             raise ConfigError(f"the feature cache {path} was built with different settings ({shown}). Delete it "

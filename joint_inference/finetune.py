@@ -27,7 +27,7 @@ from .estimators import batch_entropy, surrogate_loss
 from .icl import zero_shot_logprobs
 from .prompts import EncodedExample
 from .scoring import Scorer
-from .utils import atomic_write
+from .utils import atomic_write, differing_keys
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
@@ -288,7 +288,7 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     """The checkpoint at ``path``; a ConfigError naming the keys when it was made with another config."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved = ckpt["fingerprint"]
-    differ = sorted(k for k in fingerprint.keys() | saved.keys() if fingerprint.get(k) != saved.get(k))
+    differ = differing_keys(fingerprint, saved)
     if differ:
         raise ConfigError(
             f"{path} is a checkpoint of a different configuration (keys differ: {differ}); "

@@ -36,6 +36,10 @@ EMBEDDED = {
 }
 
 
+OFFLINE_HINT = ("Offline or no access? Point model.pretrained at a local directory with the weights, "
+                "or use an embedded model (model=gemma3_270m or model=smollm2_135m).")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("JOINT_INFERENCE_CACHE", Path.home() / ".cache" / "joint_inference"))
 
@@ -103,9 +107,24 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def load_tokenizer(cfg):
+    """The tokenizer of a ``model/`` config (pad token = EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_weights(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or source,
+                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load model {source!r} (its tokenizer): {err}\n{OFFLINE_HINT}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(cfg, device: torch.device):
     """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if cfg.get("random_init"):  # a tiny random model built in memory: smoke tests, no download
         from .tiny import tiny_causal_lm
@@ -113,10 +132,10 @@ def load_model(cfg, device: torch.device):
         model, tokenizer = tiny_causal_lm(**cfg.random_init)
         model.to(device=device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device)).eval().requires_grad_(False)
         return model, tokenizer
+    tokenizer = load_tokenizer(cfg)
     source, gguf_file = resolve_weights(cfg)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=resolve_dtype(cfg.get("dtype", "auto"), device),
@@ -124,12 +143,6 @@ def load_model(cfg, device: torch.device):
             **kwargs,
         )
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"could not load model {source!r}: {err}\n"
-            "Offline or no access? Point model.pretrained at a local directory with the weights, "
-            "or use an embedded model (model=gemma3_270m or model=smollm2_135m)."
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ConfigError(f"could not load model {source!r}: {err}\n{OFFLINE_HINT}") from None
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer

@@ -19,7 +19,7 @@ import importlib
 import torch
 
 from .errors import ConfigError
-from .features import cached_features, images_digest
+from .features import cached_features
 from .prompts import Template
 
 INSTALL = ("pip install open_clip_torch==3.3.0 einops einops-exts && pip install --no-deps open_flamingo==2.0.1 "
@@ -111,7 +111,7 @@ def load_openflamingo_prompts(cfg, device: torch.device, data):
 
     spec = cfg.model
     settings = {"clip": [spec.clip_vision_encoder_path, spec.clip_vision_encoder_pretrained], "tokens": "patch, fp16",
-                "images": images_digest(data)}
+                "images": data.images_digest}
     tokens = cached_features("openflamingo_clip", spec.clip_vision_encoder_path, cfg.dataset, settings,
                              lambda: {"features": clip_patch_tokens(spec, data.images, device)})["features"]
     factory = _import("open_flamingo")
@@ -130,4 +130,4 @@ def load_openflamingo_prompts(cfg, device: torch.device, data):
                                  [[-1]] * len(data.images), None, chunk_end=spec.get("chunk_end", ""),
                                  separator=spec.get("separator", ""),
                                  fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-    return model, encoder, {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
+    return model, encoder, encoder.encode_splits(data)

@@ -125,12 +125,19 @@ class PromptEncoder:
 
     def encode(self, example: Mapping) -> EncodedExample:
         prefix, suffix = self.template.render_parts(example)
-        enc = self.tokenizer.encode
-        return EncodedExample(tuple(enc(prefix, add_special_tokens=False)) + self.label_stem,
-                              tuple(enc(suffix, add_special_tokens=False)))
+        return EncodedExample(self.prefix_ids(prefix, example) + self.label_stem,
+                              tuple(self.tokenizer.encode(suffix, add_special_tokens=False)))
+
+    def prefix_ids(self, prefix: str, example: Mapping) -> tuple[int, ...]:
+        """Token ids of an example's text before its label (image prompts put their images in here)."""
+        return tuple(self.tokenizer.encode(prefix, add_special_tokens=False))
 
     def encode_all(self, examples: Sequence[Mapping]) -> list[EncodedExample]:
         return [self.encode(ex) for ex in examples]
+
+    def encode_splits(self, data) -> dict[str, list[EncodedExample]]:
+        """{"train", "test"}: the encoded examples of a task's unlabelled pool and test set."""
+        return {"train": self.encode_all(data.train), "test": self.encode_all(data.test)}
 
     def context(self, examples: Sequence[EncodedExample], labels: Sequence[int]) -> list[int]:
         """Token ids of labelled demonstrations, each followed by the separator: the part of

@@ -9,7 +9,7 @@ from typing import Any
 
 from .distributed import is_main_process
 from .errors import ConfigError
-from .utils import atomic_write_json, atomic_write_text
+from .utils import atomic_write_json, atomic_write_text, differing_keys
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ class RunState:
         self.prompts = 0
         if self.path.exists():
             saved = json.loads(self.path.read_text())
-            differ = sorted(k for k in fingerprint.keys() | saved["fingerprint"].keys()
-                            if fingerprint.get(k) != saved["fingerprint"].get(k))
+            differ = differing_keys(fingerprint, saved["fingerprint"])
             if differ:
                 raise ConfigError(
                     f"{self.path.parent} holds a run with a different configuration (keys differ: {differ}); "

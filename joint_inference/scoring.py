@@ -79,6 +79,24 @@ def label_weights(mode: str, label_ids: Sequence[Sequence[int]]) -> tuple[list[i
     return columns, weights
 
 
+def assemble_prompts(encoder: PromptEncoder, prompts: Sequence[Sequence[EncodedExample]],
+                     labels: Sequence[Sequence[int]], read: str) -> tuple[list[list[int]], list[list[int]]]:
+    """(token ids, label-read positions) of each prompt: the query's position (``read="query"``,
+    one label per demonstration) or every example's (``read="all"``, one label per example)."""
+    if read not in ("query", "all"):
+        raise ValueError(f"read must be 'query' or 'all', got {read!r}")
+    seqs, positions = [], []
+    for examples, labs in zip(prompts, labels, strict=True):
+        if read == "query" and len(labs) != len(examples) - 1:
+            raise ValueError("read='query' takes one label per demonstration (all examples but the last)")
+        if read == "all" and len(labs) != len(examples):
+            raise ValueError("read='all' takes one label per example")
+        ids, pos = encoder.assemble(examples, labs)
+        seqs.append(ids)
+        positions.append(pos if read == "all" else pos[-1:])
+    return seqs, positions
+
+
 def split_body_head(model):
     """(transformer body, output projection) of a Hugging Face causal LM, PEFT-wrapped or not."""
     if hasattr(model, "get_base_model"):
@@ -136,17 +154,7 @@ class Scorer:
         returns ``(P, M, K)``, where position n is conditioned on the pairs before it.
         Differentiable when autograd is enabled (the task encoder of fine-tuning).
         """
-        if read not in ("query", "all"):
-            raise ValueError(f"read must be 'query' or 'all', got {read!r}")
-        seqs, positions = [], []
-        for examples, labs in zip(prompts, labels, strict=True):
-            if read == "query" and len(labs) != len(examples) - 1:
-                raise ValueError("read='query' takes one label per demonstration (all examples but the last)")
-            if read == "all" and len(labs) != len(examples):
-                raise ValueError("read='all' takes one label per example")
-            ids, pos = self.encoder.assemble(examples, labs)
-            seqs.append(ids)
-            positions.append(pos if read == "all" else pos[-1:])
+        seqs, positions = assemble_prompts(self.encoder, prompts, labels, read)
         if self.mode == "exact":
             scores = self._exact_scores(seqs, positions, desc)
         else:

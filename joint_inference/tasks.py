@@ -45,16 +45,14 @@ def text_prompts(cfg, tokenizer, data: TaskData):
     """(prompt encoder, {"train", "test"}: encoded examples) of a text task."""
     encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
                             fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-    return encoder, {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
+    return encoder, encoder.encode_splits(data)
 
 
 def load_vllm_scorer(cfg, data: TaskData):
     """(vLLM scorer, encoded examples) for ``backend=vllm``: the tokenizer alone is loaded here, the
     weights by vLLM. Text tasks, one process."""
-    from transformers import AutoTokenizer
-
     from .distributed import process_state
-    from .models import resolve_weights
+    from .models import load_tokenizer
     from .vllm_scoring import make_vllm_scorer
 
     if modality(cfg) != "text":
@@ -62,8 +60,5 @@ def load_vllm_scorer(cfg, data: TaskData):
     if process_state().num_processes > 1:
         raise ConfigError("backend=vllm runs in one process (it spreads the model over the visible GPUs with "
                           "tensor parallelism); start it with python, not accelerate launch")
-    source, gguf_file = resolve_weights(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.get("tokenizer") or source,
-                                              **({"gguf_file": gguf_file} if gguf_file else {}))
-    encoder, examples = text_prompts(cfg, tokenizer, data)
+    encoder, examples = text_prompts(cfg, load_tokenizer(cfg.model), data)
     return make_vllm_scorer(cfg.model, encoder, cfg.label_mode, seed=cfg.seed, show_progress=cfg.progress), examples

@@ -21,19 +21,12 @@ from .finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, f
 from .results import fingerprint_digest
 from .scoring import Scorer
 from .tasks import load_data, load_prompts, modality
-from .utils import atomic_write_json, resolve_device, seed_everything
+from .utils import atomic_write_json, flatten, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 # Keys that do not change the trained parameters: they may differ when a run is resumed.
 RUNTIME_KEYS = ("output_dir", "num_iterations", "eval_freq", "ckpt_freq", "device", "progress", "wandb",
                 "wandb_project", "forward_batch_size", "dataset.data_root")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -40,6 +40,19 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts as one dict with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def differing_keys(ours: dict, theirs: dict) -> list[str]:
+    """Keys whose values differ between two fingerprints (missing on one side counts)."""
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` means this process's GPU when available (one per process under
     ``accelerate launch``), else CPU; a bare ``cuda`` also means this process's GPU."""

@@ -25,7 +25,7 @@ from .data import TaskData, class_ids, load_split, protocol_sample
 from .errors import ConfigError
 from .features import cached_features, images_digest
 from .models import resolve_dtype
-from .prompts import EncodedExample, PromptEncoder, Template
+from .prompts import PromptEncoder, Template
 
 log = logging.getLogger(__name__)
 IMAGE_MARKER = "<image>"          # where the image goes in a template (METHOD.md §7)
@@ -117,8 +117,9 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
             images.append(image)
             kept.append(i)
         splits[split] = (rows, labels[kept])
-    return TaskData(train=splits["train"][0], test=splits["test"][0], train_labels=splits["train"][1],
-                    test_labels=splits["test"][1], images=images)
+    (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
+    return TaskData(train=train, test=test, train_labels=train_labels, test_labels=test_labels, images=images,
+                    images_digest=images_digest(images, train, test))
 
 
 # ----------------------------------------------------------------------------------- models
@@ -170,10 +171,16 @@ def load_vlm(cfg, device: torch.device):
             raise ConfigError(f"could not load VLM {cfg.pretrained!r}: {err}\nOffline or no access? Point "
                               "model.pretrained at a local directory, or smoke-test with model=tiny_random_vlm.") from None
     model.to(device=device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device)).eval().requires_grad_(False)
-    if getattr(model.config, "image_token_id", None) is None and getattr(model.config, "image_token_index", None) is None:
+    if image_token_id(model.config) is None:
         raise ConfigError(f"{type(model).__name__} has no image token in its config; the transformers backend "
                           "needs a VLM that merges image features into its input embeddings (LLaVA, Idefics3, SmolVLM)")
     return model, processor
+
+
+def image_token_id(config) -> int | None:
+    """The id standing for one visual token in a VLM's input (named differently across families)."""
+    image_id = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if image_id is None else image_id
 
 
 class _Captured(Exception):
@@ -189,10 +196,7 @@ def image_fragments(model, processor, images: Sequence, batch_size: int = 32, pr
     at the entrance of the language model, so any VLM that merges features this way is served.
     """
     image_token = getattr(processor, "image_token", IMAGE_MARKER)
-    config = model.config
-    image_id = getattr(config, "image_token_id", None)
-    if image_id is None:
-        image_id = config.image_token_index
+    image_id = image_token_id(model.config)
     body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     tokenizer = processor.tokenizer
     lead = tokenizer("").input_ids  # special tokens the tokenizer adds around any text (BOS)
@@ -238,11 +242,12 @@ def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int
     if cfg.get("random_init"):
         from transformers import CLIPImageProcessorPil
 
-        size = cfg.random_init.get("image_size", 32)
-        torch.manual_seed(cfg.random_init.get("seed", 0))
+        dims = dict(cfg.random_init)
+        torch.manual_seed(dims.pop("seed", 0))
+        size = dims.pop("image_size", 32)
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**{
             "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "projection_dim": 16, "patch_size": 8, **cfg.random_init, "image_size": size}))
+            "projection_dim": 16, "patch_size": 8, **dims, "image_size": size}))
         processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     else:
         from transformers import AutoImageProcessor
@@ -283,15 +288,14 @@ class ImagePromptEncoder(PromptEncoder):
             slot = iter(range(offset, offset + len(fragment)))
             self.fragments.append(tuple(-1 - next(slot) if t == -1 else t for t in fragment))
 
-    def encode(self, example: Mapping) -> EncodedExample:
-        prefix, suffix = self.template.render_parts(example)
-        enc = self.tokenizer.encode
+    def prefix_ids(self, prefix: str, example: Mapping) -> tuple[int, ...]:
+        """The text before the label with the example's image fragment at each ``<image>``."""
         pieces = prefix.split(IMAGE_MARKER)
-        ids = list(enc(pieces[0], add_special_tokens=False)) if pieces[0] else []
+        ids = list(super().prefix_ids(pieces[0], example)) if pieces[0] else []
         for text in pieces[1:]:
             ids.extend(self.fragments[example["image"]])
-            ids.extend(enc(text, add_special_tokens=False) if text else [])
-        return EncodedExample(tuple(ids) + self.label_stem, tuple(enc(suffix, add_special_tokens=False)))
+            ids.extend(super().prefix_ids(text, example) if text else ())
+        return tuple(ids)
 
 
 def load_image_prompts(cfg, device: torch.device, data: TaskData):
@@ -308,13 +312,13 @@ def load_image_prompts(cfg, device: torch.device, data: TaskData):
                                  fragments, features.to(device), chunk_end=cfg.model.get("chunk_end", ""),
                                  separator=cfg.model.get("separator", "\n"),
                                  fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-    return model, encoder, {"train": encoder.encode_all(data.train), "test": encoder.encode_all(data.test)}
+    return model, encoder, encoder.encode_splits(data)
 
 
 def vlm_image_features(cfg, model, processor, data: TaskData, device: torch.device):
     """The VLM's image fragments and embeddings of the task's images, from the cache or computed once."""
     settings = {"model": cfg.model.get("pretrained") or dict(cfg.model.random_init), "dtype": str(model.dtype),
-                "preprocessing": processor.image_processor.to_dict(), "images": images_digest(data)}
+                "preprocessing": processor.image_processor.to_dict(), "images": data.images_digest}
     saved = cached_features("vlm", cfg.model.name, cfg.dataset, settings, lambda: dict(zip(
         ("fragments", "features"), image_fragments(model, processor, data.images, progress=cfg.progress))))
     return saved["fragments"], saved["features"]
@@ -324,7 +328,7 @@ def clip_features(cfg, data: TaskData, device: torch.device) -> dict[str, torch.
     """{"train", "test"}: CLIP image embeddings of the task's images, from the cache or computed once."""
     spec = cfg.model.image_features
     settings = {"model": spec.get("pretrained") or dict(spec.random_init), "normalised": True,
-                "images": images_digest(data)}
+                "images": data.images_digest}
     saved = cached_features("clip", spec.name, cfg.dataset, settings,
                             lambda: {"features": clip_embeddings(spec, data.images, device, progress=cfg.progress)})
     features = saved["features"].to(device)

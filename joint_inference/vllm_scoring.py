@@ -24,7 +24,7 @@ import torch
 
 from .errors import ConfigError
 from .prompts import EncodedExample, PromptEncoder
-from .scoring import label_weights, resolve_label_mode
+from .scoring import assemble_prompts, label_weights, resolve_label_mode
 
 MIN_VLLM = "0.10.2"
 
@@ -66,13 +66,7 @@ class VLLMScorer:
         if read == "all":
             raise ConfigError("backend=vllm scores only the query's label (read='query'); reading every "
                               "example's label (fine-tuning) needs backend=hf")
-        if read != "query":
-            raise ValueError(f"read must be 'query' or 'all', got {read!r}")
-        seqs = []
-        for examples, labs in zip(prompts, labels, strict=True):
-            if len(labs) != len(examples) - 1:
-                raise ValueError("read='query' takes one label per demonstration (all examples but the last)")
-            seqs.append(self.encoder.assemble(examples, labs)[0])
+        seqs, _ = assemble_prompts(self.encoder, prompts, labels, read)
         return self._score(seqs, progress=self.show_progress and desc is not None)
 
     def shared_label_logprobs(
