@@ -19,38 +19,55 @@ from .scoring import Scorer
 
 SPLITS = ("test", "train")
 SUPPORT_SAMPLING = ("per_query", "shared")
+PROTOCOLS = ("clean", "original")  # sampling protocol: ours, or the original release's
 
 
 def balanced_support(
-    labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator, exclude: Sequence[int] = ()
+    labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator, exclude: Sequence[int] = (),
+    protocol: str = "clean",
 ) -> np.ndarray:
-    """Indices of ``n`` demonstrations, balanced over the classes of ``labels``.
+    """Indices of ``n`` demonstrations, class-balanced by ``labels`` (docs/protocol.md).
 
-    ``n`` is split evenly over the classes that have examples, leftovers go to randomly
-    chosen classes, a class short of its quota gives all it has and the rest is filled at
-    random; ``exclude`` (the queries themselves) is never drawn. The order is shuffled.
+    Quotas are set over all K classes: ``n // K`` each, the ``n % K`` leftovers to distinct random
+    classes. Each class with examples gives its quota; the slots of classes with no example are
+    filled uniformly at random from the whole pool, so a class that vanished from the
+    pseudo-labels does not hand its slots to the classes still present. The order is shuffled.
+
+    ``protocol="clean"`` (ours): draws without replacement, ``exclude`` (the queries themselves)
+    never drawn, a class short of its quota gives all it has and the pool fills the rest.
+    ``protocol="original"`` (the original release's): draws with replacement and ``exclude``
+    ignored, so a query can be among its own demonstrations.
     """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    replace = protocol == "original"
     candidates = np.arange(len(labels))
-    if len(exclude):
+    if len(exclude) and not replace:
         candidates = np.setdiff1d(candidates, exclude)
-    if n > len(candidates):
+    if n > len(candidates) and not replace:
         raise ConfigError(f"N={n} demonstrations cannot be drawn from a pool of {len(candidates)} examples; lower N")
-    members = [candidates[labels[candidates] == c] for c in range(num_classes)]
-    present = [c for c in range(num_classes) if len(members[c])]
-    quota = np.full(num_classes, n // len(present))
-    quota[rng.choice(present, size=n % len(present), replace=False)] += 1
-    chosen = [rng.choice(members[c], size=min(quota[c], len(members[c])), replace=False) for c in present]
+    quota = np.full(num_classes, n // num_classes)
+    quota[rng.choice(num_classes, size=n % num_classes, replace=False)] += 1
+    chosen = [np.zeros(0, dtype=np.int64)]
+    for c in range(num_classes):
+        members = candidates[labels[candidates] == c]
+        if len(members):
+            size = quota[c] if replace else min(quota[c], len(members))
+            chosen.append(rng.choice(members, size=size, replace=replace))
     chosen = np.concatenate(chosen)
     if len(chosen) < n:
-        rest = np.setdiff1d(candidates, chosen)
-        chosen = np.concatenate([chosen, rng.choice(rest, size=n - len(chosen), replace=False)])
+        rest = candidates if replace else np.setdiff1d(candidates, chosen)
+        chosen = np.concatenate([chosen, rng.choice(rest, size=n - len(chosen), replace=replace)])
     rng.shuffle(chosen)
     return chosen
 
 
-def majority_vote(votes: np.ndarray, num_classes: int, rng: np.random.Generator) -> int:
-    """Most frequent class among ``votes``; ties broken at random."""
+def majority_vote(votes: np.ndarray, num_classes: int, rng: np.random.Generator, protocol: str = "clean") -> int:
+    """Most frequent class among ``votes``. Ties: broken at random (``clean``), or won by the
+    smallest label as ``scipy.stats.mode`` does in the original (``original``)."""
     counts = np.bincount(votes, minlength=num_classes)
+    if protocol == "original":
+        return int(np.argmax(counts))
     return int(rng.choice(np.flatnonzero(counts == counts.max())))
 
 
@@ -81,22 +98,25 @@ def icl_predict(
     queries_are_pool: bool = False,
     support_sampling: str = "per_query",
     block_size: int = 32,
+    protocol: str = "clean",
     desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(majority-vote predictions (Q,), the votes (Q, num_repeats)) of ``num_repeats`` n-shot prompts per query.
 
     Demonstrations are drawn class-balanced by ``pool_labels`` (gold labels for supervised ICL,
-    pseudo-labels for UICL). With ``queries_are_pool`` query i is pool example i and is never
-    among its own demonstrations. ``support_sampling="per_query"`` (the original's) draws a
-    demonstration set per query and repeat; ``"shared"`` draws one per block of
-    ``block_size`` queries and repeat and encodes it once for the whole block.
+    pseudo-labels for UICL). With ``queries_are_pool`` query i is pool example i and, under the
+    ``clean`` protocol, never among its own demonstrations (see :func:`balanced_support`).
+    ``support_sampling="per_query"`` (the original's) draws a demonstration set per query and
+    repeat; ``"shared"`` draws one per block of ``block_size`` queries and repeat and encodes it
+    once for the whole block.
     """
     check_support_sampling(support_sampling, block_size)
     step = 1 if support_sampling == "per_query" else block_size
     blocks = [range(start, min(start + step, len(queries))) for start in range(0, len(queries), step)]
     num_classes = scorer.encoder.num_labels
     rngs = [np.random.default_rng([*rng_key, block[0]]) for block in blocks]
-    draws = [[balanced_support(pool_labels, n, num_classes, rng, exclude=block if queries_are_pool else ())
+    draws = [[balanced_support(pool_labels, n, num_classes, rng, exclude=block if queries_are_pool else (),
+                               protocol=protocol)
               for _ in range(num_repeats)] for block, rng in zip(blocks, rngs)]
     if support_sampling == "per_query":
         prompts = [[pool[d] for d in demos] + [queries[b[0]]] for b, ds in zip(blocks, draws) for demos in ds]
@@ -112,7 +132,7 @@ def icl_predict(
 
         scores = torch.cat(shard_map(score_blocks, len(blocks)))
     votes = scores.reshape(len(queries), num_repeats, num_classes).argmax(-1).cpu().numpy()
-    majority = [majority_vote(votes[q], num_classes, rng) for block, rng in zip(blocks, rngs) for q in block]
+    majority = [majority_vote(votes[q], num_classes, rng, protocol) for block, rng in zip(blocks, rngs) for q in block]
     return np.array(majority, dtype=np.int64), votes
 
 

@@ -79,6 +79,28 @@ def encode_continuation(tokenizer, context: str, continuation: str) -> list[int]
     return tokenizer.encode(continuation, add_special_tokens=False)
 
 
+def probed_read_shift(tokenizer, anchor: str, lead: str, name: str) -> int:
+    """Where the original's marker probe reads label ``name``, in tokens after the end of ``anchor``.
+
+    The original renders the template with a special marker token in place of the label, so the
+    text before the label is tokenized as a segment of its own, and reads at the end of the
+    common token prefix of that and the labelled text. Here: the common prefix of ``anchor +
+    lead`` and ``anchor + lead + name``, minus ``anchor``'s own tokens. Positive when label
+    tokens belong to the prompt (Gemma's " 1" is a space token + "1" and the probe's segment ends
+    with the space); negative when the prompt's last tokens belong to the label (SmolLM2 writes
+    '\n ' as one token but '\n yes' as '\n' + ' yes'). A label always keeps a token of its own.
+    """
+    context = tokenizer.encode(anchor, add_special_tokens=False)
+    probe = tokenizer.encode(anchor + lead, add_special_tokens=False)
+    full = tokenizer.encode(anchor + lead + name, add_special_tokens=False)
+    if full[: len(context)] != context:
+        return 0
+    common = 0
+    while common < min(len(probe), len(full)) and probe[common] == full[common]:
+        common += 1
+    return min(common - len(context), len(full) - len(context) - 1)
+
+
 class PromptEncoder:
     """Tokenizes examples and labels for one (tokenizer, template, label set).
 
@@ -89,11 +111,17 @@ class PromptEncoder:
     def __init__(self, tokenizer, template: Template, label_names: Sequence[str], fold_shared_label_tokens: bool = False,
                  separator: str = "\n"):
         """``separator``: text between examples (a newline, as the protocol's EOS-to-newline swap).
-        ``fold_shared_label_tokens``: leading tokens that every label shares (Gemma and
-        Llama-2 write " 1" as "▁" + "1") become part of each example's prefix, so a label is
-        read where the labels differ. The token sequences are unchanged; ``first`` and ``exact``
-        scores are unchanged too (a shared token's probability cancels in the renormalisation),
-        but ``first`` becomes possible. Off for the reproduction modes ``bot``/``bot_minimal``."""
+
+        Where a label is read follows the original's marker probe (docs/protocol.md): the text
+        before ``{y}`` is tokenized as if it ended there, and label tokens that this tokenization
+        already holds (Gemma and Llama-3 write " 1" as a space token + "1", and the probe's
+        prefix ends after the space) become the ``label_stem``, part of each example's prefix.
+        Where the probe's segment ends earlier (SmolLM2's '\n ' token), the prompt's last tokens
+        become the labels' first ones (``borrowed``), as in the original's bags.
+        ``fold_shared_label_tokens`` (``first``/``exact``/``auto``): leading tokens that every
+        label shares fold into the prompt, which makes ``first`` possible where the original would
+        refuse the labels and leaves ``exact`` scores unchanged (a shared token's probability
+        cancels in the renormalisation). Token sequences never change, only the read position."""
         if len(set(label_names)) != len(label_names):
             raise ConfigError(f"label set has duplicate names: {list(label_names)}")
         self.tokenizer = tokenizer
@@ -108,12 +136,18 @@ class PromptEncoder:
         for name, ids in zip(label_names, self.label_ids):
             if not ids:
                 raise ConfigError(f"label {name!r} encodes to no tokens")
-        shared = 0
+        shift = min(probed_read_shift(tokenizer, anchor, template.label_lead, name) for name in label_names)
+        borrowed = tuple(tokenizer.encode(anchor, add_special_tokens=False)[shift:]) if shift < 0 else ()
+        self.label_ids = [borrowed + ids for ids in self.label_ids]
+        stem = max(shift, 0)
         if fold_shared_label_tokens:
-            while shared < min(map(len, self.label_ids)) - 1 and len({ids[shared] for ids in self.label_ids}) == 1:
-                shared += 1
-        self.label_stem = self.label_ids[0][:shared]
-        self.label_ids = [ids[shared:] for ids in self.label_ids]
+            while stem < min(map(len, self.label_ids)) - 1 and len({ids[stem] for ids in self.label_ids}) == 1:
+                stem += 1
+        while stem and len({ids[:stem] for ids in self.label_ids}) > 1:  # a stem every label shares
+            stem -= 1
+        self.borrowed = borrowed[stem:]  # prompt tokens read as the labels' first tokens
+        self.label_stem = self.label_ids[0][len(borrowed):stem]  # label tokens read as prompt
+        self.label_ids = [ids[stem:] for ids in self.label_ids]
         self.separator = tuple(tokenizer.encode(separator, add_special_tokens=False))
         probe = tokenizer("a").input_ids
         bos = tokenizer.bos_token_id
@@ -125,8 +159,13 @@ class PromptEncoder:
 
     def encode(self, example: Mapping) -> EncodedExample:
         prefix, suffix = self.template.render_parts(example)
-        return EncodedExample(self.prefix_ids(prefix, example) + self.label_stem,
-                              tuple(self.tokenizer.encode(suffix, add_special_tokens=False)))
+        prefix_ids = self.prefix_ids(prefix, example)
+        if self.borrowed:
+            if prefix_ids[-len(self.borrowed):] != self.borrowed:
+                raise ConfigError(f"the text before the label of {prefix!r} does not end in the tokens that the "
+                                  "labels start with; use label_mode=auto or exact")
+            prefix_ids = prefix_ids[: -len(self.borrowed)]
+        return EncodedExample(prefix_ids + self.label_stem, tuple(self.tokenizer.encode(suffix, add_special_tokens=False)))
 
     def prefix_ids(self, prefix: str, example: Mapping) -> tuple[int, ...]:
         """Token ids of an example's text before its label (image prompts put their images in here)."""

@@ -47,18 +47,70 @@ def test_balanced_support_leftovers_are_random_and_order_shuffled():
     assert all(v > 60 for v in firsts.values())
 
 
-def test_balanced_support_skips_empty_classes_and_rejects_large_n():
+def test_balanced_support_rejects_large_n_only_without_replacement():
     labels = np.array([0] * 10 + [2] * 3)
-    chosen = balanced_support(labels, 8, 3, np.random.default_rng(0))
-    assert np.bincount(labels[chosen], minlength=3).tolist() == [5, 0, 3]
     with pytest.raises(ConfigError, match="N=13"):
         balanced_support(labels, 13, 3, np.random.default_rng(0), exclude=[0])
+    assert len(balanced_support(labels, 13, 3, np.random.default_rng(0), exclude=[0], protocol="original")) == 13
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        balanced_support(labels, 4, 3, np.random.default_rng(0), protocol="paper")
 
 
-def test_majority_vote_ties_are_random():
+def mean_class_counts(labels, n, num_classes, protocol, trials=3000, exclude=()):
+    """(mean, standard error) over ``trials`` draws of the demonstrations per class."""
+    rng = np.random.default_rng(7)
+    counts = np.array([np.bincount(labels[balanced_support(labels, n, num_classes, rng, exclude, protocol)],
+                                   minlength=num_classes) for _ in range(trials)])
+    return counts.mean(0), counts.std(0) / np.sqrt(trials)
+
+
+def reference_class_means(sizes, n, replace):
+    """Expected demonstrations per class, written from the original's rule: every class's quota is
+    n/K on average (n//K plus a share of the leftovers); a class with examples gives its quota (all
+    it has when short, without replacement); the missing slots are uniform draws from the pool."""
+    sizes = np.asarray(sizes, dtype=float)
+    quota = n / len(sizes)
+    given = np.where(sizes > 0, quota if replace else np.minimum(quota, sizes), 0.0)
+    missing = n - given.sum()
+    if replace:
+        return given + missing * sizes / sizes.sum()
+    left = sizes - given  # the fill never redraws a chosen example
+    return given + missing * left / left.sum()
+
+
+@pytest.mark.parametrize("protocol", ["clean", "original"])
+@pytest.mark.parametrize("sizes,n", [
+    ([600, 100, 100, 1200, 0, 0], 16),  # zero-shot never predicts two of six classes (TREC): empty slots are uniform
+    ([2, 40, 40], 9),                   # a class short of its quota: the protocols differ
+    ([30, 30, 30], 7),
+])
+def test_balanced_support_class_frequencies_match_the_reference(protocol, sizes, n):
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    got, stderr = mean_class_counts(labels, n, len(sizes), protocol)
+    want = reference_class_means(sizes, n, replace=protocol == "original")
+    assert np.all(np.abs(got - want) <= 5 * stderr + 0.02), (got, want)
+    if sizes[0] == 600:  # the figures quoted for the original (600/100/100/1200 examples, N=16)
+        np.testing.assert_allclose(got[:4], [4.27, 2.93, 2.93, 5.87], atol=0.15)
+
+
+def test_protocols_differ_in_replacement_and_self_demonstration():
+    labels = np.repeat(np.arange(3), [4, 4, 4])
+    rng = np.random.default_rng(3)
+    clean = [balanced_support(labels, 9, 3, rng, exclude=[0]) for _ in range(500)]
+    original = [balanced_support(labels, 9, 3, rng, exclude=[0], protocol="original") for _ in range(500)]
+    assert all(len(set(c)) == 9 and 0 not in c for c in clean)
+    assert any(len(set(o)) < 9 for o in original)  # with replacement
+    self_rate = np.mean([0 in o for o in original])  # P(query 0 among its 3 draws from class 0) = 1 - (3/4)^3
+    assert abs(self_rate - (1 - 0.75 ** 3)) < 0.08
+
+
+def test_majority_vote_ties_are_random_or_go_to_the_smallest_label():
     assert majority_vote(np.array([1, 1, 0]), 3, np.random.default_rng(0)) == 1
     seen = {majority_vote(np.array([0, 2, 2, 0, 1]), 3, np.random.default_rng(s)) for s in range(40)}
     assert seen == {0, 2}
+    original = {majority_vote(np.array([2, 0, 0, 2, 1]), 3, np.random.default_rng(s), "original") for s in range(40)}
+    assert original == {0}
+    assert majority_vote(np.array([3, 1, 3, 1]), 4, np.random.default_rng(0), "original") == 1
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -88,6 +140,23 @@ def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_
     test_rows = [r for r in rows if r["split"] == "test"]
     acc = np.mean([r["rounds"][-1] == r["label"] for r in test_rows])
     assert acc == pytest.approx(saved["rounds"][-1]["test_accuracy"])
+
+
+def test_original_protocol_is_one_setting_away_and_recorded(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    """protocol=original runs (N may exceed the pool: draws are with replacement) and says which
+    protocol ran, in results.json and in the run's fingerprint."""
+    from unsupervised_icl_llm import run
+
+    clean = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "clean"))
+    original = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "original", "protocol=original"))
+    assert clean["settings"]["protocol"] == "clean" and original["settings"]["protocol"] == "original"
+    assert clean["zero_shot"] == original["zero_shot"]
+    state = json.loads((tmp_path / "original" / "state.json").read_text())
+    assert json.dumps(state).count('"protocol": "original"') >= 1
+    large = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "large", "protocol=original", "N=20", "T=1"))
+    assert len(large["rounds"]) == 1
+    with pytest.raises(ConfigError, match="N=20"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "large_clean", "N=20", "T=1"))
 
 
 def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 full-vocabulary logits at every position, label tokens picked out by hand."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -17,14 +19,36 @@ MULTI = ["zebra crossing", "zebra stripes", "qux", "zebra"]
 SINGLE = ["negative", "positive"]
 
 
+def lcp(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def original_read_shift(tokenizer, label_names) -> int:
+    """Label tokens that the original's marker probe counts as prompt: it renders the template with
+    a special marker in place of the label and reads at the end of the common token prefix."""
+    marked = copy.deepcopy(tokenizer)
+    marked.add_special_tokens({"additional_special_tokens": ["<loc_finder>"]}, replace_extra_special_tokens=False)
+    enc = lambda text: marked.encode(text, add_special_tokens=False)  # noqa: E731
+    before = "x\nThe sentiment of the sentence is"
+    probe = enc(before + " <loc_finder>.")
+    return min(lcp(probe, enc(f"{before} {name}.")) - len(enc(before)) for name in label_names)
+
+
 def reference_logprobs(model, tokenizer, label_names, mode, sentences, demo_labels, read):
-    """Slow reference: build each prompt's text piece by piece, run the full model, read by hand."""
+    """Slow reference: build each prompt's text piece by piece, run the full model, read by hand
+    where the original's probe reads."""
     label_ids = [tokenizer.encode(" " + name, add_special_tokens=False) for name in label_names]
+    shift = original_read_shift(tokenizer, label_names)
+    assert shift >= 0  # these tokenizers never move prompt tokens into the label
+    stem, label_ids = label_ids[0][:shift], [ids[shift:] for ids in label_ids]
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     bos = [tokenizer.bos_token_id] if tokenizer("a").input_ids[0] == tokenizer.bos_token_id else []
     ids, positions = list(bos), []
     for i, sentence in enumerate(sentences):
-        ids += enc(sentence + "\nThe sentiment of the sentence is")
+        ids += enc(sentence + "\nThe sentiment of the sentence is") + stem
         positions.append(len(ids) - 1)
         if i < len(demo_labels):
             ids += label_ids[demo_labels[i]] + enc(".") + enc("\n")
@@ -46,11 +70,6 @@ def reference_logprobs(model, tokenizer, label_names, mode, sentences, demo_labe
             scores = torch.stack([logits[ids_k].mean() for ids_k in label_ids])
         elif mode == "bot_minimal":
             # shortest prefix not shared with any other label: 1 + longest common prefix with another
-            def lcp(a, b):
-                n = 0
-                while n < min(len(a), len(b)) and a[n] == b[n]:
-                    n += 1
-                return n
             scores = []
             for k, ids_k in enumerate(label_ids):
                 m = min(len(ids_k), 1 + max(lcp(ids_k, o) for j, o in enumerate(label_ids) if j != k))
@@ -132,16 +151,20 @@ def test_batch_size_and_order_do_not_change_scores(tiny_llama):
 
 def test_assembled_prompt_is_the_rendered_text(tiny_gpt2):
     """Positions and pieces by brute force: the tokens decode to the joined rendered examples,
-    each read position is the last token before the label, and the query's label is absent."""
+    each read position is the last token before the label (after the space token, which this
+    tokenizer writes apart from the unknown label words, as the original's probe reads), and the
+    query's label is absent."""
     _, tokenizer = tiny_gpt2
     encoder = PromptEncoder(tokenizer, TEMPLATE, MULTI)
+    stem = tokenizer.decode(encoder.label_stem)
+    assert stem == " "
     examples = [{"sentence": s} for s in SENTENCES[:3]]
     ids, positions = encoder.assemble([encoder.encode(e) for e in examples], [0, 3])
     rendered = [TEMPLATE.render(examples[0], MULTI[0]), TEMPLATE.render(examples[1], MULTI[3])]
-    query_prefix = TEMPLATE.render(examples[2], "").rsplit(" ", 1)[0]
+    query_prefix = TEMPLATE.render(examples[2], "").rsplit(" ", 1)[0] + stem
     assert tokenizer.decode(ids) == "\n".join(rendered + [query_prefix])
     for pos, example in zip(positions, examples):
-        assert tokenizer.decode(ids[: pos + 1]).endswith(example["sentence"] + "\nThe sentiment of the sentence is")
+        assert tokenizer.decode(ids[: pos + 1]).endswith(example["sentence"] + "\nThe sentiment of the sentence is" + stem)
     for pos, k in zip(positions[:2], [0, 3]):
         label = encoder.label_ids[k]
         assert tuple(ids[pos + 1 : pos + 1 + len(label)]) == label
@@ -262,15 +285,18 @@ def test_out_of_memory_halves_the_batch_and_keeps_scores(tiny_llama, monkeypatch
 
 @pytest.mark.parametrize("read", ["query", "all"])
 def test_shared_leading_label_tokens_fold_into_the_prompt(tiny_llama, read):
-    """Labels " 1" / " 2" that a tokenizer splits as " " + digit: folding the shared " " into the
+    """Labels " a 1" / " a 2" / " a 3" share their first tokens (" a", " "): folding them into the
     prefix leaves every token sequence as it was, makes `first` possible, and gives the exact
     scores of the unfolded labels (the shared token's probability cancels)."""
     model, tokenizer = tiny_llama
-    names = ["1", "2", "3"]
+    names = ["a 1", "a 2", "a 3"]
     plain = PromptEncoder(tokenizer, TEMPLATE, names)
     folded = PromptEncoder(tokenizer, TEMPLATE, names, fold_shared_label_tokens=True)
     assert len({ids[0] for ids in plain.label_ids}) == 1  # the precondition: a shared first token
-    assert folded.label_stem == plain.label_ids[0][:1] and all(len(ids) >= 1 for ids in folded.label_ids)
+    extra = len(folded.label_stem) - len(plain.label_stem)  # the shared tokens beyond the probe's stem
+    assert extra >= 1 and folded.label_stem == plain.label_stem + plain.label_ids[0][:extra]
+    assert all(ids[:extra] == plain.label_ids[0][:extra] for ids in plain.label_ids)
+    assert all(len(ids) >= 1 for ids in folded.label_ids)
     assert resolve_label_mode("auto", folded.label_ids, names) == "first"
     sentences = [SENTENCES[:3], SENTENCES[2:5], SENTENCES[3:6]]
     labels = [[0, 2, 1][: 3 if read == "all" else 2]] * 3
@@ -278,7 +304,7 @@ def test_shared_leading_label_tokens_fold_into_the_prompt(tiny_llama, read):
         ids_plain, pos_plain = plain.assemble([plain.encode({"sentence": s}) for s in sents], labels[0])
         ids_folded, pos_folded = folded.assemble([folded.encode({"sentence": s}) for s in sents], labels[0])
         assert ids_folded[: len(ids_plain)] == ids_plain
-        assert pos_folded == [p + len(folded.label_stem) for p in pos_plain]
+        assert pos_folded == [p + extra for p in pos_plain]
     scorer = Scorer(model, folded, "auto", batch_size=2, show_progress=False)
     with torch.no_grad():
         got = scorer.label_logprobs([[folded.encode({"sentence": s}) for s in sents] for sents in sentences],
