@@ -2,18 +2,19 @@
 
 Chain-of-thought responses end with a final answer in one of a handful of
 surface forms ("The answer is 18.", "\\boxed{18}", "Answer: (C)", ...).  This
-module turns such free text into a comparable value (a float for GSM8K, a
-letter for MMLU-Pro), parses GSM8K gold answers, compares numbers with a
-tolerance, aggregates several sampled answers by majority vote, and provides
-the eight standard GSM8K chain-of-thought exemplars (Wei et al., 2022).
+module cuts a GSM8K response right after its first final-answer statement (as
+the original release does, so that what is scored and what is shown as a
+demonstration is the same text), turns free text into a comparable value (a
+float for GSM8K, a letter for MMLU-Pro), parses GSM8K gold answers, compares
+numbers with a tolerance and aggregates sampled answers by majority vote.
 
-``plain_pattern_number`` deliberately reproduces the naive regex
-``r"The answer is (\\d+)"`` so that the number of answers recovered by the
-robust extractor but missed by the naive one can be reported.
+``original_parser_number`` reads a response the way the original release does,
+so that results can count the answers where our more robust reading differs.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import numbers
 import re
@@ -24,9 +25,10 @@ __all__ = [
     "gold_number",
     "numbers_equal",
     "extract_choice",
-    "plain_pattern_number",
+    "read_choice",
+    "cut_after_answer",
+    "original_parser_number",
     "majority_vote",
-    "GSM8K_COT_EXEMPLARS",
 ]
 
 # ---------------------------------------------------------------------------
@@ -187,24 +189,24 @@ def _boxed_number(content: str) -> float | None:
 # ---------------------------------------------------------------------------
 
 
-def extract_number(text: str, *, fallback_last_number: bool = False) -> float | None:
-    """Return the final numeric answer of a chain-of-thought response.
+# The original release's GSM8K final-answer statement: "The answer is" / "The final answer is", then on the
+# same line the first digit and the run of digits, "$", "€", ",", ".", "\\", brackets and braces after it.
+# Case-sensitive, as there.
+_STATEMENT_RE = re.compile(r"The(?: final)? answer is .*?(?P<number>\d[\d\\$€,(){}.]*)")
 
-    Priority:
-      1. the content of the last ``\\boxed{...}`` that contains a number;
-      2. the number right after the last "answer is" / "final answer is" /
-         "answer:" phrase that is followed by a number (case-insensitive;
-         currency signs, markdown, hedges such as "approximately" and
-         trailing units/percent signs are tolerated);
-      3. only when ``fallback_last_number`` is true, the last number anywhere
-         in the text.
-    Otherwise ``None``.  Signs (including the unicode minus), thousands
-    separators, decimals, simple fractions (``3/4``, ``\\frac{3}{4}``) and
-    mixed numbers in LaTeX (``2\\frac{1}{2}``) are understood.
+
+def cut_after_answer(text: str) -> str:
+    """``text`` up to the end of its first final-answer statement ("The answer is 18."), else all of it.
+
+    The original release cuts every GSM8K response there: a model often goes on with a new question or a
+    second thought ("Wait... The answer is 20."), and neither belongs to its answer or its demonstration.
     """
-    if not text:
-        return None
+    statement = _STATEMENT_RE.search(text or "")
+    return text[:statement.end()] if statement else text
 
+
+def _read_number(text: str, fallback_last_number: bool) -> float | None:
+    """The last boxed number, else the number after the last answer phrase, else (optionally) the last number."""
     for _, content in reversed(list(_iter_boxed(text))):
         value = _boxed_number(content)
         if value is not None:
@@ -224,6 +226,31 @@ def extract_number(text: str, *, fallback_last_number: bool = False) -> float | 
             if value is not None:
                 return -value if _is_negative(last.group("sign")) else value
     return None
+
+
+def extract_number(text: str, *, fallback_last_number: bool = False) -> float | None:
+    """Return the final numeric answer of a chain-of-thought response.
+
+    When the response has a final-answer statement ("The answer is 18." / "The final answer is 18", the
+    first one, as in the original release), the answer is read from that statement alone: a boxed number in
+    it, else the number after "answer is", else its last number. Otherwise, from the whole text:
+      1. the content of the last ``\\boxed{...}`` that contains a number;
+      2. the number right after the last "answer is" / "final answer is" /
+         "answer:" phrase that is followed by a number (case-insensitive;
+         currency signs, markdown, hedges such as "approximately" and
+         trailing units/percent signs are tolerated);
+      3. only when ``fallback_last_number`` is true, the last number anywhere
+         in the text.
+    Otherwise ``None``.  Signs (including the unicode minus), thousands
+    separators, decimals, simple fractions (``3/4``, ``\\frac{3}{4}``) and
+    mixed numbers in LaTeX (``2\\frac{1}{2}``) are understood.
+    """
+    if not text:
+        return None
+    statement = _STATEMENT_RE.search(text)
+    if statement:
+        return _read_number(statement.group(), fallback_last_number=True)
+    return _read_number(text, fallback_last_number)
 
 
 def gold_number(answer_field: str) -> float:
@@ -256,20 +283,22 @@ def numbers_equal(a: float | None, b: float | None, rel_tol: float = 1e-6,
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
-_PLAIN_PATTERN_RE = re.compile(r"The answer is (\d+)")
+def original_parser_number(text: str) -> float | None:
+    """The number the original release reads from a GSM8K response, or ``None`` where it reads nothing.
 
-
-def plain_pattern_number(text: str) -> float | None:
-    """What the naive regex ``r"The answer is (\\d+)"`` recovers.
-
-    Case-sensitive, digits only (no sign, separators, decimals or boxed
-    answers).  Like ``extract_number`` it uses the last match, so the two
-    differ only in how much of the answer format they understand.
+    The digits and symbols that end its first final-answer statement, trailing dots dropped, "$ % g , { } ( )"
+    deleted, read as a Python number literal (so no sign, no fraction, and "08" or "1.2.3" read nothing).
+    Results count where ``extract_number`` disagrees with it.
     """
-    if not text:
+    statement = _STATEMENT_RE.search(text or "")
+    if statement is None:
         return None
-    matches = _PLAIN_PATTERN_RE.findall(text)
-    return float(matches[-1]) if matches else None
+    digits = re.sub(r"[$%g,{}()]", "", statement.group("number").rstrip("."))
+    try:
+        value = ast.literal_eval(digits)
+    except (SyntaxError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 # ---------------------------------------------------------------------------
@@ -322,6 +351,19 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     return max(candidates, key=lambda c: c[0])[1]
 
 
+def read_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
+    """The letter a response states (``extract_choice``), else its last standalone capital among ``letters``.
+
+    The fallback is the original release's last resort for MMLU-Pro ("... which leaves B." reads B). It
+    also reads an article ("A"), so a response answered only this way is not used as a demonstration.
+    """
+    stated = extract_choice(text, letters)
+    if stated is not None or not text:
+        return stated
+    standalone = re.findall(rf"\b[{re.escape(letters.upper())}]\b", text)
+    return standalone[-1] if standalone else None
+
+
 # ---------------------------------------------------------------------------
 # Majority vote
 # ---------------------------------------------------------------------------
@@ -363,55 +405,3 @@ def majority_vote(answers: list, rng) -> object | None:
     if len(tied) == 1:
         return tied[0]
     return tied[int(rng.integers(len(tied)))]
-
-
-# ---------------------------------------------------------------------------
-# GSM8K chain-of-thought exemplars (questions from Wei et al., 2022)
-# ---------------------------------------------------------------------------
-
-GSM8K_COT_EXEMPLARS: list[dict] = [
-    {
-        "question": "There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
-                    "After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
-        "response": "The grove starts with 15 trees and ends with 21 trees. The difference is what was planted: "
-                    "21 - 15 = 6. The answer is 6.",
-    },
-    {
-        "question": "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
-        "response": "There are 3 cars to begin with, and 2 more pull in. 3 + 2 = 5. The answer is 5.",
-    },
-    {
-        "question": "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-        "response": "Together they had 32 + 42 = 74 chocolates. After eating 35, they are left with 74 - 35 = 39. "
-                    "The answer is 39.",
-    },
-    {
-        "question": "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. "
-                    "How many lollipops did Jason give to Denny?",
-        "response": "Jason went from 20 lollipops down to 12, so the lollipops he handed to Denny number 20 - 12 = 8. "
-                    "The answer is 8.",
-    },
-    {
-        "question": "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. "
-                    "How many toys does he have now?",
-        "response": "Shawn begins with 5 toys. His mom and his dad each give him 2, which is 2 + 2 = 4 new toys. "
-                    "Now he has 5 + 4 = 9. The answer is 9.",
-    },
-    {
-        "question": "There were nine computers in the server room. Five more computers were installed each day, "
-                    "from monday to thursday. How many computers are now in the server room?",
-        "response": "Monday through Thursday is 4 days, and 5 computers were added on each, so 4 * 5 = 20 new computers. "
-                    "Adding the original 9 gives 9 + 20 = 29. The answer is 29.",
-    },
-    {
-        "question": "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
-                    "How many golf balls did he have at the end of wednesday?",
-        "response": "After Tuesday Michael has 58 - 23 = 35 golf balls. Losing 2 more on Wednesday leaves 35 - 2 = 33. "
-                    "The answer is 33.",
-    },
-    {
-        "question": "Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-        "response": "Five bagels at $3 apiece cost 5 * 3 = 15 dollars. Olivia had 23 dollars, so 23 - 15 = 8 dollars remain. "
-                    "The answer is 8.",
-    },
-]

@@ -4,9 +4,10 @@
 
 ``hf`` (default) runs Hugging Face ``generate`` on CPU or GPU: prompts sorted by length, batched,
 left-padded, restored to their order; the batch halves on out-of-memory. ``vllm`` runs vLLM with
-tensor parallelism over the visible GPUs and is imported only when chosen. Both cut each response
-at the first stop string, and both treat temperature 0 as greedy decoding, where all samples of a
-prompt are the same text (generated once). Nothing else changes with the backend.
+tensor parallelism over the visible GPUs and is imported only when chosen. Both end each response
+at the first stop string: before a ``stop`` string (where a next question starts), after a
+``stop_after`` one (a final-answer statement, kept). Both treat temperature 0 as greedy decoding,
+where all samples of a prompt are the same text (generated once). Nothing else changes with the backend.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class SamplingSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # a response ends before the first of these
+    stop_after: tuple[str, ...] = ()  # ... or right after the first of these, which it keeps
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -38,10 +40,18 @@ class SamplingSettings:
         return self.temperature == 0
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """``text`` up to (not including) the earliest stop string."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
+    @property
+    def stop_strings(self) -> list[str]:
+        """Every string that ends generation."""
+        return [*self.stop, *self.stop_after]
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...], stop_after: tuple[str, ...] = ()) -> str:
+    """``text`` up to the earliest stop string: without it for ``stop``, with it for ``stop_after``."""
+    found = [(i, 0) for i in (text.find(s) for s in stop if s) if i >= 0]
+    found += [(i, len(s)) for i, s in ((text.find(s), s) for s in stop_after if s) if i >= 0]
+    start, kept = min(found, default=(len(text), 0))
+    return text[:start + kept]
 
 
 class HFGenerator:
@@ -67,11 +77,11 @@ class HFGenerator:
             with torch.no_grad():
                 out = self.model.generate(
                     **enc, do_sample=not s.greedy, **sampling, max_new_tokens=s.max_new_tokens,
-                    num_return_sequences=per_prompt, stop_strings=list(s.stop) or None,
+                    num_return_sequences=per_prompt, stop_strings=s.stop_strings or None,
                     tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id)
             decoded = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(idx):
-                texts[i] = [cut_at_stop(t, s.stop) for t in decoded[j * per_prompt:(j + 1) * per_prompt]]
+                texts[i] = [cut_at_stop(t, s.stop, s.stop_after) for t in decoded[j * per_prompt:(j + 1) * per_prompt]]
 
         self.batch_size = in_batches_longest_first(lengths, self.batch_size, process, "generating", self.show_progress)
         return [t * num_samples if s.greedy else t for t in texts]
@@ -95,9 +105,10 @@ class VLLMGenerator:
         s = self.settings
         n = 1 if s.greedy else num_samples
         params = [SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                 stop=list(s.stop), seed=seed * 1_000_003 + i) for i in range(len(prompts))]
+                                 stop=s.stop_strings, include_stop_str_in_output=True,  # cut_at_stop decides
+                                 seed=seed * 1_000_003 + i) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=self.show_progress)
-        texts = [[cut_at_stop(o.text, s.stop) for o in out.outputs] for out in outputs]
+        texts = [[cut_at_stop(o.text, s.stop, s.stop_after) for o in out.outputs] for out in outputs]
         return [t * num_samples if s.greedy else t for t in texts]
 
 

@@ -2,11 +2,15 @@
 
 * Round 0: every question answered zero-shot with chain of thought, ``num_repeats`` samples each,
   majority vote over the extracted final answers.
-* Baseline: supervised few-shot prompts with written exemplars (reported, never used by the rounds).
+* Baseline: supervised few-shot prompts with written exemplars (reported, never used by the rounds):
+  for GSM8K the published exemplars of the model family's prompt style (``prompt_style=``).
 * Round t = 1..T: for each question, ``num_repeats`` prompts of ``n_shots`` demonstrations drawn
-  from the *other* questions with their current model-written responses (unparseable ones are
-  not in the pool; with a category field, only questions of the same category); majority vote;
-  the winners become the next round's pool.
+  from the *other* questions with their current model-written responses (unparseable ones, and
+  choices read only from a last letter, are not in the pool; with a category field, only questions
+  of the same category); majority vote; the winners become the next round's pool.
+
+A GSM8K response is cut right after its first "The (final) answer is N" (as in the original release);
+the cut text is what is scored, shown as a demonstration and written to answers.jsonl.
 
 Random draws are keyed by (seed, stage, question), so a question's demonstrations do not depend on
 the order of processing or on resumption. Each stage is saved when it finishes.
@@ -20,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from .answers import (GSM8K_COT_EXEMPLARS, extract_choice, extract_number, gold_number, majority_vote,
-                      numbers_equal, plain_pattern_number)
+from .answers import (cut_after_answer, extract_choice, extract_number, gold_number, majority_vote, numbers_equal,
+                      original_parser_number, read_choice)
 from .data import load_split
 from .errors import ConfigError
 from .generation import SamplingSettings, make_generator
@@ -38,29 +43,59 @@ LETTERS = "ABCDEFGHIJ"
 
 @dataclass(frozen=True)
 class CotFormat:
-    """How questions and responses become a prompt (a ``template/`` config of a generation task).
+    """How questions and responses become prompts (a ``template/`` config of a generation task).
 
-    prompt = instruction + separator.join([query + " " + response, ...] + [query (+ zero_shot_cue)])
+    zero-shot prompt:  zero_shot, filled with the query's fields
+    few-shot prompt:   instruction + (query + response + separator for each demonstration) + query,
+                       the supervised baseline's with supervised_instruction instead of instruction
+    A response is what the model wrote after the query, verbatim: "Q: {question}\nA:" + " It is 5...".
     """
 
-    instruction: str  # once at the top; may read the query's fields, e.g. {category}
+    instruction: str  # may read the query's fields, e.g. {category}
+    supervised_instruction: str
     query: str  # one question up to where its response starts, e.g. "Q: {question}\nA:"
-    zero_shot_cue: str  # appended to the query of a zero-shot prompt, e.g. " Let's think step by step."
-    separator: str  # between examples; the stop strings are where a next example would start
-    stop: tuple[str, ...]
+    separator: str  # after each demonstration
+    zero_shot: str
+    stop: tuple[str, ...]  # generation ends before these: where a next question would start
+    stop_after: tuple[str, ...]  # generation ends right after these (kept), e.g. "answer is (C)"
+
+    FIELDS = ("instruction", "supervised_instruction", "query", "separator", "zero_shot", "stop")
 
     @classmethod
     def from_cfg(cls, cfg) -> "CotFormat":
-        return cls(cfg.instruction, cfg.query, cfg.get("zero_shot_cue") or "", cfg.separator, tuple(cfg.stop or ()))
+        t = resolved(cfg, "template")
+        missing = [k for k in cls.FIELDS if k not in t]
+        if missing:
+            raise ConfigError(f"the generation template lacks {missing}; it needs {list(cls.FIELDS)} "
+                              "(and optionally stop_after), as configs/template/gsm8k.yaml has them")
+        return cls(t["instruction"], t["supervised_instruction"], t["query"], t["separator"], t["zero_shot"],
+                   tuple(t["stop"] or ()), tuple(t.get("stop_after") or ()))
 
-    def render(self, query: dict, demos: list[tuple[dict, str]] = (), zero_shot: bool = False) -> str:
-        try:
-            shots = [self.query.format(**row) + " " + response.strip() for row, response in demos]
-            last = self.query.format(**query) + (self.zero_shot_cue if zero_shot else "")
-            return self.instruction.format(**query) + self.separator.join([*shots, last])
-        except (KeyError, IndexError) as err:
-            raise ConfigError(f"template needs field {err} that the rows lack (fields: {sorted(query)}); "
-                              "pick a matching template= (literal braces are written {{ }})") from None
+    def zero_shot_prompt(self, row: dict) -> str:
+        return _fill(self.zero_shot, row)
+
+    def few_shot_prompt(self, row: dict, demos: list[tuple[dict, str]], supervised: bool = False) -> str:
+        head = self.supervised_instruction if supervised else self.instruction
+        shots = "".join(_fill(self.query, r) + response + self.separator for r, response in demos)
+        return _fill(head, row) + shots + _fill(self.query, row)
+
+
+def resolved(node, name: str):
+    """``node`` as plain containers, its interpolations (e.g. ``${prompt_style.zero_shot}``) filled in."""
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except InterpolationResolutionError as err:
+        raise ConfigError(f"the {name} config refers to a value that is not there ({err}); GSM8K's prompts come "
+                          "from the prompt_style group: keep `- prompt_style: cot_wei2022` in the defaults list "
+                          "(choices: cot_wei2022, qwen_math)") from None
+
+
+def _fill(text: str, row: dict) -> str:
+    try:
+        return text.format(**row)
+    except (KeyError, IndexError) as err:
+        raise ConfigError(f"template needs field {err} that the rows lack (fields: {sorted(row)}); "
+                          "pick a matching template= (literal braces are written {{ }})") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,11 +112,20 @@ class GenerativeTask:
     categories: list[str] | None  # demonstrations come from the same category; accuracy per category
     exemplars: list[tuple[dict, str, str | None]] | None  # (row, written response, category): the baseline's
 
-    def extract(self, q: int, text: str):
-        """The final answer a response commits to, or None."""
+    def read(self, q: int, text: str) -> tuple[str, object]:
+        """The response as kept (GSM8K: cut after its first final-answer statement) and its answer, or None."""
         if self.answer_type == "number":
-            return extract_number(text)
-        return extract_choice(text, LETTERS[:len(self.rows[q]["options"])])
+            kept = cut_after_answer(text)
+            return kept, extract_number(kept)
+        return text, read_choice(text, self._letters(q))
+
+    def states_answer(self, q: int, response: str) -> bool:
+        """Whether a parseable response may demonstrate: a choice must be stated ("the answer is (C)", "Answer: C",
+        boxed), not guessed by the last-letter fallback (the original keeps only responses saying "answer is")."""
+        return self.answer_type == "number" or extract_choice(response, self._letters(q)) is not None
+
+    def _letters(self, q: int) -> str:
+        return LETTERS[:len(self.rows[q]["options"])]
 
     def correct(self, answers: list) -> list[bool]:
         if self.answer_type == "number":
@@ -119,21 +163,27 @@ def _gold(row: dict, cfg, source: str):
 
 
 def _exemplars(cfg) -> list[tuple[dict, str, str | None]] | None:
-    """Demonstrations of the supervised baseline: built-in, or another split's written CoT; None if absent."""
+    """Demonstrations of the supervised baseline: listed in the config, or another split's written CoT; None if
+    absent. Responses are kept verbatim (they follow the query with the spacing their source has)."""
     ex = cfg.exemplars
     if ex is None:
         return None
-    if ex.source == "gsm8k_cot":
-        return [({"question": e["question"]}, e["response"], None) for e in GSM8K_COT_EXEMPLARS]
+    if ex.source == "inline":
+        items = resolved(ex, "dataset.exemplars").get("items")
+        if not items or not all(isinstance(i, dict) and isinstance(i.get("response"), str) for i in items):
+            raise ConfigError("dataset.exemplars.items must list exemplars, each with the row's fields and a "
+                              "response, e.g. items: ${prompt_style.exemplars}")
+        return [({k: v for k, v in i.items() if k != "response"}, i["response"], None) for i in items]
     if ex.source != "split":
-        raise ConfigError(f"dataset.exemplars.source must be gsm8k_cot or split, got {ex.source!r}")
+        raise ConfigError(f"dataset.exemplars.source must be inline (exemplars listed under items) or split "
+                          f"(another split's written chain of thought), got {ex.source!r}")
     try:
         rows = load_split(cfg, ex.split).to_list()
     except ConfigError as err:
         log.warning("no supervised baseline: the exemplar split %r is not available (%s)", ex.split, err)
         return None
     prefix, category = ex.get("strip_prefix") or "", cfg.get("category_field")
-    return [(_with_options(r, cfg), r[ex.response_field].strip().removeprefix(prefix).strip(),
+    return [(_with_options(r, cfg), r[ex.response_field].removeprefix(prefix),
              str(r[category]) if category else None) for r in rows]
 
 
@@ -164,6 +214,9 @@ def question_rng(key: tuple[int, ...], q: int, use: int) -> np.random.Generator:
 
 
 def same_answer(a, b) -> bool:
+    """Whether two readings agree (numbers within tolerance; no answer agrees only with no answer)."""
+    if a is None or b is None:
+        return a is b
     if isinstance(a, str) or isinstance(b, str):
         return a == b
     return numbers_equal(a, b)
@@ -172,17 +225,16 @@ def same_answer(a, b) -> bool:
 def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_samples: int, key: tuple[int, ...]) -> dict:
     """Generate for every prompt, vote per question; the stage's answers and one winning response each.
 
-    ``prompts[q]`` are question q's prompts, each sampled ``num_samples`` times. The response kept is a
-    random one among those whose answer won (any response when none parses).
+    ``prompts[q]`` are question q's prompts, each sampled ``num_samples`` times. The response kept (as
+    ``task.read`` keeps it) is a random one among those whose answer won (any response when none parses).
     """
     outputs = iter(generator.generate([p for ps in prompts for p in ps], num_samples,
                                       seed=int(np.random.default_rng(key).integers(2**31))))
     answers, responses = [], []
     for q, ps in enumerate(prompts):
-        samples = [text for _ in ps for text in next(outputs)]
-        extracted = [task.extract(q, s) for s in samples]
+        samples, extracted = zip(*(task.read(q, text) for _ in ps for text in next(outputs)))
         rng = question_rng(key, q, 1)
-        winner = majority_vote(extracted, rng)
+        winner = majority_vote(list(extracted), rng)
         backing = [s for s, a in zip(samples, extracted) if a is not None and same_answer(a, winner)] or samples
         answers.append(winner)
         responses.append(backing[int(rng.integers(len(backing)))])
@@ -191,12 +243,13 @@ def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_sample
 
 def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots: int, num_repeats: int,
                   key: tuple[int, ...], name: str) -> tuple[list[list[str]], dict]:
-    """``num_repeats`` n-shot prompts per question from the other questions' parseable responses.
+    """``num_repeats`` n-shot prompts per question from the other questions' responses that state an answer.
 
     Returns the prompts and ``{"pool_size": ...}``. Where fewer than ``n_shots`` demonstrations are
     available, the prompts use what there is and one warning says how many remain.
     """
-    pool = [j for j, a in enumerate(previous["answers"]) if a is not None]
+    pool = [j for j, (a, response) in enumerate(zip(previous["answers"], previous["responses"]))
+            if a is not None and task.states_answer(j, response)]
     prompts, short = [], []
     for q, row in enumerate(task.rows):
         candidates = [j for j in pool
@@ -205,8 +258,8 @@ def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots:
         if k < n_shots:
             short.append(k)
         rng = question_rng(key, q, 0)
-        prompts.append([fmt.render(row, [(task.rows[candidates[i]], previous["responses"][candidates[i]])
-                                         for i in rng.permutation(len(candidates))[:k]])
+        prompts.append([fmt.few_shot_prompt(row, [(task.rows[candidates[i]], previous["responses"][candidates[i]])
+                                                  for i in rng.permutation(len(candidates))[:k]])
                         for _ in range(num_repeats)])
     if short:
         log.warning("%s: n_shots=%d, but only %s parseable responses of other questions remain for %d of %d "
@@ -222,22 +275,21 @@ def supervised_prompts(task: GenerativeTask, fmt: CotFormat, n_shots: int) -> li
         demos = [(r, resp) for r, resp, c in task.exemplars
                  if task.categories is None or c == task.categories[q]][:n_shots]
         fewest = min(fewest, len(demos))
-        prompts.append([fmt.render(row, demos)])
+        prompts.append([fmt.few_shot_prompt(row, demos, supervised=True)])
     if fewest < n_shots:
         log.warning("supervised baseline: n_shots=%d, but some questions have only %d exemplars", n_shots, fewest)
     return prompts
 
 
 def summary(task: GenerativeTask, stage: dict) -> dict:
-    """Accuracy of a stage, with the extraction comparison (numbers) or per-category accuracy (categories)."""
+    """Accuracy of a stage, with the comparison to the original's parser (numbers) or per category (categories)."""
     correct = task.correct(stage["answers"])
     out = {"test_accuracy": float(np.mean(correct)), "answered": sum(a is not None for a in stage["answers"])}
     if task.answer_type == "number":
-        # What the plain "The answer is <digits>" pattern reads from the same responses.
-        plain = [plain_pattern_number(r) for r in stage["responses"]]
-        out["plain_pattern_accuracy"] = float(np.mean([numbers_equal(p, g) for p, g in zip(plain, task.gold)]))
-        out["missed_by_plain_pattern"] = sum(a is not None and not numbers_equal(a, p)
-                                             for a, p in zip(stage["answers"], plain))
+        # What the original release's parser reads from the same (kept) responses, and where we read otherwise.
+        original = [original_parser_number(r) for r in stage["responses"]]
+        out["original_parser_accuracy"] = float(np.mean([numbers_equal(o, g) for o, g in zip(original, task.gold)]))
+        out["original_parser_differs"] = sum(not same_answer(a, o) for a, o in zip(stage["answers"], original))
     if task.categories is not None:
         out["per_category"] = {c: float(np.mean([ok for ok, cq in zip(correct, task.categories) if cq == c]))
                                for c in sorted(set(task.categories))}
@@ -256,13 +308,14 @@ def run_generation(cfg: DictConfig) -> dict:
     task = load_generative_task(cfg.dataset)
     fmt = CotFormat.from_cfg(cfg.template)
     n_shots = cfg.n_shots if cfg.get("n_shots") is not None else cfg.dataset.n_shots
-    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, fmt.stop)
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, fmt.stop, fmt.stop_after)
+    template = resolved(cfg.template, "template")
     log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend", cfg.dataset.name, len(task.rows), n_shots,
              cfg.num_repeats, cfg.backend)
 
     state = RunState(out_dir / "state.json", {
         "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
-        "template": OmegaConf.to_container(cfg.template), "n_shots": n_shots, "num_repeats": cfg.num_repeats,
+        "template": template, "n_shots": n_shots, "num_repeats": cfg.num_repeats,
         "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p],
         "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
     })
@@ -281,8 +334,7 @@ def run_generation(cfg: DictConfig) -> dict:
         return state[name]
 
     # ---- round 0: zero-shot chain of thought
-    zero_shot = stage("zero_shot", 0, lambda: ([[fmt.render(r, zero_shot=True)] for r in task.rows], {}),
-                      cfg.num_repeats)
+    zero_shot = stage("zero_shot", 0, lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}), cfg.num_repeats)
 
     # ---- baseline: supervised few-shot with written exemplars (never used by the rounds)
     supervised = None
@@ -306,7 +358,8 @@ def run_generation(cfg: DictConfig) -> dict:
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"n_shots": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "backend": cfg.backend, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "max_new_tokens": cfg.max_new_tokens, "template": OmegaConf.to_container(cfg.template)},
+                     "max_new_tokens": cfg.max_new_tokens, "prompt_style": OmegaConf.select(cfg, "prompt_style.name"),
+                     "template": template},
     }
     def per_question(stage):
         return [{"answer": a, "correct": ok, "response": r}

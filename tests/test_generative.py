@@ -6,14 +6,16 @@ import importlib.util
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from joint_inference.answers import extract_number, original_parser_number
 from joint_inference.errors import ConfigError
 from joint_inference.generation import HFGenerator, SamplingSettings, cut_at_stop
-from joint_inference.generative import CotFormat, GenerativeTask, answer
+from joint_inference.generative import CotFormat, GenerativeTask, _exemplars, answer
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, write_jsonl
 
 PRIMARY = "unsupervised_icl_llm"
@@ -33,7 +35,8 @@ def test_generation_dataset_configs_compose(name, n_shots):
     cfg = compose(PRIMARY, [f"dataset={name}"])
     assert cfg.dataset.kind == "generation" and cfg.dataset.name == cfg.dataset.local_name == name
     assert cfg.dataset.n_shots == n_shots and cfg.n_shots is None and cfg.dataset.num_examples is None
-    assert cfg.template == OmegaConf.load(f"{CONFIG_DIR}/template/{name}.yaml")
+    assert OmegaConf.to_container(cfg.template) == OmegaConf.to_container(
+        OmegaConf.load(f"{CONFIG_DIR}/template/{name}.yaml"))
     assert cfg.labelset.names is None
     fmt = CotFormat.from_cfg(cfg.template)
     assert fmt.stop and all(s.startswith("\n") for s in fmt.stop)  # a stop is where a next example starts
@@ -41,13 +44,102 @@ def test_generation_dataset_configs_compose(name, n_shots):
     assert (cfg.backend, cfg.temperature, cfg.top_p) == ("hf", 0.0, 1.0) and cfg.max_new_tokens > 0
 
 
+ROUND_INSTRUCTION = ("Given the following problem, reason and give a final answer to the problem. Your response should "
+                     "end with \"The answer is [answer]\" where [answer] is the response to the problem.\n\n")
+
+
 def test_gsm8k_prompt_format():
     fmt = CotFormat.from_cfg(compose(PRIMARY, ["dataset=gsm8k"]).template)
     q = {"question": "What is 2 plus {3}?"}
-    zero = fmt.render(q, zero_shot=True)
-    assert zero.endswith("\n\nQ: What is 2 plus {3}?\nA: Let's think step by step.")
-    few = fmt.render(q, [({"question": "One?"}, " It is 1. The answer is 1.\n")])
-    assert few.endswith("Q: One?\nA: It is 1. The answer is 1.\n\nQ: What is 2 plus {3}?\nA:")
+    assert fmt.zero_shot_prompt(q) == (
+        "Given the following question, reason and give a final answer to the question. Your response should end "
+        "with \"The answer is [answer]\" where [answer] is the response to the problem.\n\n"
+        "Q: What is 2 plus {3}?\nA: Let's think step by step.")
+    # a demonstration is "Q: {question}\nA:{response}\n\n", the response verbatim
+    demos = [({"question": "One?"}, " It is 1. The answer is 1."), ({"question": "Two?"}, "\nIt is 2.")]
+    tail = "Q: One?\nA: It is 1. The answer is 1.\n\nQ: Two?\nA:\nIt is 2.\n\nQ: What is 2 plus {3}?\nA:"
+    assert fmt.few_shot_prompt(q, demos) == ROUND_INSTRUCTION + tail
+    assert fmt.few_shot_prompt(q, demos, supervised=True) == tail  # the original's baseline has no instruction
+
+
+# ----------------------------------------------------------------------------- prompt styles
+
+
+STYLES = {p.stem: OmegaConf.load(p) for p in sorted((Path(CONFIG_DIR) / "prompt_style").glob("*.yaml"))}
+QWEN_ZERO_SHOT = ("Given the following question, reason step by step, and put your final answer within \\boxed{}. "
+                  "Your response should end with \"The final answer is [answer]\" where [answer] is the response to "
+                  "the problem.\n\nProblem: What is 2 plus 3?\nAnswer: Let's think step by step.")
+
+
+def gsm8k_style(*overrides):
+    """The composed config's prompt style name, zero-shot prompt and supervised exemplars for GSM8K."""
+    cfg = compose(PRIMARY, ["dataset=gsm8k", *overrides])
+    fmt = CotFormat.from_cfg(cfg.template)
+    exemplars = [{**row, "response": response} for row, response, _ in _exemplars(cfg.dataset)]
+    return cfg.prompt_style.name, fmt.zero_shot_prompt({"question": "What is 2 plus 3?"}), exemplars
+
+
+def test_prompt_style_files_are_the_published_exemplars():
+    assert sorted(STYLES) == ["cot_wei2022", "qwen_math"]
+    answers = {"cot_wei2022": [6, 5, 39, 8, 9, 29, 33, 8], "qwen_math": [20, 817, 28, 20800, 4, 84, 15, 350]}
+    for name, style in STYLES.items():
+        assert style.name == name and "d45cac5" in style.source and "{question}" in style.zero_shot
+        assert len(style.exemplars) == 8 and all(set(e) == {"question", "response"} for e in style.exemplars)
+        for e, gold in zip(style.exemplars, answers[name]):
+            assert e.response.endswith(f"The answer is {gold}.")
+            assert extract_number(e.response) == original_parser_number(e.response) == gold
+    wei, qwen = STYLES["cot_wei2022"].exemplars, STYLES["qwen_math"].exemplars
+    assert wei[0].question.startswith("There are 15 trees in the grove.")
+    assert wei[0].response == (" There are 15 trees originally. Then there were 21 trees after some more were "
+                               "planted. So there must have been 21 - 15 = 6. The answer is 6.")
+    assert wei[7].response.endswith(" 23 - 15 is 8. The answer is 8.")
+    assert all(e.response.startswith("Let's think step by step. ") for e in qwen)
+    assert qwen[0].question.startswith("In 2004, there were 60 kids at a cookout.")
+
+
+@pytest.mark.parametrize("model", ["gemma3_270m", "llama3.1_8b", "llama3.1_70b", "tiny_random_llm"])
+def test_models_default_to_the_wei_et_al_prompts(model):
+    name, zero_shot, exemplars = gsm8k_style(f"model={model}")
+    assert name == "cot_wei2022"
+    assert zero_shot.startswith("Given the following question, reason and give a final answer")
+    assert zero_shot.endswith("\n\nQ: What is 2 plus 3?\nA: Let's think step by step.")
+    assert exemplars == OmegaConf.to_container(STYLES["cot_wei2022"].exemplars)
+
+
+@pytest.mark.parametrize("model", ["qwen2.5_math_7b", "qwen2.5_7b"])  # the original: every model named "qwen"
+def test_qwen_models_choose_the_qwen_prompts_and_the_command_line_wins(model):
+    assert gsm8k_style(f"model={model}")[0] == "qwen_math"
+    name, zero_shot, exemplars = gsm8k_style("model=qwen2.5_math_7b")
+    assert (name, zero_shot) == ("qwen_math", QWEN_ZERO_SHOT)
+    assert exemplars == OmegaConf.to_container(STYLES["qwen_math"].exemplars)
+    fmt = CotFormat.from_cfg(compose(PRIMARY, ["dataset=gsm8k", "model=qwen2.5_math_7b"]).template)
+    prompt = fmt.few_shot_prompt({"question": "Q8?"}, [({"question": e["question"]}, e["response"])
+                                                       for e in exemplars], supervised=True)
+    assert prompt.startswith("Q: In 2004, there were 60 kids at a cookout.")
+    assert "cookout in 2006?\nA:Let's think step by step. In 2005, 60/2=30" in prompt and prompt.endswith("Q: Q8?\nA:")
+
+    assert gsm8k_style("model=qwen2.5_math_7b", "prompt_style=cot_wei2022")[0] == "cot_wei2022"
+    assert gsm8k_style("prompt_style=qwen_math")[:2] == ("qwen_math", QWEN_ZERO_SHOT)
+    # the rounds use one instruction for every family, as in the original
+    assert fmt.few_shot_prompt({"question": "Q8?"}, []) == ROUND_INSTRUCTION + "Q: Q8?\nA:"
+    # fine-tuning ignores the style, but a model config that chooses one still composes there
+    assert compose("unsupervised_ft_llm", ["model=qwen2.5_math_7b"]).model.name == "qwen2.5_math_7b"
+
+
+def test_bad_prompt_configs_are_config_errors():
+    cfg = compose(PRIMARY, ["dataset=gsm8k"])
+    with open_dict(cfg):
+        del cfg["prompt_style"]
+    with pytest.raises(ConfigError, match="prompt_style: cot_wei2022"):
+        CotFormat.from_cfg(cfg.template)
+    with pytest.raises(ConfigError, match="lacks \\['zero_shot'\\]"):
+        CotFormat.from_cfg(OmegaConf.create({k: v for k, v in compose(PRIMARY, ["dataset=mmlu_pro"]).template.items()
+                                             if k != "zero_shot"}))
+    dataset = compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.items=[{question: Q?, answer: 5}]"]).dataset
+    with pytest.raises(ConfigError, match="each with the row's fields and a response"):
+        _exemplars(dataset)
+    with pytest.raises(ConfigError, match="must be inline .* or split .*got 'gsm8k_cot'"):
+        _exemplars(compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.source=gsm8k_cot"]).dataset)
 
 
 # ----------------------------------------------------------------------------- the rounds, scripted
@@ -57,11 +149,11 @@ class ScriptedGenerator:
     """Answers from a script keyed by the query's question; records every prompt.
 
     A response reads "[stage S q Q] ... The answer is A." so a demonstration shows where it came from.
-    ``answers(stage, q, prompt)`` gives A (None: an unparseable response).
+    ``answers(stage, q, prompt)`` gives A (None: an unparseable response); ``after`` follows the answer.
     """
 
-    def __init__(self, answers, fail_at_stage=None):
-        self.answers, self.fail_at_stage = answers, fail_at_stage
+    def __init__(self, answers, fail_at_stage=None, after=""):
+        self.answers, self.fail_at_stage, self.after = answers, fail_at_stage, after
         self.calls: list[list[str]] = []
 
     def generate(self, prompts, num_samples=1, seed=0):
@@ -74,6 +166,7 @@ class ScriptedGenerator:
             q = query_of(p)
             a = self.answers(stage, q, p)
             text = f" [stage {stage} q {q}] Adding up. " + ("I am not sure." if a is None else f"The answer is {a}.")
+            text += self.after
             out.append([text] * num_samples)
         return out
 
@@ -210,16 +303,33 @@ def test_majority_vote_over_prompts_and_samples():
     assert none["answers"] == [None] and none["responses"][0] in ("?", "!")
 
 
-def test_plain_pattern_comparison_counts_what_it_misses(gsm8k_root, tmp_path, monkeypatch):
-    texts = {0: "The answer is 1.", 1: "The answer is \\boxed{3}.", 2: "The final answer is 5.",
-             3: "The answer is -7.", 4: "so 9 in total. The answer is 9 apples.", 5: "The answer is 11."}
+def test_responses_are_cut_after_the_first_answer_for_scoring_demonstrations_and_answers(gsm8k_root, tmp_path,
+                                                                                          monkeypatch):
+    gen = ScriptedGenerator(lambda stage, q, p: GOLD[q], after="\nWait. The answer is 999.\n\nProblem: \\boxed{999}")
+    results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "T=1"), gen)
+    assert results["zero_shot"]["test_accuracy"] == results["rounds"][0]["test_accuracy"] == 1.0
+    round_prompts = gen.calls[2]
+    assert all(p.startswith(ROUND_INSTRUCTION) and "999" not in p for p in round_prompts)
+    assert all(len(re.findall(r"\nA: \[stage 0 q \d\] Adding up\. The answer is \d+\.\n\nQ: ", p)) == 3
+               for p in round_prompts)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    for r, g in zip(rows, GOLD):
+        for stage in (r["zero_shot"], r["supervised_icl"], *r["rounds"]):
+            assert stage["response"].endswith(f"Adding up. The answer is {g}.") and stage["answer"] == g
+
+
+def test_results_count_where_the_original_parser_reads_otherwise(gsm8k_root, tmp_path, monkeypatch):
+    texts = {0: "The answer is 1.", 1: "So \\boxed{3}.", 2: "The final answer is 5.\nWait, The answer is 6.",
+             3: "The answer is -7.", 4: "the answer is 9 apples.", 5: "The answer is 11."}
     gen = ScriptedGenerator(lambda s, q, p: None)
     gen.generate = lambda prompts, n=1, seed=0: [[texts[query_of(p)]] * n for p in prompts]
     results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "T=0"), gen)
     zs = results["zero_shot"]
-    # ours: 1, 3, 5, -7 (wrong: gold 7), 9, 11; the plain pattern reads 1, 9 and 11 only
-    assert zs["test_accuracy"] == pytest.approx(5 / 6) and zs["plain_pattern_accuracy"] == pytest.approx(3 / 6)
-    assert zs["missed_by_plain_pattern"] == 3  # boxed, "final answer", the minus sign
+    # ours: 1, 3, 5, -7 (wrong: gold 7), 9, 11; the original's: 1, nothing, 5, 7, nothing, 11
+    assert zs["test_accuracy"] == pytest.approx(5 / 6) and zs["original_parser_accuracy"] == pytest.approx(4 / 6)
+    assert zs["original_parser_differs"] == 3  # boxed only, the minus sign, lower case
+    assert results["settings"]["prompt_style"] == "cot_wei2022"
+    assert results["settings"]["template"]["zero_shot"] == STYLES["cot_wei2022"].zero_shot  # resolved
 
 
 # ----------------------------------------------------------------------------- MMLU-Pro shape, scripted
@@ -264,9 +374,45 @@ def test_mmlu_pro_categories_options_and_validation_exemplars(tmp_path, monkeypa
     # questions 6 and 7 answer D; gold is C and D
     assert results["zero_shot"]["test_accuracy"] == pytest.approx(7 / 8)
     assert results["zero_shot"]["per_category"] == {"law": pytest.approx(0.75), "math": pytest.approx(1.0)}
-    assert "missed_by_plain_pattern" not in results["zero_shot"]
+    assert "original_parser_accuracy" not in results["zero_shot"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
     assert rows[1]["category"] == "math" and rows[1]["zero_shot"]["answer"] == "B"
+
+
+def test_mmlu_pro_last_letter_fallback_scores_but_never_demonstrates(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", MMLU_PRO)
+    prompts = []
+
+    class StatedOrNot:
+        """Even questions state "the answer is (X)"; odd ones only end on the letter (the fallback reads it)."""
+
+        def generate(self, batch, num_samples=1, seed=0):
+            prompts.append(batch)
+            out = []
+            for p in batch:
+                i = int(re.findall(r"Question number (\d+)\?", p)[-1])
+                gold = "ABCD"[i % 4]
+                text = f" Work {i}. " + (f"The answer is ({gold})." if i % 2 == 0 else f"So {gold}")
+                out.append([text] * num_samples)
+            return out
+
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=1",
+                            "num_repeats=1", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"])
+    results = run_scripted(monkeypatch, cfg, StatedOrNot())
+    assert results["zero_shot"]["test_accuracy"] == 1.0 and results["zero_shot"]["answered"] == 8
+    assert results["rounds"][0]["pool_size"] == 4  # the four stated answers
+    for p in prompts[-1]:  # round 1 (no validation split, no baseline): demonstrations from even questions only
+        demos = [int(n) for n in re.findall(r"Question number (\d+)\?", p)][:-1]
+        assert all(n % 2 == 0 for n in demos) and "Work 1. So" not in p
+
+
+def test_mmlu_pro_responses_end_after_the_first_answer_statement():
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro"])
+    fmt = CotFormat.from_cfg(cfg.template)
+    assert fmt.stop_after == tuple(f"answer is ({x})" for x in "ABCDEFGHIJ")
+    text = " B fits. So the answer is (B). Then the answer is (C).\n\nQuestion: next"
+    assert cut_at_stop(text, fmt.stop, fmt.stop_after) == " B fits. So the answer is (B)"
+    assert cut_at_stop(" Unsure.\n\nQuestion: next the answer is (A)", fmt.stop, fmt.stop_after) == " Unsure."
 
 
 def test_mmlu_pro_without_validation_split_skips_the_baseline(tmp_path, monkeypatch, caplog):
@@ -334,6 +480,10 @@ def test_cut_at_stop():
     assert cut_at_stop("a b\n\nQ: next", ("\n\nQ:",)) == "a b"
     assert cut_at_stop("x STOP y END", ("END", "STOP")) == "x "
     assert cut_at_stop("nothing", ("\n\nQ:",)) == "nothing" and cut_at_stop("abc", ()) == "abc"
+    # stop_after strings are kept; the earliest stop of either kind wins
+    assert cut_at_stop("x KEEP y END", ("END",), ("KEEP",)) == "x KEEP"
+    assert cut_at_stop("x END y KEEP", ("END",), ("KEEP",)) == "x "
+    assert cut_at_stop("x y", ("END",), ("KEEP",)) == "x y"
 
 
 PROMPTS = ["Q: the movie was good\nA:", "Q: a\nA:", "Q: There are 15 trees in the grove, 3 more?\nA:", "hello",
@@ -358,8 +508,10 @@ def test_hf_stop_strings_cut_the_response(tiny_llama):
     stop = re.search(r"(?<=.)[a-z]{3,}", text).group()
     stopping = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=12, stop=(stop,)), 4, False)
     cut = stopping.generate(PROMPTS, 1)
-    for (f,), (c,) in zip(free, cut):
+    kept = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=12, stop_after=(stop,)), 4, False)
+    for (f,), (c,), (k,) in zip(free, cut, kept.generate(PROMPTS, 1)):
         assert c == f[:f.index(stop)] if stop in f else c == f
+        assert k == f[:f.index(stop) + len(stop)] if stop in f else k == f
     assert any(stop in f for (f,) in free)
 
 
@@ -418,6 +570,7 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
     assert set(saved) >= {"task", "model", "zero_shot", "supervised_icl", "rounds", "timing"}
     assert saved["num_test"] == 4 and [r["round"] for r in saved["rounds"]] == [1, 2]
     assert saved["timing"]["prompts_scored"] == 4 + 4 + 2 * 4 * 2
+    assert saved["settings"]["prompt_style"] == "cot_wei2022"
     rows = [json.loads(line) for line in (tmp_path / "whole" / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["rounds"]) == 2 and isinstance(r["gold"], float) for r in rows)
     assert len({r["source"] for r in rows}) == 4
@@ -446,6 +599,24 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
 
     with pytest.raises(ConfigError, match="different configuration"):
         run(tiny_config(tiny_llama_dir, tmp_path / "resumed", "n_shots=3"))
+
+
+@needs_gsm8k
+def test_tiny_model_run_with_the_qwen_math_prompts(tiny_llama_dir, tmp_path, monkeypatch):
+    import joint_inference.generation as generation
+    from unsupervised_icl_llm import run
+
+    prompts, real = [], generation.HFGenerator.generate
+    monkeypatch.setattr(generation.HFGenerator, "generate",
+                        lambda self, batch, *a, **kw: prompts.append(batch) or real(self, batch, *a, **kw))
+    results = run(tiny_config(tiny_llama_dir, tmp_path, "prompt_style=qwen_math", "T=1", "dataset.num_examples=2"))
+    zero_shot, supervised, round1 = prompts
+    assert all(p.startswith("Given the following question, reason step by step, and put your final answer within "
+                            "\\boxed{}.") and p.endswith("\nAnswer: Let's think step by step.") for p in zero_shot)
+    assert all(p.startswith("Q: In 2004, there were 60 kids") and "\nA:Let's think step by step." in p
+               for p in supervised)
+    assert all(p.startswith(ROUND_INSTRUCTION) for p in round1)
+    assert results["settings"]["prompt_style"] == "qwen_math" and len(results["rounds"]) == 1
 
 
 @needs_gsm8k
