@@ -103,15 +103,20 @@ class LinearTaskEncoder:
     """q(y|x) = softmax(W f(x) + b) on fixed features f (CLIP image embeddings, frozen LM states, ...)."""
 
     def __init__(self, features: dict[str, torch.Tensor], num_labels: int,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """``init``: (weight (K, dim), bias (K,)) to start from, e.g. :func:`label_head`; zeros otherwise."""
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0):
+        """``init``: (weight (K, dim), bias (K,)) to start from, e.g. :func:`label_head`. Otherwise PyTorch's
+        default ``nn.Linear`` initialisation, as the original's vision head, drawn after ``torch.manual_seed(seed)``
+        on a forked CPU generator: the same head whatever ran before, and the global state left as it was."""
         self.features = {split: f.detach().float() for split, f in features.items()}
         dim = next(iter(self.features.values())).shape[-1]
-        self.head = torch.nn.Linear(dim, num_labels).to(next(iter(self.features.values())).device)
-        with torch.no_grad():
-            weight, bias = init if init is not None else (torch.zeros(num_labels, dim), torch.zeros(num_labels))
-            self.head.weight.copy_(weight)
-            self.head.bias.copy_(bias)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            self.head = torch.nn.Linear(dim, num_labels)
+        self.head.to(next(iter(self.features.values())).device)
+        if init is not None:
+            with torch.no_grad():
+                self.head.weight.copy_(init[0])
+                self.head.bias.copy_(init[1])
 
     def logits(self, split: str, idx: Sequence[int]) -> torch.Tensor:
         rows = torch.as_tensor(list(idx), device=self.features[split].device)
@@ -129,6 +134,25 @@ class LinearTaskEncoder:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(directory / "linear_head.pt", self.head.state_dict())
+
+
+class CalibratedTaskEncoder:
+    """A task encoder whose label log-probs have the frozen model's log-prior subtracted, in training and evaluation.
+
+    The original's vision UFT does this to its LoRA task encoder when calibrating (``calibrated=true``):
+    q(y|x) becomes proportional to q(y|x) / prior(y), the prior being the calibrated reward's. The result is
+    not normalised; everything downstream (sampling, estimators, entropy, argmax) normalises it.
+    """
+
+    def __init__(self, encoder, log_prior: torch.Tensor):
+        self.encoder, self.log_prior = encoder, log_prior
+
+    def logits(self, split: str, idx: Sequence[int]) -> torch.Tensor:
+        logits = self.encoder.logits(split, idx)
+        return logits - self.log_prior.to(logits.device)
+
+    def __getattr__(self, name: str):  # parameters, trainable_state, load_trainable_state, save: the encoder's
+        return getattr(self.encoder, name)
 
 
 def label_head(scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -296,17 +320,38 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     return ckpt
 
 
+# ------------------------------------------------------------------------------- early stopping
+def record_flips(last_labels: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``labels`` that differ from those ``rows`` got when last drawn; stores the new ones.
+
+    As in the original, a row never drawn before counts as labelled 0 (the argmax of the uniform
+    distribution it starts with), so ``last_labels`` starts at zeros.
+    """
+    flipped = int((labels != last_labels[rows]).sum())
+    last_labels[rows] = labels
+    return flipped / len(rows)
+
+
+def labels_settled(flip_rates: Sequence[float], below: float | None, window: int) -> bool:
+    """The original's stopping rule: each of the last ``window`` steps flipped fewer than ``below`` of its labels."""
+    return below is not None and len(flip_rates) >= window and all(rate < below for rate in flip_rates[-window:])
+
+
 # ----------------------------------------------------------------------------------- the loop
 def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.ndarray, cfg, fingerprint: dict,
         ckpt_path: Path, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train for ``cfg.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
 
     ``cfg`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
-    seed, estimator.{name, baseline} and optimization.{lr, schedule, warmup_steps, min_lr}.
-    Returns the run's state: step, history (one entry per evaluation, rewards and entropy
-    averaged over the steps since the previous one), zero_shot and train seconds. Under several
-    processes (data-parallel, see :func:`train_step`) all hold this same state; the main one
-    writes the checkpoint, and all read it to resume.
+    seed, estimator.{name, baseline}, optimization.{lr, schedule, warmup_steps, min_lr} and
+    early_stopping.{flip_rate_below, window}. Returns the run's state: step, history (one entry
+    per evaluation, rewards, entropy and flip rate averaged over the steps since the previous
+    one), flip_rates (one per step: the fraction of the step's B*N argmax labels that changed
+    since those examples were last drawn), stopped_at (the step at which :func:`labels_settled`
+    stopped the run, else None), zero_shot and train seconds. The original checks its rule
+    before the update of the step whose labels it reads; here that step's update is made. Under
+    several processes (data-parallel, see :func:`train_step`) all hold this same state; the main
+    one writes the checkpoint, and all read it to resume.
     """
     b, n, opt = cfg.batch_size, cfg.N, cfg.optimization
     optimizer, scheduler = make_optimizer(encoder.parameters(), opt.lr, opt.schedule, opt.warmup_steps,
@@ -324,7 +369,9 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
         accuracy = evaluate(encoder, "test", test_labels)
         state = {"step": 0, "seconds": 0.0, "zero_shot": accuracy, "window": [],
                  "history": [{"step": 0, "test_accuracy": accuracy, "reward_argmax": None,
-                              "reward_sample": None, "entropy": None}]}
+                              "reward_sample": None, "entropy": None, "flip_rate": None}],
+                 "last_labels": torch.zeros(len(pool_labels), dtype=torch.long), "flip_rates": [],
+                 "stopped_at": None}
 
     def checkpoint():
         if not is_main_process():  # the processes hold the same weights and state
@@ -335,7 +382,8 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
 
     bar = tqdm(total=cfg.num_iterations, initial=state["step"], desc="fine-tuning",
                disable=not progress or not is_main_process())
-    while state["step"] < cfg.num_iterations:
+    stopping = cfg.early_stopping
+    while state["step"] < cfg.num_iterations and state["stopped_at"] is None:
         start = time.perf_counter()
         idx = torch.randperm(len(pool_labels), generator=generator)[: b * n].view(b, n)
         stats = train_step(encoder, reward, idx, optimizer, scheduler, estimator=cfg.estimator.name,
@@ -343,14 +391,22 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
                            generator=generator)
         state["seconds"] += time.perf_counter() - start
         state["step"] += 1
-        stats["batch_accuracy"] = float((stats.pop("argmax").numpy() == pool_labels[idx.numpy()]).mean())
+        step = state["step"]
+        argmax = stats.pop("argmax")
+        stats["batch_accuracy"] = float((argmax.numpy() == pool_labels[idx.numpy()]).mean())
+        stats["flip_rate"] = record_flips(state["last_labels"], idx.flatten(), argmax.flatten())
+        state["flip_rates"].append(stats["flip_rate"])
+        if labels_settled(state["flip_rates"], stopping.flip_rate_below, stopping.window):
+            state["stopped_at"] = step
+            log.info("step %d: fewer than %g of the labels flipped in each of the last %d steps; stopping",
+                     step, stopping.flip_rate_below, stopping.window)
+        last = step == cfg.num_iterations or state["stopped_at"] is not None
         stats["lr"] = scheduler.get_last_lr()[0]
-        state["window"].append({k: stats[k] for k in ("reward_argmax", "reward_sample", "entropy")})
+        state["window"].append({k: stats[k] for k in ("reward_argmax", "reward_sample", "entropy", "flip_rate")})
         bar.update()
         bar.set_postfix(reward=f"{stats['reward_argmax']:.3f}", acc=f"{stats['batch_accuracy']:.2f}",
                         H=f"{stats['entropy']:.3f}")
-        step = state["step"]
-        if step % cfg.eval_freq == 0 or step == cfg.num_iterations:
+        if step % cfg.eval_freq == 0 or last:
             stats["test_accuracy"] = evaluate(encoder, "test", test_labels)
             means = {k: float(np.mean([w[k] for w in state["window"]])) for k in state["window"][0]}
             state["history"].append({"step": step, "test_accuracy": stats["test_accuracy"], **means})
@@ -358,7 +414,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
             log.info("step %d: test accuracy %.4f, reward %.4f", step, stats["test_accuracy"], means["reward_argmax"])
         if on_step is not None:
             on_step(step, stats)
-        if step % cfg.ckpt_freq == 0 or step == cfg.num_iterations:
+        if step % cfg.ckpt_freq == 0 or last:
             checkpoint()
     bar.close()
     return state

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from .distributed import is_main_process, process_state
 from .errors import ConfigError
 from .estimators import ESTIMATORS
-from .finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head, lm_features,
-                       zero_shot_log_prior)
+from .finetune import (CalibratedTaskEncoder, LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head,
+                       lm_features, zero_shot_log_prior)
 from .results import fingerprint_digest
 from .scoring import Scorer
 from .tasks import load_data, load_prompts, modality
@@ -54,6 +54,25 @@ def plot_learning_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """A ConfigError naming the key and the fix for a bad setting, before any data or model is loaded."""
+    if cfg.estimator.name not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator {cfg.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
+    if cfg.N < 2:
+        raise ConfigError(f"N={cfg.N}: joint inference needs at least 2 examples per sequence")
+    if cfg.task_encoder not in ("lora", "linear"):
+        raise ConfigError(f"unknown task_encoder {cfg.task_encoder!r}; valid: lora, linear")
+    if cfg.calibrate_task_encoder and not cfg.calibrate:
+        raise ConfigError("calibrate_task_encoder=true subtracts the calibrated reward's log-prior; "
+                          "set calibrate=true as well, or calibrate_task_encoder=false")
+    below, window = cfg.early_stopping.flip_rate_below, cfg.early_stopping.window
+    if below is not None and not (isinstance(below, (int, float)) and 0 < below <= 1):
+        raise ConfigError(f"early_stopping.flip_rate_below={below!r}: set a fraction in (0, 1], or null for no "
+                          "early stopping (the original's 0.0 never stops a run)")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"early_stopping.window={window!r}: set a whole number of steps, at least 1")
+
+
 def run_finetuning(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
@@ -61,16 +80,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
 
     # ---- checks that need no data or model
     num_processes = process_state().num_processes
+    check_settings(cfg)
     if cfg.batch_size % num_processes:
         raise ConfigError(f"batch_size B={cfg.batch_size} is not divisible by the number of processes P={num_processes}"
                           " (each process trains on B/P of the sequences); set batch_size to a multiple of "
                           f"{num_processes} or launch a number of processes that divides {cfg.batch_size}")
-    if cfg.estimator.name not in ESTIMATORS:
-        raise ConfigError(f"unknown estimator {cfg.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
-    if cfg.N < 2:
-        raise ConfigError(f"N={cfg.N}: joint inference needs at least 2 examples per sequence")
-    if cfg.task_encoder not in ("lora", "linear"):
-        raise ConfigError(f"unknown task_encoder {cfg.task_encoder!r}; valid: lora, linear")
 
     # ---- data
     data = load_data(cfg)
@@ -94,12 +108,14 @@ def run_finetuning(cfg: DictConfig) -> dict:
     elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (METHOD.md §4)
         from .vision import clip_features
 
-        task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels)
+        task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels, seed=cfg.seed)
     else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
         features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
         task_encoder = LinearTaskEncoder(features, encoder.num_labels, init=label_head(scorer))
     log_prior = zero_shot_log_prior(scorer, examples["train"]) if cfg.calibrate else None
     reward = LMReward(scorer, examples["train"], log_prior)
+    if cfg.calibrate_task_encoder:
+        task_encoder = CalibratedTaskEncoder(task_encoder, log_prior)
 
     # ---- train (resumes from checkpoint.pt when the run directory has one)
     settings = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items() if k not in RUNTIME_KEYS}
@@ -127,11 +143,13 @@ def run_finetuning(cfg: DictConfig) -> dict:
         "zero_shot": {"test_accuracy": state["zero_shot"]},
         "final": {"test_accuracy": history[-1]["test_accuracy"]},
         "history": history,
+        "early_stopping": {**cfg.early_stopping, "stopped_at": state["stopped_at"], "flip_rates": state["flip_rates"]},
         "timing": {"seconds": time.perf_counter() - started, "train_seconds": state["seconds"],
                    "steps": state["step"], "seconds_per_step": state["seconds"] / max(1, state["step"])},
         "peak_memory_bytes": peak_memory_bytes(device),
         "settings": {"estimator": cfg.estimator.name, "baseline": cfg.estimator.baseline, "B": cfg.batch_size,
                      "N": cfg.N, "gamma": cfg.gamma, "lr": cfg.optimization.lr, "calibrate": cfg.calibrate,
+                     "calibrate_task_encoder": cfg.calibrate_task_encoder, "max_norm": cfg.max_norm,
                      "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device),
                      "processes": num_processes},
     }

@@ -4,15 +4,18 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from joint_inference.errors import ConfigError
-from joint_inference.finetune import (LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, label_head,
-                                      lm_features, make_optimizer, train_step)
+from joint_inference.finetune import (CalibratedTaskEncoder, LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora,
+                                      fit, label_head, lm_features, make_optimizer, train_step)
 from joint_inference.icl import zero_shot_logprobs
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.scoring import Scorer
+from joint_inference.tasks import load_data, text_prompts
 from tests.conftest import SHARED_DATA, WORDS, compose
 from unsupervised_ft_llm import run
 
@@ -140,7 +143,9 @@ def test_end_to_end_writes_results_adapter_and_curve(tmp_path, tiny_llama_dir, t
     assert saved["task"] == "sst2" and isinstance(saved["peak_memory_bytes"], int)
     assert [h["step"] for h in saved["history"]] == [0, 2, 4]
     for h in saved["history"]:
-        assert set(h) == {"step", "test_accuracy", "reward_argmax", "reward_sample", "entropy"}
+        assert set(h) == {"step", "test_accuracy", "reward_argmax", "reward_sample", "entropy", "flip_rate"}
+    assert saved["early_stopping"]["flip_rate_below"] is None and saved["early_stopping"]["stopped_at"] is None
+    assert len(saved["early_stopping"]["flip_rates"]) == 4
     assert saved["final"]["test_accuracy"] == saved["history"][-1]["test_accuracy"]
     assert (out / "learning_curve.png").stat().st_size > 0
 
@@ -197,6 +202,124 @@ def test_checkpoint_of_another_config_is_an_error(tmp_path, tiny_llama_dir, tiny
 def test_bad_configs(tmp_path, tiny_llama_dir, tiny_sst2_root, extra, message):
     with pytest.raises(ConfigError, match=message):
         run(compose("unsupervised_ft_llm", overrides(tmp_path, tiny_llama_dir, tiny_sst2_root, *extra)))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["calibrate_task_encoder=true"], "calibrate_task_encoder=true .* set calibrate=true"),
+    (["early_stopping.flip_rate_below=0"], r"early_stopping.flip_rate_below=0: .*\(0, 1\], or null"),
+    (["early_stopping.flip_rate_below=1.5"], r"early_stopping.flip_rate_below=1.5"),
+    (["early_stopping.window=0"], "early_stopping.window=0: .* at least 1"),
+])
+def test_bad_settings_are_refused_before_any_data_or_model_loads(tmp_path, extra, message):
+    missing = tmp_path / "missing"  # loading the model or the data would fail with another error
+    with pytest.raises(ConfigError, match=message):
+        run(compose("unsupervised_ft_llm", overrides(tmp_path, missing, missing, *extra)))
+
+
+# -------------------------------------------------------------------- calibrated task encoder
+def test_calibrated_task_encoder_trains_on_log_probs_minus_the_log_prior():
+    features = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    inner = LinearTaskEncoder({"train": features}, 3)
+    log_prior = torch.tensor([-0.2, -1.5, -3.0])
+    encoder = CalibratedTaskEncoder(inner, log_prior)
+    with torch.no_grad():
+        expected = (features @ inner.head.weight.T + inner.head.bias).log_softmax(-1) - log_prior
+    torch.testing.assert_close(encoder.logits("train", range(16)), expected)
+    assert not torch.equal(expected.argmax(-1), inner.logits("train", range(16)).argmax(-1))  # the prior matters
+
+    idx = torch.arange(16).view(2, 8)
+    stats = step_once(encoder, lambda i, y: torch.zeros(*i.shape, 3), idx)
+    assert torch.equal(stats["argmax"], expected.argmax(-1).view(2, 8))  # the step's labels are the calibrated ones
+    assert [id(p) for p in encoder.parameters()] == [id(p) for p in inner.parameters()]  # the inner head trains
+
+
+def test_calibrated_task_encoder_divides_out_the_frozen_models_prior(tmp_path, tiny_llama_dir, tiny_sst2_root,
+                                                                     monkeypatch):
+    """The task encoder that fit trains and evaluates: log q(y|x) minus the log of the frozen model's mean
+    zero-shot label probabilities over the unlabelled pool (the calibrated reward's prior)."""
+    from joint_inference import uft
+
+    trained = []
+    monkeypatch.setattr(uft, "fit", lambda encoder, *args, fit=uft.fit, **kwargs: trained.append(encoder)
+                        or fit(encoder, *args, **kwargs))
+    cfg = compose("unsupervised_ft_llm", overrides(tmp_path, tiny_llama_dir, tiny_sst2_root, "num_iterations=0",
+                                                   "calibrate=true", "calibrate_task_encoder=true"))
+    run(cfg)
+
+    data = load_data(cfg)
+    model, tokenizer = fresh_model(tiny_llama_dir)
+    encoder, examples = text_prompts(cfg, tokenizer, data)
+    scorer = Scorer(model, encoder, cfg.label_mode, batch_size=8, show_progress=False)
+    with torch.no_grad():
+        probs = {split: scorer.label_logprobs([[ex] for ex in rows], [[] for _ in rows]).exp()
+                 for split, rows in examples.items()}
+        prior = probs["train"].mean(0)
+        task_encoder_logits = trained[0].logits("test", range(len(data.test)))
+    torch.testing.assert_close(task_encoder_logits, (probs["test"] / prior).log(), rtol=1e-5, atol=1e-5)
+    for other in (torch.full_like(prior, 0.5), probs["test"].mean(0)):  # a uniform or a test-split prior would fail
+        assert not torch.allclose(prior, other, atol=1e-3)
+
+
+# ------------------------------------------------------------------------ flip-rate early stopping
+class RecordingEncoder(LinearTaskEncoder):
+    """A linear task encoder that records each training step's rows and argmax labels."""
+
+    def __init__(self, features):
+        super().__init__({"train": features, "test": features}, num_labels=3)
+        self.draws = []
+
+    def logits(self, split, idx):
+        logits = super().logits(split, idx)
+        if split == "train":
+            self.draws.append((list(idx), logits.argmax(-1).tolist()))
+        return logits
+
+
+def fit_linear(out, num_iterations, flip_rate_below=None, window=3):
+    """(state, encoder) of ``fit`` on 24 fixed feature vectors, 8 drawn per step, rewarded by a hidden linear rule."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(24, 6, generator=g)
+    target = (features @ torch.randn(6, 3, generator=g) * 2).log_softmax(-1)
+    encoder = RecordingEncoder(features)
+    cfg = OmegaConf.create({
+        "batch_size": 2, "N": 4, "num_iterations": num_iterations, "gamma": 0.1, "max_norm": 10.0, "eval_freq": 5,
+        "ckpt_freq": 100, "seed": 0, "estimator": {"name": "rao_marginalized", "baseline": True},
+        "optimization": {"lr": 0.05, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0},
+        "early_stopping": {"flip_rate_below": flip_rate_below, "window": window}})
+    labels = target.argmax(-1).numpy()
+    state = fit(encoder, lambda idx, y: target[idx] / idx.shape[1], pool_labels=labels, test_labels=labels, cfg=cfg,
+                fingerprint={"flip_rate_below": flip_rate_below}, ckpt_path=out / "checkpoint.pt", progress=False)
+    return state, encoder
+
+
+def test_flip_rates_count_relabelled_draws_and_stop_the_run_when_settled(tmp_path):
+    state, encoder = fit_linear(tmp_path / "full", 40)
+    last, counted = {}, []  # a row never drawn before counts as labelled 0, as in the original
+    for rows, labels in encoder.draws:
+        counted.append(sum(label != last.get(row, 0) for row, label in zip(rows, labels)) / len(rows))
+        last.update(zip(rows, labels))
+    assert state["flip_rates"] == counted and state["stopped_at"] is None and state["step"] == 40
+    assert state["history"][1]["flip_rate"] == pytest.approx(np.mean(counted[:5]))
+
+    # the rule: stop after the first step that ends `window` steps in a row each flipping under the threshold
+    stop = next(t for t in range(3, 41) if all(rate < 0.2 for rate in counted[t - 3:t]))
+    assert 3 < stop < 40 and max(counted[:stop - 3]) >= 0.2  # labels flipped early, then settled
+    stopped, _ = fit_linear(tmp_path / "stopped", 40, flip_rate_below=0.2)
+    assert stopped["stopped_at"] == stopped["step"] == stop and stopped["flip_rates"] == counted[:stop]
+    assert stopped["history"][-1]["step"] == stop  # evaluated where it stopped
+
+
+def test_resume_keeps_the_flip_history_and_a_stopped_run_stays_stopped(tmp_path):
+    straight, straight_encoder = fit_linear(tmp_path / "straight", 40, flip_rate_below=0.2)
+    stop = straight["stopped_at"]
+    first, _ = fit_linear(tmp_path / "resumed", stop - 2, flip_rate_below=0.2)  # checkpoint before the stop
+    assert first["stopped_at"] is None
+    resumed, resumed_encoder = fit_linear(tmp_path / "resumed", 40, flip_rate_below=0.2)
+    assert resumed["stopped_at"] == stop and resumed["flip_rates"] == straight["flip_rates"]
+    assert torch.equal(resumed["last_labels"], straight["last_labels"])
+    assert torch.equal(resumed_encoder.head.weight, straight_encoder.head.weight)
+    again, again_encoder = fit_linear(tmp_path / "resumed", 40, flip_rate_below=0.2)
+    assert again["step"] == stop and again_encoder.draws == []  # no step after the stop
 
 
 def test_lora_on_a_model_without_those_modules_lists_its_linear_names(tiny_gpt2_dir):

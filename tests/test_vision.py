@@ -291,6 +291,31 @@ def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, t
         assert (out / "linear_head" / "linear_head.pt").exists() and results["settings"]["lr"] == 1e-3
 
 
+def test_linear_head_starts_at_pytorchs_default_init(image_root, tmp_path):
+    """As the original's vision head: nn.Linear's own initialisation drawn after seeding, not zeros; the run's seed."""
+    from joint_inference.finetune import LinearTaskEncoder
+    from unsupervised_ft_vlm import run
+
+    features = {"train": torch.randn(5, 16)}
+    rng_before = torch.get_rng_state()
+    head = LinearTaskEncoder(features, 10, seed=7).head
+    assert torch.equal(torch.get_rng_state(), rng_before)  # drawn from a forked generator
+    torch.manual_seed(7)
+    expected = torch.nn.Linear(16, 10)
+    assert head.weight.abs().sum() > 0 and torch.equal(head.weight, expected.weight)
+    assert torch.equal(head.bias, expected.bias)
+
+    out = tmp_path / "run"
+    run(compose("unsupervised_ft_vlm", [
+        "model=tiny_random_vlm", "dataset=cifar10", f"dataset.data_root={image_root}", "dataset.num_examples=60",
+        "task_encoder=linear", "batch_size=2", "N=4", "num_iterations=0", "seed=5", "device=cpu", "progress=false",
+        f"output_dir={out}"]))
+    saved = torch.load(out / "linear_head" / "linear_head.pt", weights_only=True)
+    torch.manual_seed(5)
+    expected = torch.nn.Linear(saved["weight"].shape[1], 10)
+    assert torch.equal(saved["weight"], expected.weight) and torch.equal(saved["bias"], expected.bias)
+
+
 def test_linear_task_encoder_learns_from_the_reward():
     """A linear head on fixed features, trained by train_step on a reward that prefers the true class,
     separates two feature clusters (steps are the UFT loop's own)."""
