@@ -151,7 +151,9 @@ def run_finetuning(cfg: DictConfig) -> dict:
                      "N": cfg.N, "gamma": cfg.gamma, "lr": cfg.optimization.lr, "calibrate": cfg.calibrate,
                      "calibrate_task_encoder": cfg.calibrate_task_encoder, "max_norm": cfg.max_norm,
                      "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device),
-                     "processes": num_processes},
+                     "processes": num_processes, "num_iterations": cfg.num_iterations,
+                     "config": {k: v for k, v in settings.items() if k != "seed"}},  # every other setting, flattened
+        "data_fingerprint": fingerprint["data"],
     }
     if main:
         atomic_write_json(out_dir / "results.json", results)

@@ -15,8 +15,8 @@ spread over seeds and never over settings or data. A row's runs share:
   setting that one run lacks counts as different (runs from before ``protocol`` was recorded do not
   pool with ``protocol=clean``). A results.json without ``settings`` pools only with others without
   them, flagged;
-* the data fingerprint of the state.json beside results.json (ICL and generation runs; fine-tuning
-  records none there). Runs that differ in nothing else are kept in separate rows, flagged, and
+* the data fingerprint: fine-tuning writes it in results.json, ICL and generation runs in the
+  state.json beside it. Runs that differ in nothing else are kept in separate rows, flagged, and
   stderr names their directories.
 
 Per-subject runs of an all-subjects MMLU run (``<run>/subjects/<subject>``) count through that run's
@@ -98,6 +98,7 @@ def kind_of(result: dict) -> str:
 def recorded_settings(result: dict) -> dict:
     """``settings`` and the settings a run writes beside them."""
     settings = dict(result.get("settings") or {})
+    settings.update({f"config.{k}": v for k, v in settings.pop("config", {}).items()})  # fine-tuning's whole config
     if "task_encoder" in result:
         settings["task_encoder"] = result["task_encoder"]
     stopping = result.get("early_stopping") or {}  # the rule; stopped_at and flip_rates are outcomes
@@ -107,11 +108,14 @@ def recorded_settings(result: dict) -> dict:
     return settings
 
 
-def data_fingerprint(directory: Path) -> str | None:
-    """The data digest in ``directory``'s state.json; for an all-subjects run, a digest of its subjects' ones."""
+def data_fingerprint(directory: Path, result: dict) -> str | None:
+    """The run's data digest: in results.json (fine-tuning), else in the state.json beside it; for an
+    all-subjects run, a digest of its subjects' ones."""
     def digest(state: Path) -> str:
         return json.loads(state.read_text())["fingerprint"]["data"]
 
+    if result.get("data_fingerprint"):
+        return result["data_fingerprint"]
     if (directory / "state.json").exists():
         return digest(directory / "state.json")
     subjects = sorted((directory / "subjects").glob("*/state.json"))
@@ -143,7 +147,7 @@ def read_run(path: Path) -> Run:
     settings = recorded_settings(result)
     return Run(path.parent, kind_of(result), result["model"], result["task"], "settings" in result,
                {k: v for k, v in settings.items() if k not in IGNORED}, settings.get("seed"),
-               data_fingerprint(path.parent), metrics_of(result))
+               data_fingerprint(path.parent, result), metrics_of(result))
 
 
 def collect(roots: list[Path]) -> list[Run]:

@@ -47,7 +47,7 @@ def write_icl(directory, zero_shot=0.5, supervised=0.8, rounds=(0.6, 0.7), data=
         (directory / "state.json").write_text(json.dumps({"fingerprint": {"N": 16, "data": data}, "stages": {}}))
 
 
-def write_ft(directory, zero_shot=0.5, final=0.75, model="m", task="sst2", seed=0):
+def write_ft(directory, zero_shot=0.5, final=0.75, model="m", task="sst2", seed=0, data=None, **config):
     result = {"task": task, "model": model, "task_encoder": "lora", "num_train": 100, "num_test": 50,
               "zero_shot": {"test_accuracy": zero_shot}, "final": {"test_accuracy": final},
               "history": [{"step": 0, "test_accuracy": zero_shot}, {"step": 10, "test_accuracy": final}],
@@ -55,6 +55,10 @@ def write_ft(directory, zero_shot=0.5, final=0.75, model="m", task="sst2", seed=
               "settings": {"estimator": "rao_marginalized", "baseline": True, "B": 8, "N": 16, "gamma": 10.0,
                            "lr": 1e-5, "calibrate": False, "calibrate_task_encoder": False, "max_norm": 10.0,
                            "label_mode": "first", "seed": seed, "device": "cpu", "processes": 1}}
+    if config:
+        result["settings"]["config"] = config
+    if data:
+        result["data_fingerprint"] = data
     directory.mkdir(parents=True)
     (directory / "results.json").write_text(json.dumps(result))
 
@@ -127,6 +131,18 @@ def test_seeds_of_the_same_settings_pool_with_their_mean_and_sample_std(tmp_path
     assert float(row["unsupervised_icl_mean"]) == pytest.approx(mean)
     assert float(row["unsupervised_icl_std"]) == pytest.approx(std) and row["unsupervised_icl_n"] == "3"
     assert "device" not in row and "skipping" in stderr and "broken" in stderr
+
+
+def test_fine_tuning_pools_only_the_same_config_and_data(tmp_path):
+    """Fine-tuning writes its whole config and data digest into results.json: runs that differ in a
+    setting outside the headline ones (lora.r) or in their data never pool."""
+    write_ft(tmp_path / "a", final=0.7, seed=0, data="a" * 16, **{"lora.r": 16})
+    write_ft(tmp_path / "b", final=0.8, seed=1, data="a" * 16, **{"lora.r": 16})
+    write_ft(tmp_path / "c", final=0.9, seed=2, data="a" * 16, **{"lora.r": 2})
+    write_ft(tmp_path / "d", final=0.6, seed=3, data="b" * 16, **{"lora.r": 2})
+    _, _, rows = collect(tmp_path, tmp_path)
+    assert sorted((r["config.lora.r"], r["seeds"], r["unsupervised_ft_n"], r["data"]) for r in rows) == [
+        ("16", "0,1", "2", "a" * 16), ("2", "2", "1", "a" * 16), ("2", "3", "1", "b" * 16)]
 
 
 def test_same_settings_on_different_data_are_kept_apart_and_flagged(tmp_path):
