@@ -3,6 +3,7 @@
     python unsupervised_icl_llm.py                                   # Gemma-3-270M on SST-2, CPU-friendly
     python unsupervised_icl_llm.py dataset=sst2 model=llama3.1_8b    # a paper row
     python unsupervised_icl_llm.py -m dataset=sst2,ag_news,trec seed=0,1,2
+    python unsupervised_icl_llm.py dataset=mmlu model=llama3.1_8b    # all 57 MMLU subjects, one model load
 
 Writes results.json and results.md to the run directory; starting again with the same
 ``hydra.run.dir`` resumes after the last finished stage.
@@ -14,16 +15,20 @@ from omegaconf import DictConfig
 
 from joint_inference.errors import ConfigError, exit_on_config_error
 from joint_inference.generative import run_generation
+from joint_inference.subjects import run_all_subjects, runs_all_subjects
 from joint_inference.uicl import run_classification
 
 RUNNERS = {"classification": run_classification, "generation": run_generation}
 
 
 def run(cfg: DictConfig) -> dict:
-    """Dispatch on the task's kind; every runner writes its results into ``cfg.output_dir``."""
+    """Dispatch on the task's kind (and MMLU's ``subject=all``); every runner writes its results into
+    ``cfg.output_dir``."""
     kind = cfg.dataset.get("kind", "classification")
     if kind not in RUNNERS:
         raise ConfigError(f"dataset kind {kind!r} is not supported; valid kinds: {', '.join(RUNNERS)}")
+    if runs_all_subjects(cfg):
+        return run_all_subjects(cfg)
     return RUNNERS[kind](cfg)
 
 

@@ -9,18 +9,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+ALL_SUBJECTS = "all"  # dataset.subject=all: every subject of dataset.subjects in turn (MMLU)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
 class TaskData:
-    """The unlabelled pool ("train") and the test set, with gold labels kept for scoring only."""
+    """The unlabelled pool ("train") and the test set, with gold labels kept for scoring only.
+
+    A transductive task (MMLU as the original runs it) has one list as both: ``train is test``.
+    """
 
     train: list[dict]
     test: list[dict]
@@ -28,6 +33,14 @@ class TaskData:
     test_labels: np.ndarray
     images: list | None = None  # image tasks: decoded images; row["image"] indexes this list
     images_digest: str | None = None  # image tasks: what feature caches check their images against
+    # the supervised baseline's labelled demonstrations when they are not the pool's (MMLU: validation)
+    supervised_pool: list[dict] | None = None
+    supervised_labels: np.ndarray | None = None
+
+    @property
+    def transductive(self) -> bool:
+        """The test questions are their own unlabelled pool."""
+        return self.train is self.test
 
 
 def _local_file(root: Path, name: str, split: str) -> Path | None:
@@ -66,22 +79,32 @@ def load_split(cfg, split: str):
         ) from None
 
 
-def load_rows(cfg) -> tuple[list[dict], np.ndarray]:
-    """All rows of the source splits (filtered) and their class ids in ``0..K-1``."""
+def load_rows(cfg, splits: Sequence[str] | None = None) -> tuple[list[dict], np.ndarray]:
+    """All rows of ``splits`` (default: the source splits), filtered, and their class ids in ``0..K-1``."""
+    splits = list(splits or cfg.source_splits)
+    check_subject(cfg)
     rows = []
-    for split in cfg.source_splits:
-        rows.extend(load_split(cfg, split).to_list())
-    for field, value in (cfg.get("filter") or {}).items():
-        rows = [r for r in rows if r.get(field) == value]
+    for split in splits:
+        table = load_split(cfg, split)
+        for field, value in (cfg.get("filter") or {}).items():  # on the column: building every row is slow
+            values = table.with_format("arrow")[field].to_pylist() if field in table.column_names else []
+            table = table.select([i for i, v in enumerate(values) if v == value])
+        rows.extend(table.to_list())
     if not rows:
-        raise ConfigError(f"dataset {cfg.name!r} has no rows in splits {list(cfg.source_splits)} after filtering")
-    for field in cfg.get("humanize_fields") or []:
-        for r in rows:
-            r[field] = str(r[field]).replace("_", " ")
+        raise ConfigError(f"dataset {cfg.name!r} has no rows in splits {splits} after filtering")
     for i, row in enumerate(rows):
         if cfg.label_column not in row:
             raise ConfigError(f"row {i} of {cfg.name!r} has no label column {cfg.label_column!r}; fields: {sorted(row)}")
     return rows, class_ids([r[cfg.label_column] for r in rows], cfg)
+
+
+def check_subject(cfg) -> None:
+    """A dataset of several subjects (MMLU) loads the one ``cfg.subject`` names, one of ``cfg.subjects``."""
+    if cfg.get("subjects") is None or cfg.subject in cfg.subjects:
+        return
+    hint = ("; subject=all (every subject in turn) is a run of unsupervised_icl_llm.py, elsewhere name one"
+            if cfg.subject == ALL_SUBJECTS else "")
+    raise ConfigError(f"unknown subject {cfg.subject!r} of {cfg.name!r}{hint}; valid: {', '.join(cfg.subjects)}")
 
 
 def class_ids(raw_labels, cfg) -> np.ndarray:
@@ -137,9 +160,27 @@ def protocol_sample(
     return train, test
 
 
+def capped_subset(size: int, cap: int | None, seed: int) -> np.ndarray:
+    """Indices, in order, of all ``size`` rows, or of a seeded random ``cap`` of them when there are more."""
+    if cap is None or cap >= size:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(seed).choice(size, size=cap, replace=False))
+
+
 def load_task(cfg) -> TaskData:
-    """Rows of a classification task, sampled by the protocol."""
+    """Rows of a classification task, sampled by the protocol (METHOD.md §7).
+
+    With ``cfg.transductive`` (MMLU as the original runs it, §8) the source splits' rows, at most
+    ``num_examples`` of them, are both the unlabelled pool and the test set, and the rows of
+    ``cfg.supervised_splits`` are the supervised baseline's demonstrations.
+    """
     rows, labels = load_rows(cfg)
+    if cfg.get("transductive"):
+        keep = capped_subset(len(rows), cfg.num_examples, cfg.sample_seed)
+        rows, labels = [rows[i] for i in keep], labels[keep]
+        demonstrations, demonstration_labels = load_rows(cfg, cfg.supervised_splits)
+        return TaskData(train=rows, test=rows, train_labels=labels, test_labels=labels,
+                        supervised_pool=demonstrations, supervised_labels=demonstration_labels)
     train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed)
     return TaskData(
         train=[rows[i] for i in train_idx],

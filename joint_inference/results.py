@@ -5,7 +5,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .distributed import is_main_process
 from .errors import ConfigError
@@ -80,13 +80,13 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str | Path, results: dict) -> None:
-    """results.json and results.md, each written atomically (by the main process only)."""
+def write_results(out_dir: str | Path, results: dict, table: Callable[[dict], str] = markdown_table) -> None:
+    """results.json and results.md (``table`` of the results), each written atomically (by the main process only)."""
     if not is_main_process():
         return
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "results.json", results)
-    atomic_write_text(out_dir / "results.md", markdown_table(results))
+    atomic_write_text(out_dir / "results.md", table(results))
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

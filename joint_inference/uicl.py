@@ -13,7 +13,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .icl import SPLITS, accuracy, check_support_sampling, icl_predict, repeat_accuracy, zero_shot_logprobs
+from .icl import (PROTOCOLS, SPLITS, accuracy, check_support_sampling, icl_predict, repeat_accuracy,
+                  zero_shot_logprobs)
 from .prompts import Template
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .scoring import Scorer
@@ -23,29 +24,45 @@ from .utils import resolve_batch_size, resolve_device, seed_everything
 log = logging.getLogger(__name__)
 
 
-def run_classification(cfg: DictConfig) -> dict:
-    """Zero-shot, supervised ICL and T rounds of unsupervised ICL; results in ``cfg.output_dir``."""
+def load_scorer(cfg: DictConfig, data, device):
+    """(scorer, {"train", "test"}: encoded examples of ``data``) for ``cfg.model`` and ``cfg.backend``."""
+    if cfg.get("backend", "hf") == "vllm":
+        return load_vllm_scorer(cfg, data)
+    model, encoder, encoded = load_prompts(cfg, device, data)
+    return Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
+                  show_progress=cfg.progress), encoded
+
+
+def run_classification(cfg: DictConfig, scorer=None) -> dict:
+    """Zero-shot, supervised ICL and T rounds of unsupervised ICL; results in ``cfg.output_dir``.
+
+    ``scorer``: a text task's scorer loaded before, so that runs over MMLU's subjects load the
+    model once (:mod:`~joint_inference.subjects`). A transductive task (``data.transductive``)
+    relabels its test questions only, each round drawing their demonstrations among themselves.
+    """
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
 
     # ---- data, template, label set
     data = load_data(cfg)
     check_support_sampling(cfg.support_sampling, cfg.block_size)
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
     excluded = min(cfg.block_size, len(data.train)) if cfg.support_sampling == "shared" else 1
-    if cfg.N > len(data.train) - excluded:
+    if cfg.protocol == "clean" and cfg.N > len(data.train) - excluded:
         raise ConfigError(f"N={cfg.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
                           f"{excluded} of them queries left out of their own demonstrations); "
                           "lower N (or block_size) or raise dataset.num_examples")
     gold = {"test": data.test_labels, "train": data.train_labels}
+    splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
 
     # ---- model and scorer
     device = resolve_device(cfg.device)
-    if cfg.get("backend", "hf") == "vllm":
-        scorer, encoded = load_vllm_scorer(cfg, data)
-    else:
-        model, encoder, encoded = load_prompts(cfg, device, data)
-        scorer = Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
-                        show_progress=cfg.progress)
+    if scorer is None:
+        scorer, encoded = load_scorer(cfg, data, device)
+    else:  # its prompt encoder depends on the template and label set only
+        encoded = scorer.encoder.encode_splits(data)
+    num_queries = sum(len(encoded[s]) for s in splits)
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 
@@ -53,8 +70,9 @@ def run_classification(cfg: DictConfig) -> dict:
         "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "template": cfg.template.text,
         "labels": list(cfg.labelset.names), "label_mode": scorer.mode, "N": cfg.N,
         "num_repeats": cfg.num_repeats, "seed": cfg.seed, "support_sampling": cfg.support_sampling,
-        "block_size": cfg.block_size if cfg.support_sampling == "shared" else None,
-        "data": fingerprint_digest([data.train, data.test, data.train_labels.tolist(), data.test_labels.tolist()]),
+        "block_size": cfg.block_size if cfg.support_sampling == "shared" else None, "protocol": cfg.protocol,
+        "data": fingerprint_digest([data.train, data.test, data.train_labels.tolist(), data.test_labels.tolist(),
+                                    data.supervised_pool]),
     })
 
     def stage(name, num_prompts, compute):
@@ -64,41 +82,51 @@ def run_classification(cfg: DictConfig) -> dict:
             state.finish(name, compute(), time.perf_counter() - start, num_prompts)
         return state[name]
 
-    def icl(pool_labels, rng_stage, desc, splits=SPLITS):
+    def icl(pool, pool_labels, rng_stage, desc, splits=splits, protocol=cfg.protocol):
         """Majority-vote predictions for ``splits`` (and each repeat's, as ``<split>_votes``) with
-        demonstrations labelled by ``pool_labels``."""
+        demonstrations from ``pool`` labelled by ``pool_labels``."""
         out = {}
         for split in splits:
             majority, votes = icl_predict(
-                scorer, encoded["train"], pool_labels, encoded[split], n=cfg.N, num_repeats=cfg.num_repeats,
-                rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=split == "train",
-                support_sampling=cfg.support_sampling, block_size=cfg.block_size, desc=f"{desc} [{split}]")
+                scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=cfg.num_repeats,
+                rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
+                support_sampling=cfg.support_sampling, block_size=cfg.block_size, protocol=protocol,
+                desc=f"{desc} [{split}]")
             out.update({split: majority.tolist(), f"{split}_votes": votes.tolist()})
         return out
 
-    def scores(stage_predictions, splits=SPLITS):
+    def scores(stage_predictions, splits=splits):
         """Majority-vote accuracy per split, and the test accuracy's mean/std over repeats."""
         spread = repeat_accuracy(stage_predictions["test_votes"], gold["test"])
         return {**{f"{s}_accuracy": accuracy(stage_predictions[s], gold[s]) for s in splits},
                 "test_accuracy_mean": spread["mean"], "test_accuracy_std": spread["std"]}
 
     # ---- round 0: zero-shot
-    zero_shot = stage("zero_shot", len(data.train) + len(data.test), lambda: {
+    zero_shot = stage("zero_shot", num_queries, lambda: {
         split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()
-        for split in SPLITS})
+        for split in splits})
 
     # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
     supervised = None
     if cfg.supervised_icl:
+        if data.supervised_pool is None:
+            demonstrations, demonstration_labels = encoded["train"], data.train_labels
+        else:
+            demonstrations = scorer.encoder.encode_all(data.supervised_pool)
+            demonstration_labels = data.supervised_labels
+        # a labelled pool smaller than N (MMLU's validation split: 10 questions in some subjects) is
+        # drawn from with replacement, as the original does
+        supervised_protocol = cfg.protocol if len(demonstrations) >= cfg.N else "original"
         supervised = stage("supervised_icl", len(data.test) * cfg.num_repeats,
-                           lambda: icl(data.train_labels, 0, "supervised ICL", splits=("test",)))
+                           lambda: icl(demonstrations, demonstration_labels, 0, "supervised ICL", splits=("test",),
+                                       protocol=supervised_protocol))
 
     # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
     rounds, pseudo = [], zero_shot
     for t in range(1, cfg.T + 1):
-        labels = np.asarray(pseudo["train"], dtype=np.int64)
-        pseudo = stage(f"round_{t}", (len(data.train) + len(data.test)) * cfg.num_repeats,
-                       lambda: icl(labels, t, f"round {t}/{cfg.T}"))
+        labels = np.asarray(pseudo[pool_split], dtype=np.int64)
+        pseudo = stage(f"round_{t}", num_queries * cfg.num_repeats,
+                       lambda: icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"))
         rounds.append(pseudo)
         log.info("round %d: test accuracy %.4f", t, accuracy(pseudo["test"], gold["test"]))
 
@@ -106,12 +134,14 @@ def run_classification(cfg: DictConfig) -> dict:
     results = {
         "task": cfg.dataset.name, "model": cfg.model.name,
         "num_train": len(data.train), "num_test": len(data.test),
-        "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in SPLITS},
-        "supervised_icl": scores(supervised, ("test",)) if supervised else None,
+        "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits},
+        "supervised_icl": {**scores(supervised, ("test",)), "pool_size": len(demonstrations),
+                           "protocol": supervised_protocol} if supervised else None,
         "rounds": [{"round": t, **scores(r)} for t, r in enumerate(rounds, 1)],
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-                     "label_mode": scorer.mode, "support_sampling": cfg.support_sampling,
+                     "label_mode": scorer.mode, "support_sampling": cfg.support_sampling, "protocol": cfg.protocol,
+                     "transductive": data.transductive,
                      "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
                      "device": "vllm" if cfg.get("backend", "hf") == "vllm" else str(device)},
     }
@@ -120,7 +150,7 @@ def run_classification(cfg: DictConfig) -> dict:
         write_jsonl(out_dir / "predictions.jsonl", [
             {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
              "rounds": [r[s][i] for r in rounds]}
-            for s in SPLITS for i, row in enumerate(data.test if s == "test" else data.train)])
+            for s in splits for i, row in enumerate(data.test if s == "test" else data.train)])
     write_results(out_dir, results)
     log.info("results in %s", out_dir)
     return results

@@ -113,7 +113,7 @@ SAMPLES = {
     "mmlu": (
         {"question": "Which of these is a function of the cell membrane?", "subject": "high_school_biology",
          "choices": CHOICES, "answer": 1}, 1,
-        "The following are multiple choice questions (with answers) about high school biology.\n"
+        "The following are multiple choice questions (with answers) about high_school_biology.\n"
         "Which of these is a function of the cell membrane?\nA. It stores energy.\n"
         "B. It controls what enters the cell.\nC. It makes proteins.\nD. It holds DNA.\nAnswer: A\n"),
 }
@@ -237,3 +237,13 @@ def test_table1_llama_preset():
     assert cfg.label_mode == "first"
     assert cfg.dataset.name == "ag_news" and cfg.dataset.num_examples == 3000
     assert list(cfg.labelset.names) == LABEL_SETS["ag_news"]
+
+
+def test_table1_uft_llama_preset():
+    """The original's text script clips at N (its config's 10 is unused); the base default stays 10."""
+    cfg = compose("unsupervised_ft_llm", ["+experiment=table1_uft_llama", "dataset=sst2"])
+    assert cfg.model.name == "llama3.1_8b" and cfg.max_norm == cfg.N == 16 and cfg.seed == 42
+    assert (cfg.batch_size, cfg.num_iterations, cfg.gamma, cfg.lora.r, cfg.lora.alpha) == (8, 3000, 10.0, 16, 16)
+    assert dict(cfg.optimization) == {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0}
+    assert compose("unsupervised_ft_llm", ["+experiment=table1_uft_llama", "N=8"]).max_norm == 8
+    assert compose("unsupervised_ft_llm", []).max_norm == 10.0

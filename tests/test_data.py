@@ -153,16 +153,16 @@ def test_string_labels_are_cast(tmp_path):
     assert labels.dtype.kind == "i"
 
 
-def test_filter_and_humanize(tmp_path):
+def test_filter_keeps_the_raw_values(tmp_path):
     subjects = ["abstract_algebra", "high_school_biology", "high_school_biology", "anatomy", "high_school_biology"]
     rows = [{"question": f"q{i}", "subject": s, "choices": ["w", "x", "y", "z"], "answer": i % 4}
             for i, s in enumerate(subjects)]
     write(tmp_path / "mmlu" / "test.jsonl", rows)
     cfg = dataset_cfg(tmp_path, "mmlu", source_splits=["test"], label_column="answer", num_classes=4,
-                      filter={"subject": "high_school_biology"}, humanize_fields=["subject"])
+                      filter={"subject": "high_school_biology"})
     got, labels = load_rows(cfg)
     assert [r["question"] for r in got] == ["q1", "q2", "q4"]
-    assert {r["subject"] for r in got} == {"high school biology"}
+    assert {r["subject"] for r in got} == {"high_school_biology"}  # the original's prompt keeps the underscores
     assert labels.tolist() == [1, 2, 0]
 
     nothing = dataset_cfg(tmp_path, "mmlu", source_splits=["test"], label_column="answer", num_classes=4,
@@ -295,14 +295,18 @@ def test_real_rte_uses_train_and_validation():
 
 @needs_shared
 def test_real_mmlu_subject():
-    cfg, task, labels = real(["dataset=mmlu", "dataset.subject=abstract_algebra"])
-    assert list(cfg.dataset.source_splits) == ["test"]
-    rows = task.train + task.test
-    assert {r["subject"] for r in rows} == {"abstract algebra"}
-    assert len(labels) == 100  # the subject's rows only, out of 14,080
+    """Transductive by default (the subject's 100 test questions are the pool), validation rows for
+    the supervised baseline, the subject with underscores; the §7 sample one setting away."""
+    cfg = compose("unsupervised_icl_llm", [f"dataset.data_root='{SHARED_DATA}'", "dataset=mmlu",
+                                           "dataset.subject=abstract_algebra"])
+    task = load_task(cfg.dataset)
+    assert task.transductive and len(task.test) == 100 and {r["subject"] for r in task.test} == {"abstract_algebra"}
+    assert len(task.supervised_pool) == 11 and {r["subject"] for r in task.supervised_pool} == {"abstract_algebra"}
     text = Template(cfg.template.text).render(task.test[0], "A")
-    assert text.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n")
+    assert text.startswith("The following are multiple choice questions (with answers) about abstract_algebra.\n")
     assert text.endswith("\nAnswer: A\n") and f"\nD. {task.test[0]['choices'][3]}\n" in text
+    _, sampled, labels = real(["dataset=mmlu", "dataset.subject=abstract_algebra", "dataset.transductive=false"])
+    assert len(labels) == 100 and not sampled.transductive and sampled.supervised_pool is None
 
 
 @needs_shared

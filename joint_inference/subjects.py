@@ -1,0 +1,104 @@
+"""MMLU as the original ran it (METHOD.md §8): every subject in one command, the model loaded once.
+
+Each subject is an ordinary classification run (:func:`~joint_inference.uicl.run_classification`,
+transductive by default) in ``<run dir>/subjects/<subject>`` with its own saved stages, so an
+interrupted run resumes at the subject and stage where it stopped and finished subjects are only
+read back. The run directory's results.json holds each subject's test accuracies and their macro
+(mean over subjects, what the paper reports) and micro (over all questions) averages.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .data import ALL_SUBJECTS
+from .errors import ConfigError
+from .results import write_results
+from .tasks import load_data
+from .uicl import load_scorer, run_classification
+from .utils import resolve_device
+
+log = logging.getLogger(__name__)
+STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # others: round_<t>
+
+
+def runs_all_subjects(cfg: DictConfig) -> bool:
+    """``dataset.subject=all``: a run over every subject of ``dataset.subjects``."""
+    return cfg.dataset.get("subject") == ALL_SUBJECTS
+
+
+def subject_config(cfg: DictConfig, subject: str) -> DictConfig:
+    """``cfg`` for one subject, writing into ``<run dir>/subjects/<subject>``."""
+    return OmegaConf.merge(cfg, {"dataset": {"subject": subject},
+                                 "output_dir": str(Path(cfg.output_dir) / "subjects" / subject)})
+
+
+def run_all_subjects(cfg: DictConfig) -> dict:
+    """Every subject of ``cfg.dataset.subjects`` in turn with one scorer; the summary in ``cfg.output_dir``."""
+    subjects = list(cfg.dataset.subjects)
+    if not subjects:
+        raise ConfigError(f"dataset.subjects of {cfg.dataset.name!r} is empty; name the subjects to run")
+    configs = [subject_config(cfg, subject) for subject in subjects]
+    # the scorer's prompt encoder depends on the template and label set only (the subject is a row
+    # field), so the scorer built with the first subject serves them all
+    scorer, _ = load_scorer(configs[0], load_data(configs[0]), resolve_device(cfg.device))
+    per_subject = {}
+    for i, (subject, subject_cfg) in enumerate(zip(subjects, configs), 1):
+        log.info("subject %d/%d: %s", i, len(subjects), subject)
+        per_subject[subject] = run_classification(subject_cfg, scorer)
+    results = summarize(cfg, per_subject)
+    write_results(cfg.output_dir, results, subjects_table)
+    log.info("macro average over %d subjects: %s", len(subjects),
+             ", ".join(f"{STAGE_NAMES.get(s, s)} {a:.4f}" for s, a in results["macro"].items()))
+    return results
+
+
+def stage_accuracies(results: dict) -> dict[str, float]:
+    """Test accuracy (majority vote) of each stage of one run's results, by stage name."""
+    accuracies = {"zero_shot": results["zero_shot"]["test_accuracy"]}
+    if results["supervised_icl"]:
+        accuracies["supervised_icl"] = results["supervised_icl"]["test_accuracy"]
+    accuracies.update({f"round_{r['round']}": r["test_accuracy"] for r in results["rounds"]})
+    return accuracies
+
+
+def summarize(cfg: DictConfig, per_subject: dict[str, dict]) -> dict:
+    """Each subject's stage accuracies, their mean over subjects (macro) and over questions (micro)."""
+    accuracies = {subject: stage_accuracies(r) for subject, r in per_subject.items()}
+    sizes = [r["num_test"] for r in per_subject.values()]
+    stages = list(next(iter(accuracies.values())))
+
+    def average(stage, weights=None):
+        return float(np.average([a[stage] for a in accuracies.values()], weights=weights))
+
+    return {
+        "task": cfg.dataset.name, "model": cfg.model.name, "num_subjects": len(per_subject), "num_test": sum(sizes),
+        "macro": {stage: average(stage) for stage in stages},
+        "micro": {stage: average(stage, sizes) for stage in stages},
+        "subjects": {subject: {"num_test": r["num_test"], **accuracies[subject]} for subject, r in per_subject.items()},
+        "timing": {key: sum(r["timing"][key] for r in per_subject.values()) for key in ("seconds", "prompts_scored")},
+        "settings": next(iter(per_subject.values()))["settings"],  # the same for every subject
+    }
+
+
+def subjects_table(results: dict) -> str:
+    """results.md: test accuracy per stage, averaged and per subject."""
+    stages = list(results["macro"])
+    names = [STAGE_NAMES.get(s, s.replace("_", " ")) for s in stages]
+    title = f"# {results['task']} / {results['model']}: {results['num_subjects']} subjects, {results['num_test']} questions"
+    lines = [title, "",
+             "| subject | questions | " + " | ".join(names) + " |", "| --- " * (len(stages) + 2) + "|"]
+
+    def row(name, size, accuracies):
+        lines.append(f"| {name} | {size} | " + " | ".join(f"{100 * accuracies[s]:.1f}%" for s in stages) + " |")
+
+    row("mean over subjects (macro)", results["num_test"], results["macro"])
+    row("over all questions (micro)", results["num_test"], results["micro"])
+    for subject, r in results["subjects"].items():
+        row(subject, r["num_test"], r)
+    t = results["timing"]
+    lines += ["", f"{t['prompts_scored']} prompts scored in {t['seconds']:.1f} s."]
+    return "\n".join(lines) + "\n"
