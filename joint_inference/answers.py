@@ -8,8 +8,9 @@ demonstration is the same text), turns free text into a comparable value (a
 float for GSM8K, a letter for MMLU-Pro), parses GSM8K gold answers, compares
 numbers with a tolerance and aggregates sampled answers by majority vote.
 
-``original_parser_number`` reads a response the way the original release does,
-so that results can count the answers where our more robust reading differs.
+``original_parser_number`` and ``original_parser_choice`` read a response the way
+the original release does: ``protocol=original`` answers with them, and results
+count the GSM8K answers where our more robust reading differs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "read_choice",
     "cut_after_answer",
     "original_parser_number",
+    "original_parser_choice",
     "majority_vote",
 ]
 
@@ -364,19 +366,36 @@ def read_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     return standalone[-1] if standalone else None
 
 
+def original_parser_choice(text: str) -> str | None:
+    """The letter the original release reads from an MMLU-Pro response, or ``None`` where it reads nothing.
+
+    Its three patterns in turn, each over all of A-J whatever the question's options: the first
+    "answer is X" / "answer is (X)" (case-sensitive); else the first line with "answer:" / "Answer:"
+    and a letter after it (the last such on that line); else the last standalone capital A-J.
+    """
+    for pattern, flags in ((r"answer is \(?([A-J])", 0), (r".*[aA]nswer:\s*([A-J])", 0),
+                           (r"\b([A-J])\b(?!.*\b[A-J]\b)", re.DOTALL)):
+        found = re.search(pattern, text or "", flags)
+        if found:
+            return found.group(1)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Majority vote
 # ---------------------------------------------------------------------------
 
 
-def majority_vote(answers: list, rng) -> object | None:
-    """Most frequent non-``None`` answer; ties broken with ``rng``.
+def majority_vote(answers: list, rng=None) -> object | None:
+    """Most frequent non-``None`` answer; ties broken with ``rng``, or won by the first seen without one.
 
     Numbers are grouped with ``numbers_equal`` semantics (18 and 18.0 are the
     same vote; NaN counts as an abstention); other values by ``==``.  A number
     never matches a non-number.  Each group is represented by its first-seen
     member.  ``rng`` is a ``numpy.random.Generator``; it is consulted only
-    when there is a tie.  Returns ``None`` if every answer is ``None``.
+    when there is a tie.  ``rng=None`` gives a tie to the answer seen first,
+    as ``Counter.most_common`` does in the original release.  Returns ``None``
+    if every answer is ``None``.
     """
     groups: list[list] = []  # [representative, count]
     for ans in answers:
@@ -402,6 +421,6 @@ def majority_vote(answers: list, rng) -> object | None:
         return None
     best = max(count for _, count in groups)
     tied = [rep for rep, count in groups if count == best]
-    if len(tied) == 1:
+    if len(tied) == 1 or rng is None:
         return tied[0]
     return tied[int(rng.integers(len(tied)))]

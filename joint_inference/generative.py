@@ -3,11 +3,18 @@
 * Round 0: every question answered zero-shot with chain of thought, ``num_repeats`` samples each,
   majority vote over the extracted final answers.
 * Baseline: supervised few-shot prompts with written exemplars (reported, never used by the rounds):
-  for GSM8K the published exemplars of the model family's prompt style (``prompt_style=``).
+  for GSM8K the published exemplars of the model family's prompt style (``prompt_style=``), in order;
+  for MMLU-Pro ``n_shots`` drawn at random per question from its category's validation examples.
 * Round t = 1..T: for each question, ``num_repeats`` prompts of ``n_shots`` demonstrations drawn
-  from the *other* questions with their current model-written responses (unparseable ones, and
-  choices read only from a last letter, are not in the pool; with a category field, only questions
-  of the same category); majority vote; the winners become the next round's pool.
+  without replacement from the *other* questions with their round t-1 responses (unparseable ones,
+  and choices read only from a last letter, are not in the pool; with a category field, only
+  questions of the same category); majority vote; the winners become the next round's pool.
+
+``protocol=original`` gives the original release's behaviour where ours deliberately differs
+(docs/protocol.md §8): a question may be among its own demonstrations, answers are read with the
+original's parsers (and an MMLU-Pro response demonstrates if it contains "answer is"), vote ties go
+to the answer seen first, zero-shot and the baseline are sampled once, and generation stops only
+where the original's does.
 
 A GSM8K response is cut right after its first "The (final) answer is N" (as in the original release);
 the cut text is what is scored, shown as a demonstration and written to answers.jsonl.
@@ -27,10 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from .answers import (cut_after_answer, extract_choice, extract_number, gold_number, majority_vote, numbers_equal,
-                      original_parser_number, read_choice)
+                      original_parser_choice, original_parser_number, read_choice)
 from .data import load_split
 from .errors import ConfigError
 from .generation import SamplingSettings, make_generator
+from .icl import PROTOCOLS
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .utils import seed_everything
 
@@ -62,14 +70,17 @@ class CotFormat:
     FIELDS = ("instruction", "supervised_instruction", "query", "separator", "zero_shot", "stop")
 
     @classmethod
-    def from_cfg(cls, cfg) -> "CotFormat":
+    def from_cfg(cls, cfg, protocol: str = "clean") -> "CotFormat":
+        """The template's prompts; its ``stop`` strings are the original's, ``stop_clean`` ones are added
+        under ``protocol=clean`` (ours: a response also ends where a small model starts a next question)."""
         t = resolved(cfg, "template")
         missing = [k for k in cls.FIELDS if k not in t]
         if missing:
             raise ConfigError(f"the generation template lacks {missing}; it needs {list(cls.FIELDS)} "
-                              "(and optionally stop_after), as configs/template/gsm8k.yaml has them")
+                              "(and optionally stop_clean, stop_after), as configs/template/gsm8k.yaml has them")
+        stop = [*(t["stop"] or ()), *((t.get("stop_clean") or ()) if protocol == "clean" else ())]
         return cls(t["instruction"], t["supervised_instruction"], t["query"], t["separator"], t["zero_shot"],
-                   tuple(t["stop"] or ()), tuple(t.get("stop_after") or ()))
+                   tuple(stop), tuple(t.get("stop_after") or ()))
 
     def zero_shot_prompt(self, row: dict) -> str:
         return _fill(self.zero_shot, row)
@@ -111,18 +122,25 @@ class GenerativeTask:
     answer_type: str  # number | choice
     categories: list[str] | None  # demonstrations come from the same category; accuracy per category
     exemplars: list[tuple[dict, str, str | None]] | None  # (row, written response, category): the baseline's
+    draw_exemplars: bool = False  # the baseline draws n_shots of them per question (a pool), else the first n_shots
+    protocol: str = "clean"  # original: the original release's parsers, pool rule, self-demonstrations, vote ties
 
     def read(self, q: int, text: str) -> tuple[str, object]:
         """The response as kept (GSM8K: cut after its first final-answer statement) and its answer, or None."""
+        original = self.protocol == "original"
         if self.answer_type == "number":
             kept = cut_after_answer(text)
-            return kept, extract_number(kept)
-        return text, read_choice(text, self._letters(q))
+            return kept, (original_parser_number if original else extract_number)(kept)
+        return text, original_parser_choice(text) if original else read_choice(text, self._letters(q))
 
     def states_answer(self, q: int, response: str) -> bool:
         """Whether a parseable response may demonstrate: a choice must be stated ("the answer is (C)", "Answer: C",
-        boxed), not guessed by the last-letter fallback (the original keeps only responses saying "answer is")."""
-        return self.answer_type == "number" or extract_choice(response, self._letters(q)) is not None
+        boxed), not guessed by the last-letter fallback; the original keeps responses that contain "answer is"."""
+        if self.answer_type == "number":
+            return True
+        if self.protocol == "original":
+            return "answer is" in response
+        return extract_choice(response, self._letters(q)) is not None
 
     def _letters(self, q: int) -> str:
         return LETTERS[:len(self.rows[q]["options"])]
@@ -164,7 +182,8 @@ def _gold(row: dict, cfg, source: str):
 
 def _exemplars(cfg) -> list[tuple[dict, str, str | None]] | None:
     """Demonstrations of the supervised baseline: listed in the config, or another split's written CoT; None if
-    absent. Responses are kept verbatim (they follow the query with the spacing their source has)."""
+    absent. Responses are kept verbatim (they follow the query with the spacing their source has), less the
+    ``remove`` text wherever it occurs, as the original deletes "A: Let's think step by step." from MMLU-Pro's."""
     ex = cfg.exemplars
     if ex is None:
         return None
@@ -182,13 +201,17 @@ def _exemplars(cfg) -> list[tuple[dict, str, str | None]] | None:
     except ConfigError as err:
         log.warning("no supervised baseline: the exemplar split %r is not available (%s)", ex.split, err)
         return None
-    prefix, category = ex.get("strip_prefix") or "", cfg.get("category_field")
-    return [(_with_options(r, cfg), r[ex.response_field].removeprefix(prefix),
+    remove, category = ex.get("remove") or "", cfg.get("category_field")
+    return [(_with_options(r, cfg), r[ex.response_field].replace(remove, ""),
              str(r[category]) if category else None) for r in rows]
 
 
-def load_generative_task(cfg) -> GenerativeTask:
-    """The questions of ``cfg.source_splits`` (a seeded subset of ``num_examples``), gold answers checked."""
+def load_generative_task(cfg, protocol: str = "clean") -> GenerativeTask:
+    """The questions of ``cfg.source_splits`` (a seeded subset of ``num_examples``), gold answers checked.
+
+    The supervised baseline's exemplars from another split are a pool it draws from (MMLU-Pro's validation
+    examples, as the original draws them); exemplars listed in the config are a published prompt, used as listed.
+    """
     rows, sources = [], []
     for split in cfg.source_splits:
         part = load_split(cfg, split).to_list()
@@ -202,7 +225,9 @@ def load_generative_task(cfg) -> GenerativeTask:
     rows = [_with_options(r, cfg) for r in rows]
     categories = [str(r[cfg.category_field]) for r in rows] if cfg.get("category_field") else None
     return GenerativeTask(rows=rows, sources=sources, gold=[_gold(r, cfg, s) for r, s in zip(rows, sources)],
-                          answer_type=cfg.answer_type, categories=categories, exemplars=_exemplars(cfg))
+                          answer_type=cfg.answer_type, categories=categories, exemplars=_exemplars(cfg),
+                          draw_exemplars=cfg.exemplars is not None and cfg.exemplars.source == "split",
+                          protocol=protocol)
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -211,6 +236,12 @@ def load_generative_task(cfg) -> GenerativeTask:
 def question_rng(key: tuple[int, ...], q: int, use: int) -> np.random.Generator:
     """The random stream of question ``q`` in a stage: use 0 draws demonstrations, use 1 breaks vote ties."""
     return np.random.default_rng([*key, q, use])
+
+
+def draw(items: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` of ``items`` (all if fewer) at random, without replacement, in random order, as the original's
+    ``np.random.choice(items, n, replace=False)`` (which fails where we take what there is)."""
+    return [items[i] for i in rng.permutation(len(items))[:n]]
 
 
 def same_answer(a, b) -> bool:
@@ -225,8 +256,9 @@ def same_answer(a, b) -> bool:
 def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_samples: int, key: tuple[int, ...]) -> dict:
     """Generate for every prompt, vote per question; the stage's answers and one winning response each.
 
-    ``prompts[q]`` are question q's prompts, each sampled ``num_samples`` times. The response kept (as
-    ``task.read`` keeps it) is a random one among those whose answer won (any response when none parses).
+    ``prompts[q]`` are question q's prompts, each sampled ``num_samples`` times. Vote ties are broken at
+    random, or go to the answer seen first (``protocol=original``). The response kept (as ``task.read`` keeps
+    it) is a random one among those whose answer won (any response when none parses).
     """
     outputs = iter(generator.generate([p for ps in prompts for p in ps], num_samples,
                                       seed=int(np.random.default_rng(key).integers(2**31))))
@@ -234,7 +266,7 @@ def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_sample
     for q, ps in enumerate(prompts):
         samples, extracted = zip(*(task.read(q, text) for _ in ps for text in next(outputs)))
         rng = question_rng(key, q, 1)
-        winner = majority_vote(list(extracted), rng)
+        winner = majority_vote(list(extracted), None if task.protocol == "original" else rng)
         backing = [s for s, a in zip(samples, extracted) if a is not None and same_answer(a, winner)] or samples
         answers.append(winner)
         responses.append(backing[int(rng.integers(len(backing)))])
@@ -245,6 +277,9 @@ def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots:
                   key: tuple[int, ...], name: str) -> tuple[list[list[str]], dict]:
     """``num_repeats`` n-shot prompts per question from the other questions' responses that state an answer.
 
+    Each prompt draws its own demonstrations. Under ``protocol=original`` a question may be among its own,
+    as in the original release, which draws from the whole pool.
+
     Returns the prompts and ``{"pool_size": ...}``. Where fewer than ``n_shots`` demonstrations are
     available, the prompts use what there is and one warning says how many remain.
     """
@@ -252,14 +287,13 @@ def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots:
             if a is not None and task.states_answer(j, response)]
     prompts, short = [], []
     for q, row in enumerate(task.rows):
-        candidates = [j for j in pool
-                      if j != q and (task.categories is None or task.categories[j] == task.categories[q])]
-        k = min(n_shots, len(candidates))
-        if k < n_shots:
-            short.append(k)
+        candidates = [j for j in pool if (j != q or task.protocol == "original")
+                      and (task.categories is None or task.categories[j] == task.categories[q])]
+        if len(candidates) < n_shots:
+            short.append(len(candidates))
         rng = question_rng(key, q, 0)
-        prompts.append([fmt.few_shot_prompt(row, [(task.rows[candidates[i]], previous["responses"][candidates[i]])
-                                                  for i in rng.permutation(len(candidates))[:k]])
+        prompts.append([fmt.few_shot_prompt(row, [(task.rows[j], previous["responses"][j])
+                                                  for j in draw(candidates, n_shots, rng)])
                         for _ in range(num_repeats)])
     if short:
         log.warning("%s: n_shots=%d, but only %s parseable responses of other questions remain for %d of %d "
@@ -268,12 +302,13 @@ def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots:
     return prompts, {"pool_size": len(pool)}
 
 
-def supervised_prompts(task: GenerativeTask, fmt: CotFormat, n_shots: int) -> list[list[str]]:
-    """One prompt per question: the first ``n_shots`` exemplars (of the question's category), in order."""
+def supervised_prompts(task: GenerativeTask, fmt: CotFormat, n_shots: int, key: tuple[int, ...]) -> list[list[str]]:
+    """One prompt per question: ``n_shots`` exemplars of the question's category, drawn at random for each
+    question where the exemplars are a pool (``task.draw_exemplars``), else the first ``n_shots`` in order."""
     prompts, fewest = [], n_shots
     for q, row in enumerate(task.rows):
-        demos = [(r, resp) for r, resp, c in task.exemplars
-                 if task.categories is None or c == task.categories[q]][:n_shots]
+        demos = [(r, resp) for r, resp, c in task.exemplars if task.categories is None or c == task.categories[q]]
+        demos = draw(demos, n_shots, question_rng(key, q, 0)) if task.draw_exemplars else demos[:n_shots]
         fewest = min(fewest, len(demos))
         prompts.append([fmt.few_shot_prompt(row, demos, supervised=True)])
     if fewest < n_shots:
@@ -291,8 +326,10 @@ def summary(task: GenerativeTask, stage: dict) -> dict:
         out["original_parser_accuracy"] = float(np.mean([numbers_equal(o, g) for o, g in zip(original, task.gold)]))
         out["original_parser_differs"] = sum(not same_answer(a, o) for a, o in zip(stage["answers"], original))
     if task.categories is not None:
+        # The original runs and reports each category on its own; their mean weighs every category alike.
         out["per_category"] = {c: float(np.mean([ok for ok, cq in zip(correct, task.categories) if cq == c]))
                                for c in sorted(set(task.categories))}
+        out["category_mean_accuracy"] = float(np.mean(list(out["per_category"].values())))
     return out
 
 
@@ -305,18 +342,21 @@ def run_generation(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
 
     # ---- data and prompts
-    task = load_generative_task(cfg.dataset)
-    fmt = CotFormat.from_cfg(cfg.template)
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    task = load_generative_task(cfg.dataset, cfg.protocol)
+    fmt = CotFormat.from_cfg(cfg.template, cfg.protocol)
     n_shots = cfg.n_shots if cfg.get("n_shots") is not None else cfg.dataset.n_shots
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, fmt.stop, fmt.stop_after)
     template = resolved(cfg.template, "template")
-    log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend", cfg.dataset.name, len(task.rows), n_shots,
-             cfg.num_repeats, cfg.backend)
+    one_prompt_samples = 1 if cfg.protocol == "original" else cfg.num_repeats  # zero-shot's and the baseline's
+    log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend, protocol %s", cfg.dataset.name,
+             len(task.rows), n_shots, cfg.num_repeats, cfg.backend, cfg.protocol)
 
     state = RunState(out_dir / "state.json", {
         "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
         "template": template, "n_shots": n_shots, "num_repeats": cfg.num_repeats,
-        "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p],
+        "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
         "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
     })
     generator = None
@@ -334,12 +374,14 @@ def run_generation(cfg: DictConfig) -> dict:
         return state[name]
 
     # ---- round 0: zero-shot chain of thought
-    zero_shot = stage("zero_shot", 0, lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}), cfg.num_repeats)
+    zero_shot = stage("zero_shot", 0, lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}),
+                      one_prompt_samples)
 
     # ---- baseline: supervised few-shot with written exemplars (never used by the rounds)
     supervised = None
     if cfg.supervised_icl and task.exemplars:
-        supervised = stage("supervised_icl", 1, lambda: (supervised_prompts(task, fmt, n_shots), {}), cfg.num_repeats)
+        supervised = stage("supervised_icl", 1, lambda: (supervised_prompts(task, fmt, n_shots, (cfg.seed, 1)), {}),
+                           one_prompt_samples)
 
     # ---- unsupervised ICL: demonstrations are the other questions with the previous round's responses
     rounds, previous = [], zero_shot
@@ -357,9 +399,9 @@ def run_generation(cfg: DictConfig) -> dict:
         "rounds": [{"round": t, **summary(task, r), "pool_size": r["pool_size"]} for t, r in enumerate(rounds, 1)],
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"n_shots": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-                     "backend": cfg.backend, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "max_new_tokens": cfg.max_new_tokens, "prompt_style": OmegaConf.select(cfg, "prompt_style.name"),
-                     "template": template},
+                     "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
+                     "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                     "prompt_style": OmegaConf.select(cfg, "prompt_style.name"), "template": template},
     }
     def per_question(stage):
         return [{"answer": a, "correct": ok, "response": r}

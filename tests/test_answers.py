@@ -10,6 +10,7 @@ from joint_inference.answers import (
     gold_number,
     majority_vote,
     numbers_equal,
+    original_parser_choice,
     original_parser_number,
     read_choice,
 )
@@ -193,6 +194,26 @@ def test_read_choice_falls_back_to_the_last_standalone_letter(text, letters, exp
     assert read_choice(text, letters) == expected
 
 
+# What the original release's MMLU-Pro parser reads (checked against its extract_answer): the first
+# case-sensitive "answer is (X)", else the first line with "answer:"/"Answer:" and a letter (the last on that
+# line, the letter possibly on the next line), else the last standalone capital A-J, whatever the options.
+@pytest.mark.parametrize("text,expected", [
+    ("So the answer is (C)", "C"),
+    ("answer is D. Then the answer is (E)", "D"),  # the first statement, where ours reads the last
+    ("Answer: C", "C"),
+    ("The Answer: B, or Answer: C\nAnswer: D", "C"),
+    ("Answer:\nB", "B"),
+    ("I think the answer is likely C", "C"),  # the last letter, though "answer is" reads nothing
+    ("The Answer is (C)", "C"),
+    ("So J", "J"),  # beyond a four-option question's letters, still read
+    ("It is (K)", None),
+    ("DNA and RNA", None),
+    ("", None),
+])
+def test_original_parser_choice(text, expected):
+    assert original_parser_choice(text) == expected
+
+
 # A GSM8K response is cut right after its first final-answer statement, as the original release cuts it
 # (case-sensitive "The answer is" / "The final answer is", then on the same line a number and the run of
 # digits, "$", "€", ",", ".", "\\", brackets and braces after it). Columns: the response, the text kept
@@ -277,6 +298,13 @@ def test_majority_vote_tie_uses_rng():
     assert outcomes == {1.0, 2.0}
     letters = {majority_vote(["A", "B"], np.random.default_rng(seed)) for seed in range(64)}
     assert letters == {"A", "B"}
+
+
+def test_majority_vote_tie_without_rng_goes_to_the_first_seen():
+    # the original's Counter.most_common: among tied answers, the one seen first
+    assert majority_vote([None, 2.0, 1.0, 1, 2]) == 2.0
+    assert majority_vote(["B", "A", "A", "B", "C"]) == "B"
+    assert majority_vote(["B", "A", "A"]) == "A"
 
 
 def test_majority_vote_tie_is_reproducible():

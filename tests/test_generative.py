@@ -2,6 +2,7 @@
 backend on a tiny random model, whole runs with resume, bad input, and (integration) Gemma on GSM8K."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from joint_inference.answers import extract_number, original_parser_number
 from joint_inference.errors import ConfigError
 from joint_inference.generation import HFGenerator, SamplingSettings, cut_at_stop
-from joint_inference.generative import CotFormat, GenerativeTask, _exemplars, answer
+from joint_inference.generative import CotFormat, GenerativeTask, _exemplars, answer, summary
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, write_jsonl
 
 PRIMARY = "unsupervised_icl_llm"
@@ -42,6 +43,19 @@ def test_generation_dataset_configs_compose(name, n_shots):
     assert fmt.stop and all(s.startswith("\n") for s in fmt.stop)  # a stop is where a next example starts
     assert (fmt.separator + fmt.query).startswith(fmt.stop[0])
     assert (cfg.backend, cfg.temperature, cfg.top_p) == ("hf", 0.0, 1.0) and cfg.max_new_tokens > 0
+
+
+def test_stop_strings_are_the_originals_under_protocol_original():
+    def stops(name, protocol):
+        fmt = CotFormat.from_cfg(compose(PRIMARY, [f"dataset={name}"]).template, protocol)
+        return fmt.stop, fmt.stop_after
+
+    # the original: GSM8K stops before "\n\nQ:"; MMLU-Pro only right after "answer is (X)"
+    assert stops("gsm8k", "original") == (("\n\nQ:",), ())
+    assert stops("gsm8k", "clean") == (("\n\nQ:", "\nQ:"), ())
+    answer_is = tuple(f"answer is ({x})" for x in "ABCDEFGHIJ")
+    assert stops("mmlu_pro", "original") == ((), answer_is)
+    assert stops("mmlu_pro", "clean") == (("\n\nQuestion:", "\nQuestion:"), answer_is)
 
 
 ROUND_INSTRUCTION = ("Given the following problem, reason and give a final answer to the problem. Your response should "
@@ -155,12 +169,14 @@ class ScriptedGenerator:
     def __init__(self, answers, fail_at_stage=None, after=""):
         self.answers, self.fail_at_stage, self.after = answers, fail_at_stage, after
         self.calls: list[list[str]] = []
+        self.samples: list[int] = []  # num_samples of each call
 
     def generate(self, prompts, num_samples=1, seed=0):
         stage = len(self.calls)
         if stage == self.fail_at_stage:
             raise KeyboardInterrupt("interrupted")
         self.calls.append(list(prompts))
+        self.samples.append(num_samples)
         out = []
         for p in prompts:
             q = query_of(p)
@@ -211,7 +227,7 @@ def test_rounds_pools_update_and_exclude_the_query(gsm8k_root, tmp_path, monkeyp
     gen = ScriptedGenerator(script)
     results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run"), gen)
     zero_shot, supervised, *rounds = gen.calls
-    assert len(rounds) == 3
+    assert len(rounds) == 3 and gen.samples == [3, 3, 1, 1, 1]
     assert [query_of(p) for p in zero_shot] == list(range(6))  # one prompt each, sampled num_repeats times
     assert all(p.endswith("Let's think step by step.") and not demos_of(p) for p in zero_shot)
     assert all("There are 15 trees in the grove" in p and not demos_of(p) for p in supervised)
@@ -239,6 +255,27 @@ def test_rounds_pools_update_and_exclude_the_query(gsm8k_root, tmp_path, monkeyp
                                     "response": " [stage 0 q 4] Adding up. I am not sure."}
     assert rows[4]["rounds"][0]["answer"] == 9.0 and rows[5]["rounds"][2]["answer"] == 999.0
     assert all(r["gold"] == g for r, g in zip(rows, GOLD))
+
+
+def test_protocol_original_lets_a_question_demonstrate_itself_and_samples_one_prompt_once(gsm8k_root, tmp_path,
+                                                                                         monkeypatch):
+    gen = ScriptedGenerator(script)
+    results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "protocol=original"), gen)
+    assert gen.samples == [1, 1, 1, 1, 1]  # zero-shot and the baseline: one sample, as in the original
+    rounds = gen.calls[2:]
+    for t, prompts in enumerate(rounds, 1):
+        pool = {0, 1, 2, 3, 5} if t == 1 else set(range(6))
+        for p in prompts:
+            demos = [j for _, j in demos_of(p)]
+            assert len(demos) == len(set(demos)) == 3 and set(demos) <= pool  # without replacement, as there
+    itself = sum(query_of(p) in [j for _, j in demos_of(p)] for prompts in rounds for p in prompts)
+    assert itself > 10  # of 54 prompts, about half show their own question's previous response
+    assert results["settings"]["protocol"] == "original"
+    assert [r["test_accuracy"] for r in results["rounds"]] == pytest.approx([5 / 6] * 3)
+    with pytest.raises(ConfigError, match="different configuration"):  # a run does not resume under another protocol
+        run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run"), ScriptedGenerator(script))
+    with pytest.raises(ConfigError, match="unknown protocol 'sloppy'"):
+        run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run2", "protocol=sloppy"), gen)
 
 
 def test_rounds_are_deterministic_under_the_seed(gsm8k_root, tmp_path, monkeypatch):
@@ -296,9 +333,13 @@ def test_majority_vote_over_prompts_and_samples():
     assert result["responses"][0] in ("The answer is 5.", "\\boxed{5.0}", "The answer is 5")
     assert result["responses"][1] == "The answer is -3."
 
-    ties = {answer(ListGenerator([["The answer is 1."], ["The answer is 2."]]), number_task(1), [["a", "b"]], 1,
-                   (seed, 2))["answers"][0] for seed in range(30)}
-    assert ties == {1.0, 2.0}  # ties broken at random, reproducibly per seed
+    def tie(seed, protocol="clean"):
+        outputs = ListGenerator([[f"The answer is {a}."] for a in (2, 1, 1, 2)])
+        return answer(outputs, dataclasses.replace(number_task(1), protocol=protocol), [["a", "b", "c", "d"]], 1,
+                      (seed, 2))["answers"][0]
+
+    assert {tie(seed) for seed in range(30)} == {1.0, 2.0}  # ties broken at random, reproducibly per seed
+    assert {tie(seed, "original") for seed in range(30)} == {2.0}  # the original's: the answer seen first
     none = answer(ListGenerator([["?"], ["!"]]), number_task(1), [["a", "b"]], 1, (0, 2))
     assert none["answers"] == [None] and none["responses"][0] in ("?", "!")
 
@@ -328,6 +369,11 @@ def test_results_count_where_the_original_parser_reads_otherwise(gsm8k_root, tmp
     # ours: 1, 3, 5, -7 (wrong: gold 7), 9, 11; the original's: 1, nothing, 5, 7, nothing, 11
     assert zs["test_accuracy"] == pytest.approx(5 / 6) and zs["original_parser_accuracy"] == pytest.approx(4 / 6)
     assert zs["original_parser_differs"] == 3  # boxed only, the minus sign, lower case
+    # protocol=original answers with the original's parser
+    original = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "orig", "T=0", "protocol=original"),
+                            gen)["zero_shot"]
+    assert original["test_accuracy"] == original["original_parser_accuracy"] == pytest.approx(4 / 6)
+    assert original["answered"] == 4 and original["original_parser_differs"] == 0
     assert results["settings"]["prompt_style"] == "cot_wei2022"
     assert results["settings"]["template"]["zero_shot"] == STYLES["cot_wei2022"].zero_shot  # resolved
 
@@ -364,10 +410,11 @@ def test_mmlu_pro_categories_options_and_validation_exemplars(tmp_path, monkeypa
     assert zero_shot[5].startswith("The following are multiple choice questions (with answers) about math.")
     assert "Options:\nA. opt 0\nB. opt 1\nC. opt 2\nD. opt 3\nE. opt 4\nF. opt 5\nAnswer: Let's think step by step." \
         in zero_shot[5]
-    # supervised: the first two validation examples of the same category, "A: Let's think..." stripped
-    assert "Worked example 0?" in supervised[2] and "Worked example 2?" in supervised[2]
-    assert "Let's think step by step. Work 0. The answer is (A).\n\nQuestion:" in supervised[2]
-    assert "Worked example 1?" not in supervised[2]
+    # supervised: two validation examples of the question's category, "A: Let's think step by step." removed
+    for q, p in enumerate(supervised):
+        worked = [int(n) for n in re.findall(r"Worked example (\d+)\?", p)]
+        assert len(set(worked)) == 2 and all(w % 2 == q % 2 for w in worked)
+        assert len(re.findall(r"\nAnswer: Let's think step by step\. Work \d\. The answer is \([A-D]\)\.\n\n", p)) == 2
     for p in round1:  # demonstrations from the same category only
         numbers = [int(n) for n in re.findall(r"Question number (\d+)\?", p)]
         assert len(numbers) == 3 and len({n % 2 for n in numbers}) == 1 and numbers[-1] not in numbers[:-1]
@@ -377,6 +424,67 @@ def test_mmlu_pro_categories_options_and_validation_exemplars(tmp_path, monkeypa
     assert "original_parser_accuracy" not in results["zero_shot"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
     assert rows[1]["category"] == "math" and rows[1]["zero_shot"]["answer"] == "B"
+
+
+def test_mmlu_pro_baseline_draws_its_exemplars_at_random_for_each_question(tmp_path, monkeypatch):
+    """The original draws n of the category's validation examples for each question (not the first n)."""
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", MMLU_PRO)
+    write_jsonl(tmp_path / "mmlu_pro" / "validation.jsonl", VALIDATION)
+
+    def baseline(name, *extra):
+        gen = ScriptedGenerator(lambda s, q, p: None)
+        gen.generate = lambda prompts, n=1, seed=0: gen.calls.append(prompts) or [[" The answer is (A)."] * n
+                                                                                  for _ in prompts]
+        run_scripted(monkeypatch, compose(PRIMARY, [
+            "dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=0", "num_repeats=1",
+            "progress=false", f"output_dir={quoted(tmp_path / name)}", *extra]), gen)
+        return [tuple(int(n) for n in re.findall(r"Worked example (\d+)\?", p)) for p in gen.calls[1]]
+
+    drawn = baseline("a")
+    for category in (0, 1):  # validation 0, 2, 4 are law, 1, 3, 5 math: 2 of 3, in random order
+        assert len({d for q, d in enumerate(drawn) if q % 2 == category}) > 1
+    assert baseline("b") == drawn and baseline("c", "seed=3") != drawn  # keyed by the seed and the question
+
+
+def test_mmlu_pro_exemplar_text_loses_the_prompt_phrase_wherever_it_occurs(tmp_path):
+    row = {**VALIDATION[0], "cot_content": "A: Let's think step by step. One.\nA: Let's think step by step. Two."}
+    write_jsonl(tmp_path / "mmlu_pro" / "validation.jsonl", [row])
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}"])
+    assert [response for _, response, _ in _exemplars(cfg.dataset)] == [" One.\n Two."]  # the original's str.replace
+
+
+def test_mmlu_pro_accuracy_per_category_and_their_mean():
+    task = GenerativeTask(rows=[{}] * 4, sources=[], gold=list("ABCD"), answer_type="choice",
+                          categories=["law", "law", "law", "math"], exemplars=None)
+    out = summary(task, {"answers": list("ABCA"), "responses": [""] * 4})
+    assert out["test_accuracy"] == 0.75 and out["per_category"] == {"law": 1.0, "math": 0.0}
+    assert out["category_mean_accuracy"] == 0.5  # each category weighs the same, as averaging per-category runs
+
+
+@pytest.mark.parametrize("protocol,pool", [("clean", {0, 1, 4, 5}), ("original", {0, 2, 4, 6})])
+def test_mmlu_pro_pool_and_reading_follow_the_protocol(tmp_path, monkeypatch, protocol, pool):
+    """Ours: a response demonstrates if it states its letter; the original's: if it says "answer is" anywhere."""
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", MMLU_PRO)
+    texts = ["The answer is ({}).", "Answer: {}", "I think the answer is likely {}", "So {}"]
+    prompts = []
+
+    class Styles:
+        def generate(self, batch, num_samples=1, seed=0):
+            prompts.append(batch)
+            numbers = [int(re.findall(r"Question number (\d+)\?", p)[-1]) for p in batch]
+            return [[f" Work {i}. " + texts[i % 4].format("ABCD"[i % 4])] * num_samples for i in numbers]
+
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=1",
+                            "num_repeats=2", f"protocol={protocol}", "progress=false",
+                            f"output_dir={quoted(tmp_path / 'run')}"])
+    results = run_scripted(monkeypatch, cfg, Styles())
+    assert results["zero_shot"]["answered"] == 8 and results["rounds"][0]["pool_size"] == 4
+    used = set()
+    for p in prompts[-1]:
+        *demos, query = [int(n) for n in re.findall(r"Question number (\d+)\?", p)]
+        assert set(demos) <= {j for j in pool if j % 2 == query % 2} and (protocol == "original" or query not in demos)
+        used |= set(demos)
+    assert used == pool
 
 
 def test_mmlu_pro_last_letter_fallback_scores_but_never_demonstrates(tmp_path, monkeypatch):
