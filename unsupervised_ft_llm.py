@@ -4,21 +4,22 @@
     python unsupervised_ft_llm.py dataset=sst2 model=llama3.1_8b       # a paper row
     python unsupervised_ft_llm.py estimator=naive estimator.baseline=false task_encoder=linear
 
-Writes results.json, the adapter (peft ``save_pretrained``), learning_curve.png and
-checkpoint.pt to the run directory; starting again with the same ``hydra.run.dir`` resumes.
+Writes results.json, results.md (printed at the end), metrics.jsonl (every step), the adapter (peft
+``save_pretrained``), learning_curve.png and checkpoint.pt to the run directory; starting again with
+the same ``hydra.run.dir`` resumes. ``--help`` lists the keys and the config groups.
 """
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.errors import exit_on_config_error
+from joint_inference.cli import run_script
 from joint_inference.uft import run_finetuning as run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_ft_llm")
 def main(cfg: DictConfig) -> None:
-    exit_on_config_error(run, cfg)
+    run_script(run, cfg)
 
 
 if __name__ == "__main__":

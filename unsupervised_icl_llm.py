@@ -5,15 +5,17 @@
     python unsupervised_icl_llm.py -m dataset=sst2,ag_news,trec seed=0,1,2
     python unsupervised_icl_llm.py dataset=mmlu model=llama3.1_8b    # all 57 MMLU subjects, one model load
 
-Writes results.json and results.md to the run directory; starting again with the same
-``hydra.run.dir`` resumes after the last finished stage.
+Writes results.json, results.md (printed at the end) and rounds.png to the run directory; starting
+again with the same ``hydra.run.dir`` resumes where it stopped (each finished split of a stage is kept).
+``--help`` lists the keys and the config groups.
 """
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.errors import ConfigError, exit_on_config_error
+from joint_inference.cli import run_script
+from joint_inference.errors import ConfigError
 from joint_inference.generative import run_generation
 from joint_inference.subjects import run_all_subjects, runs_all_subjects
 from joint_inference.uicl import run_classification
@@ -34,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_llm")
 def main(cfg: DictConfig) -> None:
-    exit_on_config_error(run, cfg)
+    run_script(run, cfg)
 
 
 if __name__ == "__main__":

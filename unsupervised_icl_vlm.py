@@ -4,20 +4,20 @@
     python unsupervised_icl_vlm.py model=tiny_random_vlm dataset=cifar10 dataset.num_examples=60 N=2 T=1 num_repeats=1 device=cpu
 
 The rounds are the text ones (joint_inference.uicl); only the prompts hold images. Writes
-results.json and results.md to the run directory; the same ``hydra.run.dir`` resumes.
+results.json, results.md and rounds.png to the run directory; the same ``hydra.run.dir`` resumes.
 """
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.errors import exit_on_config_error
+from joint_inference.cli import run_script
 from joint_inference.uicl import run_classification as run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_vlm")
 def main(cfg: DictConfig) -> None:
-    exit_on_config_error(run, cfg)
+    run_script(run, cfg)
 
 
 if __name__ == "__main__":

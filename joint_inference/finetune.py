@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .estimators import batch_entropy, surrogate_loss
 from .icl import zero_shot_logprobs
 from .prompts import EncodedExample
+from .results import write_jsonl
 from .scoring import Scorer
 from .utils import atomic_write, differing_keys
 
@@ -339,15 +340,18 @@ def labels_settled(flip_rates: Sequence[float], below: float | None, window: int
 
 # ----------------------------------------------------------------------------------- the loop
 def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.ndarray, cfg, fingerprint: dict,
-        ckpt_path: Path, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+        ckpt_path: Path, metrics_path: Path, progress: bool = True,
+        on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train for ``cfg.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
 
     ``cfg`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
     seed, estimator.{name, baseline}, optimization.{lr, schedule, warmup_steps, min_lr} and
     early_stopping.{flip_rate_below, window}. Returns the run's state: step, history (one entry
     per evaluation, rewards, entropy and flip rate averaged over the steps since the previous
-    one), flip_rates (one per step: the fraction of the step's B*N argmax labels that changed
-    since those examples were last drawn), stopped_at (the step at which :func:`labels_settled`
+    one), metrics (every step's statistics, also written to ``metrics_path`` with each
+    checkpoint, so that the file matches the checkpoint a restart continues from), flip_rates
+    (one per step: the fraction of the step's B*N argmax labels that changed since those
+    examples were last drawn), stopped_at (the step at which :func:`labels_settled`
     stopped the run, else None), zero_shot and train seconds. The original checks its rule
     before the update of the step whose labels it reads; here that step's update is made. Under
     several processes (data-parallel, see :func:`train_step`) all hold this same state; the main
@@ -367,7 +371,8 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
         log.info("resuming from %s at step %d", ckpt_path, state["step"])
     else:
         accuracy = evaluate(encoder, "test", test_labels)
-        state = {"step": 0, "seconds": 0.0, "zero_shot": accuracy, "window": [],
+        log.info("zero-shot: test accuracy %.4f", accuracy)
+        state = {"step": 0, "seconds": 0.0, "zero_shot": accuracy, "window": [], "metrics": [],
                  "history": [{"step": 0, "test_accuracy": accuracy, "reward_argmax": None,
                               "reward_sample": None, "entropy": None, "flip_rate": None}],
                  "last_labels": torch.zeros(len(pool_labels), dtype=torch.long), "flip_rates": [],
@@ -379,6 +384,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
         atomic_torch_save(ckpt_path, {
             "fingerprint": fingerprint, "trainable": encoder.trainable_state(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "state": state})
+        write_jsonl(metrics_path, state["metrics"])
 
     bar = tqdm(total=cfg.num_iterations, initial=state["step"], desc="fine-tuning",
                disable=not progress or not is_main_process())
@@ -411,7 +417,9 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
             means = {k: float(np.mean([w[k] for w in state["window"]])) for k in state["window"][0]}
             state["history"].append({"step": step, "test_accuracy": stats["test_accuracy"], **means})
             state["window"] = []
-            log.info("step %d: test accuracy %.4f, reward %.4f", step, stats["test_accuracy"], means["reward_argmax"])
+            log.info("step %d: test accuracy %.4f, reward %.4f, entropy %.4f", step, stats["test_accuracy"],
+                     means["reward_argmax"], means["entropy"])
+        state["metrics"].append({"step": step, **stats})
         if on_step is not None:
             on_step(step, stats)
         if step % cfg.ckpt_freq == 0 or last:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,8 @@ from .errors import ConfigError
 from .utils import atomic_write_json, atomic_write_text, differing_keys
 
 log = logging.getLogger(__name__)
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # others: round_<t>
 
 
 def fingerprint_digest(obj: Any) -> str:
@@ -58,35 +61,105 @@ class RunState:
                                           "seconds": self.seconds, "prompts": self.prompts})
 
 
-def markdown_table(results: dict) -> str:
-    """A one-run summary: rows of accuracies (majority vote; mean ± std over repeats when there are several)."""
-    lines = [f"# {results['task']} / {results['model']}", "",
-             "| stage | test accuracy | test, mean ± std over repeats | train accuracy |", "| --- | --- | --- | --- |"]
+# ---------------------------------------------------------------------------------- accuracies
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default).
 
-    def pct(x):
-        return "" if x is None else f"{100 * x:.1f}%"
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0% and
+    100% and on the 100-example test sets that many tables rest on.
+    """
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
-    def row(name, r):
-        spread = f"{pct(r['test_accuracy_mean'])} ± {100 * r['test_accuracy_std']:.1f}" if "test_accuracy_mean" in r else ""
-        lines.append(f"| {name} | {pct(r['test_accuracy'])} | {spread} | {pct(r.get('train_accuracy'))} |")
 
-    row("zero-shot", results["zero_shot"])
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def interval(accuracy: float, n: int) -> str:
+    """The Wilson 95% interval of an accuracy over ``n`` examples, as ``46.2–65.3%``."""
+    low, high = wilson_interval(round(accuracy * n), n)
+    return f"{100 * low:.1f}–{100 * high:.1f}%"
+
+
+def interval_note(n: int) -> str:
+    """The results.md line that says what the 95% interval column is."""
+    return (f"* **95% interval**: the Wilson score interval of the test accuracy, a binomial proportion over {n} "
+            f"examples: the accuracies that this many right answers out of {n} fit, at 95% confidence. It is the "
+            "uncertainty that the test set's size alone leaves.")
+
+
+def stage_accuracies(results: dict) -> dict[str, float]:
+    """Test accuracy (majority vote) of each stage of one ICL run's results, by stage name."""
+    accuracies = {"zero_shot": results["zero_shot"]["test_accuracy"]}
     if results.get("supervised_icl"):
-        row("supervised ICL", results["supervised_icl"])
-    for r in results["rounds"]:
-        row(f"unsupervised ICL, round {r['round']}", r)
+        accuracies["supervised_icl"] = results["supervised_icl"]["test_accuracy"]
+    accuracies.update({f"round_{r['round']}": r["test_accuracy"] for r in results["rounds"]})
+    return accuracies
+
+
+def stage_name(stage: str) -> str:
+    return STAGE_NAMES.get(stage, stage.replace("_", " "))
+
+
+# -------------------------------------------------------------------------------------- tables
+def markdown_table(results: dict) -> str:
+    """results.md of an ICL run: each stage's test accuracy with its 95% interval, what the columns mean."""
+    n, votes = results["num_test"], results["settings"]["num_repeats"]
+    stages = [("zero-shot", results["zero_shot"])]
+    if results.get("supervised_icl"):
+        stages.append(("supervised ICL (true labels)", results["supervised_icl"]))
+    stages += [(f"unsupervised ICL, round {r['round']}", r) for r in results["rounds"]]
+    spread = any("test_accuracy_mean" in r for _, r in stages)
+    train = any(r.get("train_accuracy") is not None for _, r in stages)
+    columns = ["stage", "test accuracy", "95% interval", *["mean ± std over votes"] * spread,
+               *["train accuracy"] * train]
+    lines = [f"# {results['task']} / {results['model']}", "", "| " + " | ".join(columns) + " |",
+             "|" + " --- |" * len(columns)]
+    for name, r in stages:
+        cells = [name, pct(r["test_accuracy"]), interval(r["test_accuracy"], n)]
+        if spread:
+            cells.append(f"{pct(r['test_accuracy_mean'])} ± {100 * r['test_accuracy_std']:.1f}"
+                         if "test_accuracy_mean" in r else "")
+        if train:
+            cells.append(pct(r.get("train_accuracy")))
+        lines.append("| " + " | ".join(cells) + " |")
     t = results["timing"]
-    lines += ["", f"{t['prompts_scored']} prompts scored in {t['seconds']:.1f} s."]
+    lines += ["", f"{n} test examples; {t['prompts_scored']} prompts scored in {t['seconds']:.1f} s.", "",
+              f"* **test accuracy**: the fraction of the {n} test examples whose majority vote over the stage's "
+              f"{votes} votes (one prompt each, with its own demonstrations; a classification zero-shot stage has "
+              "one prompt) is right.",
+              interval_note(n)]
+    if spread:
+        lines.append(f"* **mean ± std over votes**: the accuracy of each vote's prompts taken alone, averaged over "
+                     f"the {votes} votes, ± their standard deviation. It shows how much the draw of demonstrations "
+                     "moves the accuracy; it is not a confidence interval.")
+    if train:
+        lines.append(f"* **train accuracy**: on the {results.get('num_train')} unlabelled examples, against labels "
+                     "the method never reads.")
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str | Path, results: dict, table: Callable[[dict], str] = markdown_table) -> None:
-    """results.json and results.md (``table`` of the results), each written atomically (by the main process only)."""
+def rounds_figure(results: dict, out_dir: Path) -> None:
+    """rounds.png of an ICL run: test accuracy per round beside the zero-shot and supervised lines."""
+    from .plots import plot_rounds
+
+    plot_rounds(stage_accuracies(results), f"{results['task']} / {results['model']}", out_dir / "rounds.png",
+                results["num_test"])
+
+
+def write_results(out_dir: str | Path, results: dict, table: Callable[[dict], str] = markdown_table,
+                  figure: Callable[[dict, Path], None] = rounds_figure) -> None:
+    """results.json, results.md (``table`` of the results) and the run's ``figure(results, out_dir)``
+    (by default those of an ICL run), by the main process only, each file written atomically."""
     if not is_main_process():
         return
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", table(results))
+    figure(results, out_dir)
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -16,13 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import ALL_SUBJECTS
 from .errors import ConfigError
-from .results import write_results
+from .results import interval, pct, stage_accuracies, stage_name, write_results
 from .tasks import load_data
 from .uicl import load_scorer, run_classification
 from .utils import resolve_device
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # others: round_<t>
 
 
 def runs_all_subjects(cfg: DictConfig) -> bool:
@@ -50,19 +49,10 @@ def run_all_subjects(cfg: DictConfig) -> dict:
         log.info("subject %d/%d: %s", i, len(subjects), subject)
         per_subject[subject] = run_classification(subject_cfg, scorer)
     results = summarize(cfg, per_subject)
-    write_results(cfg.output_dir, results, subjects_table)
+    write_results(cfg.output_dir, results, subjects_table, macro_rounds_figure)
     log.info("macro average over %d subjects: %s", len(subjects),
-             ", ".join(f"{STAGE_NAMES.get(s, s)} {a:.4f}" for s, a in results["macro"].items()))
+             ", ".join(f"{stage_name(s)} {a:.4f}" for s, a in results["macro"].items()))
     return results
-
-
-def stage_accuracies(results: dict) -> dict[str, float]:
-    """Test accuracy (majority vote) of each stage of one run's results, by stage name."""
-    accuracies = {"zero_shot": results["zero_shot"]["test_accuracy"]}
-    if results["supervised_icl"]:
-        accuracies["supervised_icl"] = results["supervised_icl"]["test_accuracy"]
-    accuracies.update({f"round_{r['round']}": r["test_accuracy"] for r in results["rounds"]})
-    return accuracies
 
 
 def summarize(cfg: DictConfig, per_subject: dict[str, dict]) -> dict:
@@ -85,20 +75,37 @@ def summarize(cfg: DictConfig, per_subject: dict[str, dict]) -> dict:
 
 
 def subjects_table(results: dict) -> str:
-    """results.md: test accuracy per stage, averaged and per subject."""
+    """results.md: test accuracy per stage, averaged and per subject, with 95% intervals and what they mean."""
     stages = list(results["macro"])
-    names = [STAGE_NAMES.get(s, s.replace("_", " ")) for s in stages]
-    title = f"# {results['task']} / {results['model']}: {results['num_subjects']} subjects, {results['num_test']} questions"
-    lines = [title, "",
-             "| subject | questions | " + " | ".join(names) + " |", "| --- " * (len(stages) + 2) + "|"]
+    lines = [f"# {results['task']} / {results['model']}: {results['num_subjects']} subjects, "
+             f"{results['num_test']} questions", "",
+             "| subject | questions | " + " | ".join(map(stage_name, stages)) + " |", "| --- " * (len(stages) + 2) + "|"]
 
-    def row(name, size, accuracies):
-        lines.append(f"| {name} | {size} | " + " | ".join(f"{100 * accuracies[s]:.1f}%" for s in stages) + " |")
+    def row(name, size, accuracies, with_interval=True):
+        cells = [f"{pct(accuracies[s])} ({interval(accuracies[s], size)})" if with_interval else pct(accuracies[s])
+                 for s in stages]
+        lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
 
-    row("mean over subjects (macro)", results["num_test"], results["macro"])
+    row("mean over subjects (macro)", results["num_test"], results["macro"], with_interval=False)
     row("over all questions (micro)", results["num_test"], results["micro"])
     for subject, r in results["subjects"].items():
         row(subject, r["num_test"], r)
     t = results["timing"]
-    lines += ["", f"{t['prompts_scored']} prompts scored in {t['seconds']:.1f} s."]
+    votes = results["settings"]["num_repeats"]
+    lines += ["", f"{t['prompts_scored']} prompts scored in {t['seconds']:.1f} s.", "",
+              f"* Each cell is a test accuracy: the fraction of the row's questions whose majority vote over {votes} "
+              "votes (one prompt each; zero-shot: one prompt) is right, with its Wilson score 95% interval as a "
+              "binomial proportion over the row's questions in brackets.",
+              "* **macro**: the mean of the subjects' accuracies, each subject weighing alike (what the paper "
+              "reports); an average of proportions over subjects of different sizes, so no binomial interval.",
+              "* **micro**: the accuracy over all questions pooled.",
+              "* Each subject's own results.md (subjects/<subject>/) adds the spread over votes."]
     return "\n".join(lines) + "\n"
+
+
+def macro_rounds_figure(results: dict, out_dir: Path) -> None:
+    """rounds.png of the mean over subjects (each subject's directory has its own)."""
+    from .plots import plot_rounds
+
+    title = f"{results['task']} / {results['model']}: mean over {results['num_subjects']} subjects"
+    plot_rounds(results["macro"], title, out_dir / "rounds.png")

@@ -18,10 +18,11 @@ from .errors import ConfigError
 from .estimators import ESTIMATORS
 from .finetune import (CalibratedTaskEncoder, LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head,
                        lm_features, zero_shot_log_prior)
-from .results import fingerprint_digest
+from .plots import plot_learning_curve
+from .results import fingerprint_digest, interval, interval_note, pct, write_results
 from .scoring import Scorer
 from .tasks import load_data, load_prompts, modality
-from .utils import atomic_write_json, flatten, resolve_device, seed_everything
+from .utils import flatten, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 # Keys that do not change the trained parameters: they may differ when a run is resumed.
@@ -35,23 +36,37 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def plot_learning_curve(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def finetuning_table(results: dict) -> str:
+    """results.md of a fine-tuning run: test accuracy at each evaluation with its 95% interval, the
+    training signals averaged since the evaluation before, and what the columns mean."""
+    n, s = results["num_test"], results["settings"]
+    lines = [f"# {results['task']} / {results['model']}: unsupervised fine-tuning "
+             f"({results['task_encoder']} task encoder, {s['estimator']} estimator)", "",
+             "| step | test accuracy | 95% interval | reward, argmax labels | reward, sampled labels | entropy "
+             "| flip rate |", "|" + " --- |" * 7]
 
-    fig, acc_ax = plt.subplots(figsize=(6, 4))
-    acc_ax.plot([h["step"] for h in history], [h["test_accuracy"] for h in history], "o-", color="C0")
-    acc_ax.set(xlabel="step", ylabel="test accuracy")
-    reward_ax = acc_ax.twinx()
-    trained = [h for h in history if h["reward_argmax"] is not None]
-    for key, color in (("reward_argmax", "C1"), ("reward_sample", "C2")):
-        reward_ax.plot([h["step"] for h in trained], [h[key] for h in trained], ".--", color=color, label=key)
-    reward_ax.set_ylabel("reward (mean log-prob per example)")
-    reward_ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    def number(x):
+        return "" if x is None else f"{x:.4f}"
+
+    for h in results["history"]:
+        lines.append(f"| {h['step']} | {pct(h['test_accuracy'])} | {interval(h['test_accuracy'], n)} | "
+                     f"{number(h['reward_argmax'])} | {number(h['reward_sample'])} | {number(h['entropy'])} | "
+                     f"{number(h['flip_rate'])} |")
+    t, stopped = results["timing"], results["early_stopping"]["stopped_at"]
+    lines += ["", f"Zero-shot {pct(results['zero_shot']['test_accuracy'])} -> fine-tuned "
+                  f"{pct(results['final']['test_accuracy'])} after {t['steps']} steps of B={s['B']} sequences of "
+                  f"N={s['N']} examples ({t['train_seconds']:.1f} s of training"
+                  + (f"; stopped early at step {stopped}" if stopped else "") + ").", "",
+              f"* **test accuracy**: the fraction of the {n} test examples whose argmax label under the task "
+              "encoder is right (step 0: the model before training, zero-shot).",
+              interval_note(n),
+              "* **reward, entropy, flip rate**: means over the steps since the evaluation before (every step: "
+              "metrics.jsonl).",
+              "* **reward**: the frozen model's mean log-probability per example of a sequence's labels, read "
+              "jointly (docs/protocol.md §3), for the task encoder's argmax and sampled labellings.",
+              "* **entropy**: of the batch's mean prediction (nats); the regulariser keeps it from collapsing to 0.",
+              "* **flip rate**: the fraction of a step's labels that changed since those examples were last drawn."]
+    return "\n".join(lines) + "\n"
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -130,11 +145,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
         wandb.init(project=cfg.wandb_project, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
         on_step = lambda step, stats: wandb.log(stats, step=step)  # noqa: E731
     state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
-                fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", progress=cfg.progress, on_step=on_step)
+                fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
+                progress=cfg.progress, on_step=on_step)
 
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
-    main = is_main_process()
-    if main:
+    if is_main_process():
         task_encoder.save(out_dir / ("adapter" if cfg.task_encoder == "lora" else "linear_head"))
     history = state["history"]
     results = {
@@ -155,9 +170,9 @@ def run_finetuning(cfg: DictConfig) -> dict:
                      "config": {k: v for k, v in settings.items() if k != "seed"}},  # every other setting, flattened
         "data_fingerprint": fingerprint["data"],
     }
-    if main:
-        atomic_write_json(out_dir / "results.json", results)
-        plot_learning_curve(history, out_dir / "learning_curve.png")
+    title = f"{results['task']} / {results['model']}: fine-tuning ({cfg.task_encoder}, {cfg.estimator.name})"
+    write_results(out_dir, results, finetuning_table,
+                  lambda _, out: plot_learning_curve(history, state["metrics"], title, out / "learning_curve.png"))
     if log_to_wandb:
         wandb.finish()
     log.info("zero-shot %.4f -> fine-tuned %.4f; results in %s", state["zero_shot"],

@@ -1,7 +1,7 @@
 """The unsupervised ICL run for classification tasks (METHOD.md §5), stage by stage.
 
-Each stage (zero-shot, supervised baseline, round t) is saved when it finishes, so an
-interrupted run resumes after the last finished stage.
+Each split of each stage (zero-shot, supervised baseline, round t) is saved when it finishes, so
+an interrupted run resumes where it stopped, redoing at most one split of one stage.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .icl import (PROTOCOLS, SPLITS, accuracy, check_support_sampling, icl_predict, repeat_accuracy,
                   zero_shot_logprobs)
 from .prompts import Template
-from .results import RunState, fingerprint_digest, write_jsonl, write_results
+from .results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
 from .scoring import Scorer
 from .tasks import load_data, load_prompts, load_vllm_scorer
 from .utils import resolve_batch_size, resolve_device, seed_everything
@@ -62,7 +62,6 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
         scorer, encoded = load_scorer(cfg, data, device)
     else:  # its prompt encoder depends on the template and label set only
         encoded = scorer.encoder.encode_splits(data)
-    num_queries = sum(len(encoded[s]) for s in splits)
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 
@@ -75,25 +74,35 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
                                     data.supervised_pool]),
     })
 
-    def stage(name, num_prompts, compute):
-        """Run ``compute`` unless a previous start already finished this stage."""
-        if name not in state:
-            start = time.perf_counter()
-            state.finish(name, compute(), time.perf_counter() - start, num_prompts)
-        return state[name]
+    def stage(name, stage_splits, predict, prompts_per_query):
+        """``predict(split)`` for each split of stage ``name`` and its test accuracy on the console.
 
-    def icl(pool, pool_labels, rng_stage, desc, splits=splits, protocol=cfg.protocol):
-        """Majority-vote predictions for ``splits`` (and each repeat's, as ``<split>_votes``) with
-        demonstrations from ``pool`` labelled by ``pool_labels``."""
+        Each split is saved when it finishes (``round_1/test`` before ``round_1/train``), so a restart
+        redoes only the splits left unfinished; draws are keyed by (seed, stage, split, query), so the
+        results equal an uninterrupted run's.
+        """
         out = {}
-        for split in splits:
+        for split in stage_splits:
+            key = f"{name}/{split}"
+            if key not in state:
+                start = time.perf_counter()
+                state.finish(key, predict(split), time.perf_counter() - start, len(encoded[split]) * prompts_per_query)
+            out.update(state[key])
+        log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
+        return out
+
+    def icl(pool, pool_labels, rng_stage, desc, protocol=cfg.protocol):
+        """predict(split) of an ICL stage: majority-vote predictions (and each repeat's, as
+        ``<split>_votes``) with demonstrations from ``pool`` labelled by ``pool_labels``."""
+        def predict(split):
             majority, votes = icl_predict(
                 scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=cfg.num_repeats,
                 rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
                 support_sampling=cfg.support_sampling, block_size=cfg.block_size, protocol=protocol,
                 desc=f"{desc} [{split}]")
-            out.update({split: majority.tolist(), f"{split}_votes": votes.tolist()})
-        return out
+            return {split: majority.tolist(), f"{split}_votes": votes.tolist()}
+
+        return predict
 
     def scores(stage_predictions, splits=splits):
         """Majority-vote accuracy per split, and the test accuracy's mean/std over repeats."""
@@ -102,9 +111,8 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
                 "test_accuracy_mean": spread["mean"], "test_accuracy_std": spread["std"]}
 
     # ---- round 0: zero-shot
-    zero_shot = stage("zero_shot", num_queries, lambda: {
-        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()
-        for split in splits})
+    zero_shot = stage("zero_shot", splits, lambda split: {
+        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()}, 1)
 
     # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
     supervised = None
@@ -117,18 +125,15 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
         # a labelled pool smaller than N (MMLU's validation split: 10 questions in some subjects) is
         # drawn from with replacement, as the original does
         supervised_protocol = cfg.protocol if len(demonstrations) >= cfg.N else "original"
-        supervised = stage("supervised_icl", len(data.test) * cfg.num_repeats,
-                           lambda: icl(demonstrations, demonstration_labels, 0, "supervised ICL", splits=("test",),
-                                       protocol=supervised_protocol))
+        supervised = stage("supervised_icl", ("test",), icl(demonstrations, demonstration_labels, 0, "supervised ICL",
+                                                            protocol=supervised_protocol), cfg.num_repeats)
 
     # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
     rounds, pseudo = [], zero_shot
     for t in range(1, cfg.T + 1):
         labels = np.asarray(pseudo[pool_split], dtype=np.int64)
-        pseudo = stage(f"round_{t}", num_queries * cfg.num_repeats,
-                       lambda: icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"))
+        pseudo = stage(f"round_{t}", splits, icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), cfg.num_repeats)
         rounds.append(pseudo)
-        log.info("round %d: test accuracy %.4f", t, accuracy(pseudo["test"], gold["test"]))
 
     # ---- results
     results = {

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from joint_inference.errors import exit_on_config_error  # noqa: E402
+from joint_inference.cli import run_script  # noqa: E402
 from joint_inference.tasks import load_data, load_prompts  # noqa: E402
 from joint_inference.utils import resolve_device  # noqa: E402
 from joint_inference.vision import clip_features  # noqa: E402
@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="unsupervised_icl_vlm")
 def main(cfg: DictConfig) -> None:
-    exit_on_config_error(run, cfg)
+    run_script(run, cfg)
 
 
 if __name__ == "__main__":

@@ -247,3 +247,15 @@ def test_table1_uft_llama_preset():
     assert dict(cfg.optimization) == {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0}
     assert compose("unsupervised_ft_llm", ["+experiment=table1_uft_llama", "N=8"]).max_norm == 8
     assert compose("unsupervised_ft_llm", []).max_norm == 10.0
+
+
+@pytest.mark.parametrize("original,ours", [
+    ("llama_sst2.yaml", ("unsupervised_ft_llm", ["+experiment=table1_uft_llama", "dataset=sst2"])),
+    ("openflamingo_cifar100_of_lora.yaml",
+     ("unsupervised_ft_vlm", ["dataset=cifar100", "model=openflamingo_4b", "task_encoder=lora"])),
+])
+def test_the_originals_config_names_give_our_presets(original, ours):
+    """The original's `--config-name llama_sst2.yaml` commands run the same settings as ours."""
+    name, overrides = ours
+    assert OmegaConf.to_container(compose(original, [])) == OmegaConf.to_container(compose(name, overrides))
+    assert compose(original, ["seed=1", "dataset=ag_news"]).dataset.name == "ag_news"

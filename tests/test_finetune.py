@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from joint_inference.finetune import (CalibratedTaskEncoder, LinearTaskEncoder, 
                                       fit, label_head, lm_features, make_optimizer, train_step)
 from joint_inference.icl import zero_shot_logprobs
 from joint_inference.prompts import PromptEncoder, Template
+from joint_inference.results import wilson_interval
 from joint_inference.scoring import Scorer
 from joint_inference.tasks import load_data, text_prompts
 from tests.conftest import SHARED_DATA, WORDS, compose
@@ -27,6 +29,10 @@ def sentences(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"sentence": " ".join(WORDS[j] for j in torch.randint(len(WORDS), (int(3 + i % 5),), generator=g))}
             for i in range(n)]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def fresh_model(directory):
@@ -149,6 +155,21 @@ def test_end_to_end_writes_results_adapter_and_curve(tmp_path, tiny_llama_dir, t
     assert saved["final"]["test_accuracy"] == saved["history"][-1]["test_accuracy"]
     assert (out / "learning_curve.png").stat().st_size > 0
 
+    # every step's figures in metrics.jsonl, the evaluations (with their Wilson intervals) in results.md
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"reward_argmax", "reward_sample", "entropy", "batch_accuracy", "flip_rate", "loss"} <= set(m)
+               for m in metrics)
+    assert [m.get("test_accuracy") for m in metrics] == [None, saved["history"][1]["test_accuracy"], None,
+                                                         saved["history"][2]["test_accuracy"]]
+    assert saved["history"][1]["entropy"] == pytest.approx(np.mean([m["entropy"] for m in metrics[:2]]))
+    table = (out / "results.md").read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert [int(row[0][2:]) for row in rows] == [0, 2, 4]
+    for row, h in zip(rows, saved["history"]):
+        low, high = wilson_interval(round(h["test_accuracy"] * saved["num_test"]), saved["num_test"])
+        assert row[2] == f"{100 * low:.1f}–{100 * high:.1f}%"
+
     # the adapter loads onto a fresh base model and gives the trained weights
     from peft import PeftModel
 
@@ -185,6 +206,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_llama_dir, tiny_s
     for name, value in straight["trainable"].items():
         assert torch.equal(resumed["trainable"][name], value), name
     assert resumed_results["final"] == straight_results["final"]
+    # every step's training figures carry over (the 3-step run also evaluated its last step, step 3)
+    training = lambda run_dir: [{k: v for k, v in m.items() if k != "test_accuracy"}  # noqa: E731
+                                for m in read_jsonl(run_dir / "metrics.jsonl")]
+    assert len(training(tmp_path / "resumed")) == 6
+    assert training(tmp_path / "resumed") == training(tmp_path / "straight")
 
 
 def test_checkpoint_of_another_config_is_an_error(tmp_path, tiny_llama_dir, tiny_sst2_root):
@@ -288,7 +314,8 @@ def fit_linear(out, num_iterations, flip_rate_below=None, window=3):
         "early_stopping": {"flip_rate_below": flip_rate_below, "window": window}})
     labels = target.argmax(-1).numpy()
     state = fit(encoder, lambda idx, y: target[idx] / idx.shape[1], pool_labels=labels, test_labels=labels, cfg=cfg,
-                fingerprint={"flip_rate_below": flip_rate_below}, ckpt_path=out / "checkpoint.pt", progress=False)
+                fingerprint={"flip_rate_below": flip_rate_below}, ckpt_path=out / "checkpoint.pt",
+                metrics_path=out / "metrics.jsonl", progress=False)
     return state, encoder
 
 

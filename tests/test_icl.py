@@ -133,7 +133,10 @@ def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_
     assert set(saved) >= {"task", "model", "num_train", "num_test", "zero_shot", "supervised_icl", "rounds", "timing"}
     assert [r["round"] for r in saved["rounds"]] == [1, 2]
     assert saved["timing"]["prompts_scored"] == 24 + 8 * 3 + 2 * 24 * 3
-    assert (tmp_path / "run" / "results.md").read_text().count("round") == 2
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| unsupervised")] == [
+        "| unsupervised ICL, round 1", "| unsupervised ICL, round 2"]
+    assert (tmp_path / "run" / "rounds.png").stat().st_size > 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert Counter(r["split"] for r in rows) == {"train": 16, "test": 8}
     assert set(rows[0]) == {"split", "sentence", "label", "zero_shot", "rounds"} and len(rows[0]["rounds"]) == 2
@@ -218,25 +221,39 @@ def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_pa
     assert all((lab == round1).all() for lab in by_stage[2])  # round 2 uses round-1 labels
 
 
-def test_interrupted_run_resumes_to_the_same_results(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
+def test_a_run_interrupted_inside_a_stage_redoes_only_the_unfinished_split(tiny_llama_dir, tiny_sst2_root, tmp_path,
+                                                                         monkeypatch):
+    """Round 2 stops after scoring its test prompts: the restart scores round 2's unlabelled pool and
+    nothing else, and the results equal an uninterrupted run's."""
     import joint_inference.uicl as uicl
+    from joint_inference.scoring import Scorer
     from unsupervised_icl_llm import run
 
     full = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "full"))
-    original, calls = uicl.icl_predict, []
+    original_predict, original_score = uicl.icl_predict, Scorer.label_logprobs
 
-    def crash_in_round_2(*args, **kw):
-        calls.append(kw["rng_key"])
-        if kw["rng_key"][1] == 2:
+    def stop_at_round_2_train(*args, **kw):
+        if kw["rng_key"][1:] == (2, 1):  # round 2, split "train" (after "test")
             raise KeyboardInterrupt
-        return original(*args, **kw)
+        return original_predict(*args, **kw)
 
-    monkeypatch.setattr(uicl, "icl_predict", crash_in_round_2)
+    monkeypatch.setattr(uicl, "icl_predict", stop_at_round_2_train)
     with pytest.raises(KeyboardInterrupt):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(uicl, "icl_predict", original)
+    stages = json.loads((tmp_path / "resumed" / "state.json").read_text())["stages"]
+    assert list(stages)[-2:] == ["round_1/train", "round_2/test"]
+
+    monkeypatch.setattr(uicl, "icl_predict", original_predict)
+    scored = []
+
+    def count(self, prompts, *args, **kw):
+        scored.extend([kw["desc"]] * len(prompts))
+        return original_score(self, prompts, *args, **kw)
+
+    monkeypatch.setattr(Scorer, "label_logprobs", count)
     resumed = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "resumed"))
+    assert scored == ["round 2/2 [train]"] * 16 * 3  # the pool's 16 queries, 3 votes each
     strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
     assert strip(resumed) == strip(full)
     assert resumed["timing"]["prompts_scored"] == full["timing"]["prompts_scored"]

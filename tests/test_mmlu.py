@@ -148,6 +148,7 @@ def test_macro_and_micro_averages_equal_the_per_subject_results(tiny_llama_dir, 
     assert [per_subject[s]["supervised_icl"]["protocol"] for s in SIZES] == ["original", "clean", "clean"]
     table = (tmp_path / "run" / "results.md").read_text()
     assert "mean over subjects (macro)" in table and all(f"| {s} | {n} |" in table for s, (n, _) in SIZES.items())
+    assert (tmp_path / "run" / "rounds.png").stat().st_size > 0
 
 
 def test_interrupted_run_resumes_at_the_subject_and_stage_where_it_stopped(tiny_llama_dir, mmlu_root, tmp_path,
@@ -171,7 +172,7 @@ def test_interrupted_run_resumes_at_the_subject_and_stage_where_it_stopped(tiny_
     monkeypatch.setattr(uicl, "icl_predict", original)
     subjects_dir = tmp_path / "resumed" / "subjects"
     states = {s: json.loads((subjects_dir / s / "state.json").read_text()) for s in ("abstract_algebra", "anatomy")}
-    assert list(states["anatomy"]["stages"]) == ["zero_shot", "supervised_icl"]
+    assert list(states["anatomy"]["stages"]) == ["zero_shot/test", "supervised_icl/test"]
     assert not (subjects_dir / "virology").exists() and not (tmp_path / "resumed" / "results.json").exists()
     finished_state = (subjects_dir / "abstract_algebra" / "state.json").stat().st_mtime_ns
 

@@ -246,7 +246,7 @@ def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
     assert [r["round"] for r in saved["rounds"]] == [1, 2]
     for r in saved["rounds"]:
         assert 0 <= r["test_accuracy_std"] <= 0.5 and 0 <= r["test_accuracy_mean"] <= 1
-    stage = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["round_1"]
+    stage = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["round_1/test"]
     votes = np.array(stage["test_votes"])
     assert votes.shape == (20, 3)
     # the reported mean over repeats is the mean accuracy of each repeat's predictions

@@ -1,0 +1,196 @@
+"""What the entry scripts share: ``--help`` written from their configs, a quiet hub when it cannot be
+reached, newlines in templates typed on the command line, and the results table at the end of a run.
+
+Importing this module registers the ``script_help`` resolver that the primary configs' help
+templates call; the entry scripts import it before Hydra reads a config.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import textwrap
+from functools import reduce
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .distributed import is_main_process
+from .errors import exit_on_config_error
+
+log = logging.getLogger(__name__)
+HUB_RETRIES = re.compile(r"thrown while requesting|^Retrying in|^Rate limited")
+
+
+# ------------------------------------------------------------------------------------ the run
+def run_script(run, cfg: DictConfig) -> None:
+    """An entry script's body: ``run(cfg)`` with bad input as ``error: ...``, then the results table
+    that the run wrote to results.md, printed so that it is the last thing on the console."""
+    typed_newlines(cfg)
+    hub, quiet = logging.getLogger("huggingface_hub.utils._http"), OneHubRetryLine()
+    hub.addFilter(quiet)
+    try:
+        exit_on_config_error(run, cfg)
+    finally:
+        hub.removeFilter(quiet)
+    table = Path(cfg.output_dir) / "results.md"
+    if is_main_process() and table.exists():
+        print(f"\n{table}:\n\n{table.read_text()}")
+
+
+class OneHubRetryLine(logging.Filter):
+    """huggingface_hub logs two warnings per retry (five retries per file, several files per model)
+    when the hub cannot be reached; one line says so, and the ``error:`` that follows says the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not HUB_RETRIES.search(record.getMessage()):
+            return True
+        if not self.said:
+            self.said = True
+            log.warning("cannot reach the Hugging Face hub (%s); retrying quietly", record.getMessage())
+        return False
+
+
+def typed_newlines(cfg: DictConfig) -> None:
+    """Turn ``\\n`` into a newline in the template keys set on the command line.
+
+    Hydra keeps a quoted ``'{sentence}\\nIt was {y}.'`` as backslash-n, which would reach the model as
+    two characters. Only command-line values change: a template in a YAML file already has its
+    escapes read by YAML (and may hold a literal backslash, e.g. ``\\neq`` in a maths prompt).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        value = OmegaConf.select(cfg, key, default=None)
+        if key.startswith("template.") and isinstance(value, str):
+            OmegaConf.update(cfg, key, value.replace("\\n", "\n"))
+
+
+# ---------------------------------------------------------------------------------------- --help
+def script_help(modality: str, kinds: list[str], *, _root_: DictConfig) -> str:
+    """``--help`` of an entry script (its primary config's ``hydra.help.template``): the config's
+    header comment, each of its keys with the value it has now and the comment beside it in the
+    YAML, and the options of each config group that fit the script's ``modality`` and ``kinds``
+    of task."""
+    hydra = _root_.hydra
+    config_dir = Path(next(s.path for s in hydra.runtime.config_sources if s.provider == "main"))
+    name = hydra.job.config_name
+    written = OmegaConf.to_container(_root_, resolve=False)  # values as written: ${...} stays
+    lines = header_comment(config_dir / f"{name}.yaml") + ["", "Keys (key=value on the command line):"]
+    meanings, groups = key_meanings(config_dir, name), config_groups(config_dir, name)
+    for key, meaning in meanings.items():
+        setting = f"  {key}={override_value(reduce(dict.__getitem__, key.split('.'), written))}"
+        lines.append(f"{setting:<34} {meaning}" if len(setting) < 34 else f"{setting}  {meaning}")
+    lines += ["", "Config groups (group=option; * marks the one chosen now):"]
+    script_keys = {key.split(".")[0] for key in meanings} | set(groups)
+    for group in [*groups, "experiment"]:
+        options = [option for option in sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+                   if option_applies(config_dir, group, option, modality, kinds, script_keys)]
+        if options:
+            chosen = hydra.runtime.choices.get(group)
+            listed = ", ".join(option + "*" * (option == chosen) for option in options)
+            label = f"  {'+' * (group == 'experiment')}{group}: "
+            lines.append(textwrap.fill(listed, 100, initial_indent=label, subsequent_indent=" " * len(label)))
+    lines += ["", "The composed config: --cfg job. Sweeps: -m key=a,b (hydra/launcher=slurm on a cluster).",
+              "Hydra's own options: --hydra-help."]
+    return "\n".join(lines).replace("$", "$$") + "\n"  # the text goes through string.Template
+
+
+def header_comment(path: Path) -> list[str]:
+    """The comment lines at the top of a config file, without their ``#``."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return lines
+
+
+def key_meanings(config_dir: Path, name: str) -> dict[str, str]:
+    """{dotted key: the comment on its line} of a primary config and of the primary configs it extends
+    (its own comments win), leaving out ``defaults`` and ``hydra``."""
+    meanings = {}
+    for base in extended_configs(config_dir, name):
+        meanings.update(key_meanings(config_dir, base))
+    parents, skipping = [], False
+    for line in (config_dir / f"{name}.yaml").read_text().splitlines():
+        match = re.match(r"^( *)([A-Za-z_]\w*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match[1]), match[2], match[3]
+        if indent == 0:
+            skipping = key in ("defaults", "hydra")
+        if skipping:
+            continue
+        parents = [(i, k) for i, k in parents if i < indent]
+        value, _, comment = rest.partition(" #")
+        if value.strip():
+            meanings[".".join([k for _, k in parents] + [key])] = comment.strip()
+        else:
+            parents.append((indent, key))
+    return meanings
+
+
+def defaults_list(config_dir: Path, name: str) -> list:
+    return list(OmegaConf.load(config_dir / f"{name}.yaml").get("defaults", []))
+
+
+def extended_configs(config_dir: Path, name: str) -> list[str]:
+    """The primary configs that ``name`` extends (plain entries of its defaults list)."""
+    return [entry for entry in defaults_list(config_dir, name) if isinstance(entry, str) and entry != "_self_"]
+
+
+def config_groups(config_dir: Path, name: str) -> list[str]:
+    """The config groups of ``name``'s defaults list and those of the configs it extends, in order."""
+    groups = [group for base in extended_configs(config_dir, name) for group in config_groups(config_dir, base)]
+    for entry in defaults_list(config_dir, name):
+        if not isinstance(entry, str):
+            group = next(iter(entry)).removeprefix("override ").strip("/")
+            groups += [group] * (group not in groups and "/" not in group and group != "experiment")
+    return groups
+
+
+def option_applies(config_dir: Path, group: str, option: str, modality: str, kinds: list[str],
+                   script_keys: set[str]) -> bool:
+    """Whether ``group=option`` fits a script of ``modality`` running ``kinds`` of task: a model or a
+    data set of that modality (and kind), a template or label set of such a data set (the one it is
+    named after), GSM8K's prompt styles where generation runs, an experiment preset whose keys the
+    script has and whose overrides fit."""
+    cfg = OmegaConf.load(config_dir / group / f"{option}.yaml")
+    if group == "model":
+        return ("image" if "image_features" in cfg else "text") == modality
+    if group == "dataset":
+        return cfg.get("modality", "text") == modality and cfg.get("kind", "classification") in kinds
+    if group in ("template", "labelset"):
+        datasets = sorted((p.stem for p in (config_dir / "dataset").glob("*.yaml")), key=len, reverse=True)
+        named_after = next((d for d in datasets if option == d or option.startswith(d + "_")), None)
+        return named_after is not None and option_applies(config_dir, "dataset", named_after, modality, kinds,
+                                                          script_keys)
+    if group == "prompt_style":
+        return "generation" in kinds
+    if group == "experiment":
+        overrides = [next(iter(entry.items())) for entry in cfg.get("defaults", []) if not isinstance(entry, str)]
+        return all(key == "defaults" or key in script_keys for key in cfg) and all(
+            option_applies(config_dir, target.removeprefix("override /"), value, modality, kinds, script_keys)
+            for target, value in overrides)
+    return True
+
+
+def override_value(value) -> str:
+    """A config value as the command line writes it (``[a,b]``, ``null``, ``true``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(override_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+OmegaConf.register_new_resolver("script_help", script_help)

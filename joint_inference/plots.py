@@ -1,0 +1,73 @@
+"""The figures of a run directory: rounds.png (unsupervised ICL) and learning_curve.png (fine-tuning).
+
+Every line has a legend entry, and legends sit outside the axes so that they hide no data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .results import wilson_interval
+from .utils import atomic_write
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported when a figure is drawn, not before)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically, legends outside the axes included."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), binary=True)
+    pyplot().close(fig)
+
+
+def legend_outside(ax) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
+
+
+def plot_rounds(accuracies: dict[str, float], title: str, path: Path, num_test: int | None = None) -> None:
+    """Test accuracy per round of unsupervised ICL (round 0 is zero-shot), beside the zero-shot and
+    supervised ICL lines; with ``num_test``, the rounds' Wilson 95% intervals as a band."""
+    plt = pyplot()
+    rounds = [accuracies["zero_shot"]] + [a for stage, a in accuracies.items() if stage.startswith("round_")]
+    steps = range(len(rounds))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [100 * a for a in rounds], "o-", color="C0", label="unsupervised ICL")
+    if num_test:
+        bounds = [wilson_interval(round(a * num_test), num_test) for a in rounds]
+        ax.fill_between(steps, [100 * lo for lo, _ in bounds], [100 * hi for _, hi in bounds], color="C0", alpha=0.15,
+                        label=f"95% interval ({num_test} test examples)")
+    ax.axhline(100 * accuracies["zero_shot"], color="C7", linestyle="--", label="zero-shot")
+    if "supervised_icl" in accuracies:
+        ax.axhline(100 * accuracies["supervised_icl"], color="C2", linestyle=":", label="supervised ICL (true labels)")
+    ax.set(xlabel="round (0: zero-shot labels)", ylabel="test accuracy (%)", title=title, xticks=list(steps))
+    legend_outside(ax)
+    save(fig, path)
+
+
+def plot_learning_curve(history: list[dict], metrics: list[dict], title: str, path: Path) -> None:
+    """Fine-tuning, step by step: test accuracy at each evaluation and the batch's agreement with the
+    true labels; the rewards of the sampled and the argmax labellings; the batch-average prediction's
+    entropy (what the regulariser keeps up)."""
+    plt = pyplot()
+    fig, (acc_ax, reward_ax, entropy_ax) = plt.subplots(3, 1, sharex=True, figsize=(7, 7))
+    steps = [m["step"] for m in metrics]
+    acc_ax.plot([h["step"] for h in history], [100 * h["test_accuracy"] for h in history], "o-", color="C0",
+                label="test accuracy")
+    acc_ax.plot(steps, [100 * m["batch_accuracy"] for m in metrics], color="C1", alpha=0.5, linewidth=0.8,
+                label="each step's batch: argmax\nlabels that are true")
+    acc_ax.set(ylabel="accuracy (%)", title=title)
+    reward_ax.plot(steps, [m["reward_argmax"] for m in metrics], color="C2", linewidth=0.8, label="argmax labels")
+    reward_ax.plot(steps, [m["reward_sample"] for m in metrics], color="C3", linewidth=0.8, label="sampled labels")
+    reward_ax.set(ylabel="reward\n(log-prob per example)")
+    entropy_ax.plot(steps, [m["entropy"] for m in metrics], color="C4", linewidth=0.8,
+                    label="entropy of the batch's\nmean prediction")
+    entropy_ax.set(xlabel="step", ylabel="entropy (nats)")
+    for ax in (acc_ax, reward_ax, entropy_ax):
+        legend_outside(ax)
+    save(fig, path)
