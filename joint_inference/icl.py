@@ -6,7 +6,7 @@ the order in which queries are processed, on batching or on resumption.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,14 @@ from .scoring import Scorer
 SPLITS = ("test", "train")
 SUPPORT_SAMPLING = ("per_query", "shared")
 PROTOCOLS = ("clean", "original")  # sampling protocol: ours, or the original release's
+
+
+class ICLPredictions(NamedTuple):
+    """What an ICL stage predicts for Q queries with R votes each."""
+
+    majority: np.ndarray  # (Q,) the majority vote
+    votes: np.ndarray  # (Q, R) each vote's label
+    label_logprob: np.ndarray  # (Q,) log-prob (over the K labels) of the majority label, mean over votes
 
 
 def balanced_support(
@@ -100,8 +108,9 @@ def icl_predict(
     block_size: int = 32,
     protocol: str = "clean",
     desc: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(majority-vote predictions (Q,), the votes (Q, num_repeats)) of ``num_repeats`` n-shot prompts per query.
+) -> ICLPredictions:
+    """Majority-vote predictions of ``num_repeats`` n-shot prompts per query, with each vote and the
+    log-prob the prompts give the majority label.
 
     Demonstrations are drawn class-balanced by ``pool_labels`` (gold labels for supervised ICL,
     pseudo-labels for UICL). With ``queries_are_pool`` query i is pool example i and, under the
@@ -131,13 +140,33 @@ def icl_predict(
                 for demos in draws[b]], 1) for b in tqdm(idx, desc=desc, disable=desc is None or not scorer.show_progress)]
 
         scores = torch.cat(shard_map(score_blocks, len(blocks)))
-    votes = scores.reshape(len(queries), num_repeats, num_classes).argmax(-1).cpu().numpy()
-    majority = [majority_vote(votes[q], num_classes, rng, protocol) for block, rng in zip(blocks, rngs) for q in block]
-    return np.array(majority, dtype=np.int64), votes
+    scores = scores.reshape(len(queries), num_repeats, num_classes).float().cpu().numpy()
+    votes = scores.argmax(-1)
+    majority = np.array([majority_vote(votes[q], num_classes, rng, protocol)
+                         for block, rng in zip(blocks, rngs) for q in block], dtype=np.int64)
+    label_logprob = np.take_along_axis(scores, majority[:, None, None], -1)[..., 0].mean(1)
+    return ICLPredictions(majority, votes, label_logprob)
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
     return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
+def label_free_diagnostics(labels: Sequence[int], previous: Sequence[int], votes: Sequence[Sequence[int]],
+                           label_logprob: Sequence[float] | None, num_classes: int) -> dict:
+    """How a round relabelled the unlabelled pool, read without gold labels (docs/protocol.md §5).
+
+    ``flip_fraction``: share of the pool whose label changed since ``previous`` (the round before);
+    ``vote_agreement``: mean share of a query's votes that agree with its majority label;
+    ``class_distribution``: share of the pool given each label; ``mean_label_logprob``: mean log-prob
+    (over the K labels) that the round's prompts, whose demonstrations carry the previous labels,
+    give each query's new label: the pseudo-likelihood of the labelling that joint inference raises.
+    """
+    labels, votes = np.asarray(labels), np.asarray(votes)
+    return {"flip_fraction": float(np.mean(labels != np.asarray(previous))),
+            "vote_agreement": float(np.mean(votes == labels[:, None])),
+            "class_distribution": (np.bincount(labels, minlength=num_classes) / len(labels)).tolist(),
+            "mean_label_logprob": None if label_logprob is None else float(np.mean(label_logprob))}
 
 
 def repeat_accuracy(votes: Sequence[Sequence[int]], gold: Sequence[int]) -> dict[str, float]:

@@ -30,13 +30,17 @@ def legend_outside(ax) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, frameon=False)
 
 
-def plot_rounds(accuracies: dict[str, float], title: str, path: Path, num_test: int | None = None) -> None:
+def plot_rounds(accuracies: dict[str, float], title: str, path: Path, num_test: int | None = None,
+                diagnostics: list[dict | None] | None = None) -> None:
     """Test accuracy per round of unsupervised ICL (round 0 is zero-shot), beside the zero-shot and
-    supervised ICL lines; with ``num_test``, the rounds' Wilson 95% intervals as a band."""
+    supervised ICL lines; with ``num_test``, the rounds' Wilson 95% intervals as a band; with the
+    rounds' label-free ``diagnostics``, a second panel of the labels flipped and the vote agreement."""
     plt = pyplot()
     rounds = [accuracies["zero_shot"]] + [a for stage, a in accuracies.items() if stage.startswith("round_")]
     steps = range(len(rounds))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    shown = [(t, d) for t, d in enumerate(diagnostics or [], 1) if d]
+    fig, axes = plt.subplots(2 if shown else 1, 1, sharex=True, figsize=(6, 6 if shown else 3.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, [100 * a for a in rounds], "o-", color="C0", label="unsupervised ICL")
     if num_test:
         bounds = [wilson_interval(round(a * num_test), num_test) for a in rounds]
@@ -45,8 +49,17 @@ def plot_rounds(accuracies: dict[str, float], title: str, path: Path, num_test: 
     ax.axhline(100 * accuracies["zero_shot"], color="C7", linestyle="--", label="zero-shot")
     if "supervised_icl" in accuracies:
         ax.axhline(100 * accuracies["supervised_icl"], color="C2", linestyle=":", label="supervised ICL (true labels)")
-    ax.set(xlabel="round (0: zero-shot labels)", ylabel="test accuracy (%)", title=title, xticks=list(steps))
+    ax.set(ylabel="test accuracy (%)", title=title, xticks=list(steps))
     legend_outside(ax)
+    if shown:
+        diag_ax = axes[1, 0]
+        diag_ax.plot([t for t, _ in shown], [100 * d["flip_fraction"] for _, d in shown], "o-", color="C3",
+                     label="pool labels flipped\nsince the round before")
+        diag_ax.plot([t for t, _ in shown], [100 * d["vote_agreement"] for _, d in shown], "s-", color="C4",
+                     label="votes agreeing with\nthe majority")
+        diag_ax.set(ylabel="share of the pool (%)", ylim=(0, 100))
+        legend_outside(diag_ax)
+    axes[-1, 0].set(xlabel="round (0: zero-shot labels)")
     save(fig, path)
 
 

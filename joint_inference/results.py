@@ -139,7 +139,34 @@ def markdown_table(results: dict) -> str:
     if train:
         lines.append(f"* **train accuracy**: on the {results.get('num_train')} unlabelled examples, against labels "
                      "the method never reads.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + diagnostics_table(results)) + "\n"
+
+
+def diagnostics_table(results: dict) -> list[str]:
+    """results.md lines of the rounds' label-free diagnostics (what a run without gold labels shows)."""
+    rounds = [r for r in results["rounds"] if r.get("diagnostics")]
+    if not rounds:
+        return []
+    names = results["settings"]["labels"]
+    lines = ["", "## Label-free diagnostics (the unlabelled pool, no gold label read)", "",
+             "| round | labels flipped | vote agreement | mean label log-prob | predicted classes |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rounds:
+        d = r["diagnostics"]
+        logprob = "" if d["mean_label_logprob"] is None else f"{d['mean_label_logprob']:.3f}"
+        classes = ", ".join(f"{name} {100 * share:.0f}%" for name, share in zip(names, d["class_distribution"]))
+        lines.append(f"| {r['round']} | {pct(d['flip_fraction'])} | {pct(d['vote_agreement'])} | {logprob} | {classes} |")
+    lines += ["", "* **labels flipped**: the share of the pool whose label changed since the round before (round 1: "
+              "since zero-shot); rounds settle as it falls.",
+              "* **vote agreement**: the mean share of a query's votes that agree with its majority label.",
+              "* **mean label log-prob**: the mean log-probability (over the label set) that the round's prompts, "
+              "whose demonstrations carry the previous round's labels, give each query's new label; joint "
+              "inference raises it.",
+              "* **predicted classes**: the share of the pool given each label; a class that vanishes is a warning."]
+    if results.get("stopped_after_round"):
+        lines.append(f"* The rounds stopped after round {results['stopped_after_round']}: fewer than "
+                     f"{results['settings']['stop_when_flips_below']} of the labels flipped (stop_when_flips_below).")
+    return lines
 
 
 def rounds_figure(results: dict, out_dir: Path) -> None:
@@ -147,7 +174,7 @@ def rounds_figure(results: dict, out_dir: Path) -> None:
     from .plots import plot_rounds
 
     plot_rounds(stage_accuracies(results), f"{results['task']} / {results['model']}", out_dir / "rounds.png",
-                results["num_test"])
+                results["num_test"], [r.get("diagnostics") for r in results["rounds"]])
 
 
 def write_results(out_dir: str | Path, results: dict, table: Callable[[dict], str] = markdown_table,

@@ -13,8 +13,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .icl import (PROTOCOLS, SPLITS, accuracy, check_support_sampling, icl_predict, repeat_accuracy,
-                  zero_shot_logprobs)
+from .icl import (PROTOCOLS, SPLITS, accuracy, check_support_sampling, icl_predict, label_free_diagnostics,
+                  repeat_accuracy, zero_shot_logprobs)
 from .prompts import Template
 from .results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
 from .scoring import Scorer
@@ -95,12 +95,13 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
         """predict(split) of an ICL stage: majority-vote predictions (and each repeat's, as
         ``<split>_votes``) with demonstrations from ``pool`` labelled by ``pool_labels``."""
         def predict(split):
-            majority, votes = icl_predict(
+            predicted = icl_predict(
                 scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=cfg.num_repeats,
                 rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
                 support_sampling=cfg.support_sampling, block_size=cfg.block_size, protocol=protocol,
                 desc=f"{desc} [{split}]")
-            return {split: majority.tolist(), f"{split}_votes": votes.tolist()}
+            return {split: predicted.majority.tolist(), f"{split}_votes": predicted.votes.tolist(),
+                    f"{split}_label_logprob": predicted.label_logprob.round(6).tolist()}
 
         return predict
 
@@ -129,11 +130,20 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
                                                             protocol=supervised_protocol), cfg.num_repeats)
 
     # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
-    rounds, pseudo = [], zero_shot
+    rounds, diagnostics, pseudo, stopped_after = [], [], zero_shot, None
     for t in range(1, cfg.T + 1):
         labels = np.asarray(pseudo[pool_split], dtype=np.int64)
         pseudo = stage(f"round_{t}", splits, icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), cfg.num_repeats)
         rounds.append(pseudo)
+        diagnostics.append(label_free_diagnostics(pseudo[pool_split], labels, pseudo[f"{pool_split}_votes"],
+                                                  pseudo.get(f"{pool_split}_label_logprob"), scorer.encoder.num_labels))
+        log.info("round %d: %.1f%% of the unlabelled pool's labels flipped, vote agreement %.1f%%", t,
+                 100 * diagnostics[-1]["flip_fraction"], 100 * diagnostics[-1]["vote_agreement"])
+        if cfg.stop_when_flips_below is not None and diagnostics[-1]["flip_fraction"] < cfg.stop_when_flips_below:
+            stopped_after = t
+            log.info("round %d flipped fewer than %g of the labels: stopping (stop_when_flips_below)", t,
+                     cfg.stop_when_flips_below)
+            break
 
     # ---- results
     results = {
@@ -142,11 +152,12 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
         "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits},
         "supervised_icl": {**scores(supervised, ("test",)), "pool_size": len(demonstrations),
                            "protocol": supervised_protocol} if supervised else None,
-        "rounds": [{"round": t, **scores(r)} for t, r in enumerate(rounds, 1)],
+        "rounds": [{"round": t, **scores(r), "diagnostics": d} for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
+        "stopped_after_round": stopped_after,
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "label_mode": scorer.mode, "support_sampling": cfg.support_sampling, "protocol": cfg.protocol,
-                     "transductive": data.transductive,
+                     "transductive": data.transductive, "stop_when_flips_below": cfg.stop_when_flips_below,
                      "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
                      "device": "vllm" if cfg.get("backend", "hf") == "vllm" else str(device)},
     }
