@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,15 +28,13 @@ import transformers
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from joint_inference.icl import balanced_support  # noqa: E402
-from joint_inference.models import load_model, resolve_dtype  # noqa: E402
-from joint_inference.prompts import PromptEncoder, Template  # noqa: E402
-from joint_inference.scoring import Scorer, label_weights, split_body_head  # noqa: E402
-from joint_inference.shapes import SHAPES, random_lm  # noqa: E402
-from joint_inference.tiny import synthetic_sentences  # noqa: E402
-from joint_inference.utils import report_figures, resolve_batch_size, resolve_device  # noqa: E402
+from joint_inference.icl import balanced_support
+from joint_inference.models import load_model, resolve_dtype
+from joint_inference.prompts import PromptEncoder, Template
+from joint_inference.scoring import Scorer, label_weights, split_body_head
+from joint_inference.shapes import SHAPES, random_lm
+from joint_inference.tiny import synthetic_sentences
+from joint_inference.utils import report_figures, resolve_batch_size, resolve_device
 
 
 def load_sentences(n: int, words: int) -> tuple[list[dict], np.ndarray, str]:

@@ -17,14 +17,11 @@ same process, so the figures compare; a design that runs out of memory is report
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 
 def run_figures(args) -> dict:
     """Seconds per step and peak memory of the real run on ``args.model``."""

@@ -53,7 +53,6 @@ def machine() -> dict:
 
 def imports() -> dict:
     """None for each module that imports, else its error."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     errors = {}
     for name in MODULES:
         try:

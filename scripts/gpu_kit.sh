@@ -17,6 +17,7 @@
 # (JUnit) and the benchmarks' gpu_*.json, which go to benchmarks/ when committed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package of this checkout (not pip-installed there)
 
 OUT=${OUT:-/tmp/gpu_kit_out}
 PYTHON=${PYTHON:-python3}

@@ -5,7 +5,7 @@
 #
 # The GPU machine (Python 3.12, no network) already has torch, torchvision, transformers 5.17, peft,
 # accelerate, einops, timm, numpy, pandas, pyarrow, fsspec, xxhash, huggingface_hub, pytest and
-# pytest-timeout. It lacks the packages below, taken at the versions that requirements_llm.txt and
+# pytest-timeout. It lacks the packages below, taken at the versions that pyproject.toml and
 # requirements_vlm.txt pin, without their dependencies (every one named here is pure Python).
 # transformers and peft come at our pinned versions: 5.24 is what the CPU tests run. vLLM and
 # flash-attention are far too large to carry (hundreds of MB) and stay out of the kit.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from joint_inference.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from joint_inference.utils import atomic_write_json, atomic_write_text
 
 TASKS = ["sst2", "subj", "trec", "ag_news", "rte", "boolq", "mnli"]
 # the splits ../shared/data holds for each task (the configs name the hub's training splits)
@@ -131,10 +131,10 @@ def spread(values: list[float]) -> str:
 
 def markdown(runs: dict) -> str:
     """Per (model, task): zero-shot, supervised ICL, best and final UICL round, UFT, last round's diagnostics."""
-    lines = ["| model | task | test n | zero-shot | supervised ICL | UICL best round | UICL final round | "
-             "UFT final | UFT best by reward | last round: flipped, agreement, classes | seeds |",
+    lines = [("| model | task | test n | zero-shot | supervised ICL | UICL best round | UICL final round | "
+              "UFT final | UFT best by reward | last round: flipped, agreement, classes | seeds |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in MODELS:
+    for model, model_name in MODELS.items():
         for task in [*TASKS, "mmlu"]:
             icl = [r for r in runs.values() if r["kind"] == "icl" and r["model"] == model and r["task"] == task]
             uft = [r for r in runs.values() if r["kind"] == "uft" and r["model"] == model and r["task"] == task]
@@ -147,7 +147,7 @@ def markdown(runs: dict) -> str:
                 classes = "/".join(f"{100 * s:.0f}" for s in d["class_distribution"])
                 diagnostics = f"{100 * d['flip_fraction']:.0f}%, {100 * d['vote_agreement']:.0f}%, {classes}"
             lines.append("| " + " | ".join([
-                MODELS[model], task + (f" ({first['subjects']} subjects)" if task == "mmlu" else ""),
+                model_name, task + (f" ({first['subjects']} subjects)" if task == "mmlu" else ""),
                 str(first["num_test"]), spread([r["zero_shot"] for r in icl or uft]),
                 spread([r["supervised_icl"] for r in icl]), spread([max(r["rounds"]) for r in icl]),
                 spread([r["rounds"][-1] for r in icl]), spread([r["uft_final"] for r in uft]),
@@ -157,7 +157,7 @@ def markdown(runs: dict) -> str:
 
 
 def write(runs: dict, out: Path, started: float) -> None:
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": __import__("os").cpu_count()}
+    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     try:
         import torch
         machine["torch"] = torch.__version__
@@ -186,7 +186,8 @@ def main() -> None:
             print(f"[{i}/{len(all_jobs())}] {job.name}", flush=True)
             (args.root / job.name).mkdir(parents=True, exist_ok=True)
             with open(args.root / job.name / "job.log", "a") as log:
-                done = subprocess.run(job.command(args.root), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                done = subprocess.run(job.command(args.root), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                      check=False)
             if done.returncode:
                 print(f"  failed (exit {done.returncode}); see {args.root / job.name / 'job.log'}", flush=True)
             write(collect(args.root), args.out, started)

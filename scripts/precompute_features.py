@@ -10,18 +10,14 @@ of the linear task encoder. Runs with the same dataset sample then load them wit
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from joint_inference.cli import run_script  # noqa: E402
-from joint_inference.tasks import load_data, load_prompts  # noqa: E402
-from joint_inference.utils import resolve_device  # noqa: E402
-from joint_inference.vision import clip_features  # noqa: E402
+from joint_inference.cli import run_script
+from joint_inference.tasks import load_data, load_prompts
+from joint_inference.utils import resolve_device
+from joint_inference.vision import clip_features
 
 log = logging.getLogger("precompute_features")
 

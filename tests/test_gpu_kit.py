@@ -25,6 +25,7 @@ def kit(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, dict]:
     return done, json.loads((out / "stages.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the kit runs its full shapes")
 def test_kit_runs_the_benchmarks_on_a_tiny_shape_and_records_each_stage(tmp_path):
     done, stages = kit(tmp_path, GPU_KIT_STAGES="scoring uft")
@@ -55,11 +56,11 @@ def test_kit_skips_what_its_time_budget_cannot_hold(tmp_path):
 
 
 def test_wheels_are_the_pinned_versions():
-    """scripts/gpu_wheels.sh brings the versions that requirements_llm.txt and requirements_vlm.txt pin."""
+    """scripts/gpu_wheels.sh brings the versions that pyproject.toml and requirements_vlm.txt pin."""
     def pinned(*files):
         return dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][0-9.]*)", "\n".join((REPO / f).read_text() for f in files)))
 
-    wheels, pins = pinned("scripts/gpu_wheels.sh"), pinned("requirements_llm.txt", "requirements_vlm.txt")
+    wheels, pins = pinned("scripts/gpu_wheels.sh"), pinned("pyproject.toml", "requirements_vlm.txt")
     shared = set(wheels) & set(pins)
     assert {"transformers", "datasets", "hydra-core", "omegaconf", "peft", "gguf", "open_clip_torch",
             "open_flamingo", "einops-exts"} <= shared

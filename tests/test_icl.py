@@ -277,6 +277,7 @@ def test_bad_input_errors(tiny_llama_dir, tiny_sst2_root, tmp_path):
     assert not any((tmp_path / d / "results.json").exists() for d in "abcde")
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_multirun(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """The real command line: a clean error with a non-zero exit, and a -m sweep."""
     base = [sys.executable, str(REPO / "unsupervised_icl_llm.py"), f"model.pretrained={tiny_llama_dir}",
@@ -317,11 +318,11 @@ def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "bad", "support_sampling=global"))
 
 
+@pytest.mark.slow
 def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import json\n"
         "import torch\n"
         "from joint_inference.distributed import process_state, shard_map\n"
         "rank = process_state().process_index\n"
@@ -333,6 +334,7 @@ def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[i, i % 2] for i in range(7)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", ["per_query", "shared"])
 def test_two_processes_shard_queries_with_the_same_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path, sampling):
     """Two CPU processes (torchrun; `accelerate launch` sets up GPU processes the same way) split

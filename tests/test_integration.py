@@ -49,6 +49,7 @@ def test_real_model_scorer_matches_full_logits(gemma):
             torch.testing.assert_close(got[i], want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_real_model_unsupervised_icl_run(tmp_path):
     from unsupervised_icl_llm import run
 

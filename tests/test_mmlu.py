@@ -226,6 +226,7 @@ def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_pat
         load_data(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(not (SHARED_DATA / "mmlu" / "test.jsonl").exists(), reason="needs ../shared/data/mmlu")
 def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads):

@@ -255,6 +255,7 @@ def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
     assert saved["settings"]["label_mode"] == "bot_minimal"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "test.parquet").exists(), reason="needs ../shared/data")
 def test_the_documented_smoke_command_runs_on_real_cifar10(tmp_path):
     env = {"DATA_ROOT": str(SHARED_DATA), "JOINT_INFERENCE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
