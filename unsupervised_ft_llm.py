@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.cli import run_script
+from joint_inference.cli import launch, run_script
 from joint_inference.uft import run_finetuning as run
 
 
@@ -23,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

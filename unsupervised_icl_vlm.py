@@ -11,7 +11,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.cli import run_script
+from joint_inference.cli import launch, run_script
 from joint_inference.uicl import run_classification as run
 
 
@@ -21,4 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

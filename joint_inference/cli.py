@@ -1,5 +1,6 @@
 """What the entry scripts share: ``--help`` written from their configs, a quiet hub when it cannot be
-reached, newlines in templates typed on the command line, and the results table at the end of a run.
+reached, newlines in templates typed on the command line, one run at a time in a run directory, bad
+input as ``error: ...`` (exit code 2) from the command line on, and the results table at the end of a run.
 
 Importing this module registers the ``script_help`` resolver that the primary configs' help
 templates call; the entry scripts import it before Hydra reads a config.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import textwrap
 from functools import reduce
 from pathlib import Path
@@ -15,26 +17,98 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .distributed import is_main_process
-from .errors import exit_on_config_error
+from .errors import ConfigError, exit_on_config_error
+from .rundir import run_directory
+from .utils import check_writable_dir
 
 log = logging.getLogger(__name__)
 HUB_RETRIES = re.compile(r"thrown while requesting|^Retrying in|^Rate limited")
 
 
 # ------------------------------------------------------------------------------------ the run
+def launch(main) -> None:
+    """An entry script's ``__main__``: the command line checked (:func:`check_command_line`), then the
+    ``@hydra.main`` function ``main``."""
+    sys.argv[1:] = quote_typed_templates(sys.argv[1:])
+    exit_on_config_error(lambda args: check_command_line(args, Path(sys.argv[0]).resolve().parent / "configs"),
+                         sys.argv[1:])
+    main()
+
+
+def quote_typed_templates(args: list[str]) -> list[str]:
+    """``template.text={text}\\nIt was {y}.`` as the shell passes it on (the user's quotes already
+    removed) quoted for Hydra, whose grammar would read ``{text}`` as a dictionary and stop. A value
+    that Hydra quotes already (``'...'`` or ``"..."``) is left as it is."""
+    quoted = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") == "template.text" and value and not (
+                len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
+            # Hydra's quoted strings: a quote is escaped by a backslash, and so is a run of backslashes before one
+            value = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
+def check_command_line(args: list[str], config_dir: Path) -> None:
+    """What Hydra reads before a script's code runs and reports as a page of text with exit code 1, or
+    a traceback: an option of a config group that ``config_dir`` lacks (``dataset=sst3``), and a run
+    (or, with ``-m``, sweep) directory that cannot be created or written. Left to Hydra: other config
+    folders (``--config-dir``), Hydra's own groups, values it interpolates."""
+    if any(arg.split("=")[0] in ("-cp", "--config-path", "-cd", "--config-dir") for arg in args):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    from hydra.errors import OverrideParseException
+
+    directory_key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = OverridesParser.create().parse_overrides([arg])[0]
+        except OverrideParseException:
+            continue  # Hydra says what is wrong with the syntax
+        key, value = override.key_or_group, override.value()
+        if key == directory_key and isinstance(value, str) and "${" not in value:
+            check_writable_dir(value, key)
+        if key.startswith("hydra") or not (config_dir / key).is_dir():
+            continue
+        options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+        chosen = (list(override.sweep_string_iterator()) if isinstance(value, ChoiceSweep)
+                  else [value] if isinstance(value, str) else [])
+        for option in chosen:
+            if "${" not in option and option not in options:
+                raise ConfigError(f"unknown {key} {option!r}; valid: {', '.join(options)}")
+
+
 def run_script(run, cfg: DictConfig) -> None:
-    """An entry script's body: ``run(cfg)`` with bad input as ``error: ...``, then the results table
-    that the run wrote to results.md, printed so that it is the last thing on the console."""
+    """An entry script's body: ``run(cfg)`` holding its run directory (:mod:`~joint_inference.rundir`),
+    with bad input as ``error: ...``, then the results table that the run wrote to results.md, printed
+    so that it is the last thing on the console."""
     typed_newlines(cfg)
     hub, quiet = logging.getLogger("huggingface_hub.utils._http"), OneHubRetryLine()
     hub.addFilter(quiet)
     try:
-        exit_on_config_error(run, cfg)
+        exit_on_config_error(lambda cfg: run_in_directory(run, cfg), cfg)
     finally:
         hub.removeFilter(quiet)
     table = Path(cfg.output_dir) / "results.md"
     if is_main_process() and table.exists():
         print(f"\n{table}:\n\n{table.read_text()}")
+
+
+def run_in_directory(run, cfg: DictConfig):
+    """``run(cfg)`` holding ``cfg.output_dir`` for this entry script (Hydra's job name), with the ``.hydra``
+    record that Hydra wrote there when the output directory is Hydra's run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    ours = Path(hydra.runtime.output_dir).resolve() == Path(cfg.output_dir).resolve() and hydra.output_subdir
+    with run_directory(cfg.output_dir, hydra.job.name,
+                       Path(hydra.runtime.output_dir) / hydra.output_subdir if ours else None):
+        return run(cfg)
 
 
 class OneHubRetryLine(logging.Filter):

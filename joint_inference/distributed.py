@@ -14,7 +14,6 @@ import torch
 
 from .errors import ConfigError
 
-
 _shutdown_registered: list[bool] = []
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
 import random
 import time
 from pathlib import Path
@@ -275,14 +276,31 @@ def train_step(encoder, reward: Callable, idx: torch.Tensor, optimizer, schedule
             "entropy": entropy.item(), "grad_norm": grad_norm.item(), "argmax": all_argmax.cpu()}
 
 
-def evaluate(encoder, split: str, gold: np.ndarray, batch: int = 256) -> float:
-    """Accuracy of the task encoder's argmax labels on ``split`` (the examples shared out over the processes)."""
+def predict_labels(encoder, split: str, size: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax label, its probability) of the task encoder for each of the ``size`` examples of ``split``
+    (the examples shared out over the processes)."""
     def predict(rows: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([encoder.logits(split, rows[start:start + batch]).argmax(-1).cpu()
-                              for start in range(0, len(rows), batch)])
+            probs = torch.cat([encoder.logits(split, rows[start:start + batch]).float().softmax(-1).cpu()
+                               for start in range(0, len(rows), batch)])
+        best = probs.max(-1)
+        return torch.stack([best.indices.float(), best.values], -1)
 
-    return float((torch.stack(shard_map(predict, len(gold))).numpy() == gold).mean())
+    out = torch.stack(shard_map(predict, size)).numpy()
+    return out[:, 0].astype(np.int64), out[:, 1]
+
+
+def evaluate(encoder, split: str, gold: np.ndarray, batch: int = 256) -> float:
+    """Accuracy of the task encoder's argmax labels on ``split`` (the examples shared out over the processes)."""
+    return float((predict_labels(encoder, split, len(gold), batch)[0] == gold).mean())
+
+
+def evaluation(encoder, gold: np.ndarray | None, size: int, num_classes: int) -> dict:
+    """One evaluation on the test split: accuracy (None without gold labels) and the share of the
+    examples given each label."""
+    labels = predict_labels(encoder, "test", size)[0]
+    return {"test_accuracy": None if gold is None else float((labels == gold).mean()),
+            "class_distribution": (np.bincount(labels, minlength=num_classes) / max(1, len(labels))).tolist()}
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -310,8 +328,15 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:
-    """The checkpoint at ``path``; a ConfigError naming the keys when it was made with another config."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at ``path``; a ConfigError naming the keys when it was made with another config, or
+    naming the file and the fix when it cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what torch raises varies with the cut
+        reason = str(err).split(". ")[0] or "it ends early"
+        raise ConfigError(f"{path} is damaged ({type(err).__name__}: {reason}); nothing else in {path.parent} was "
+                          "changed. Delete it to train again from step 0, or use a new run directory "
+                          "(hydra.run.dir=...)") from None
     saved = ckpt["fingerprint"]
     differ = differing_keys(fingerprint, saved)
     if differ:
@@ -339,9 +364,16 @@ def labels_settled(flip_rates: Sequence[float], below: float | None, window: int
 
 
 # ----------------------------------------------------------------------------------- the loop
-def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.ndarray, cfg, fingerprint: dict,
-        ckpt_path: Path, metrics_path: Path, progress: bool = True,
-        on_step: Callable[[int, dict], None] | None = None) -> dict:
+def evaluation_line(evaluated: dict) -> str:
+    shares = "/".join(f"{100 * x:.0f}" for x in evaluated["class_distribution"])
+    accuracy = evaluated["test_accuracy"]
+    return ("" if accuracy is None else f"test accuracy {accuracy:.4f}, ") + f"predicted classes {shares}%"
+
+
+def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_labels: np.ndarray | None, cfg,
+        fingerprint: dict, ckpt_path: Path, metrics_path: Path, progress: bool = True,
+        on_step: Callable[[int, dict], None] | None = None, pool_size: int | None = None,
+        test_size: int | None = None, num_classes: int | None = None) -> dict:
     """Train for ``cfg.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
 
     ``cfg`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
@@ -352,12 +384,20 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
     checkpoint, so that the file matches the checkpoint a restart continues from), flip_rates
     (one per step: the fraction of the step's B*N argmax labels that changed since those
     examples were last drawn), stopped_at (the step at which :func:`labels_settled`
-    stopped the run, else None), zero_shot and train seconds. The original checks its rule
+    stopped the run, else None), zero_shot and train seconds. Each evaluation records the test accuracy
+    and the share of the test examples given each label (``class_distribution``). Without gold labels
+    (``pool_labels``/``test_labels`` None, with ``pool_size``/``test_size``/``num_classes`` given) the
+    accuracies are None and the rest is the same. The original checks its rule
     before the update of the step whose labels it reads; here that step's update is made. Under
     several processes (data-parallel, see :func:`train_step`) all hold this same state; the main
     one writes the checkpoint, and all read it to resume.
     """
     b, n, opt = cfg.batch_size, cfg.N, cfg.optimization
+    pool_size = len(pool_labels) if pool_labels is not None else pool_size
+    test_size = len(test_labels) if test_labels is not None else test_size
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = int(encoder.logits("test", [0]).shape[-1])
     optimizer, scheduler = make_optimizer(encoder.parameters(), opt.lr, opt.schedule, opt.warmup_steps,
                                           opt.min_lr, cfg.num_iterations)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -368,14 +408,18 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_states(ckpt["rng"], generator)
         state = ckpt["state"]
+        if state["step"] > cfg.num_iterations:  # resuming would only relabel the longer run's results
+            raise ConfigError(f"{ckpt_path} has trained {state['step']} steps, more than num_iterations="
+                              f"{cfg.num_iterations}; to resume, set num_iterations to {state['step']} or more "
+                              "(a shorter run needs a new run directory, hydra.run.dir=...)")
         log.info("resuming from %s at step %d", ckpt_path, state["step"])
     else:
-        accuracy = evaluate(encoder, "test", test_labels)
-        log.info("zero-shot: test accuracy %.4f", accuracy)
-        state = {"step": 0, "seconds": 0.0, "zero_shot": accuracy, "window": [], "metrics": [],
-                 "history": [{"step": 0, "test_accuracy": accuracy, "reward_argmax": None,
+        evaluated = evaluation(encoder, test_labels, test_size, num_classes)
+        log.info("zero-shot: %s", evaluation_line(evaluated))
+        state = {"step": 0, "seconds": 0.0, "zero_shot": evaluated["test_accuracy"], "window": [], "metrics": [],
+                 "history": [{"step": 0, **evaluated, "reward_argmax": None,
                               "reward_sample": None, "entropy": None, "flip_rate": None}],
-                 "last_labels": torch.zeros(len(pool_labels), dtype=torch.long), "flip_rates": [],
+                 "last_labels": torch.zeros(pool_size, dtype=torch.long), "flip_rates": [],
                  "stopped_at": None}
 
     def checkpoint():
@@ -391,7 +435,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
     stopping = cfg.early_stopping
     while state["step"] < cfg.num_iterations and state["stopped_at"] is None:
         start = time.perf_counter()
-        idx = torch.randperm(len(pool_labels), generator=generator)[: b * n].view(b, n)
+        idx = torch.randperm(pool_size, generator=generator)[: b * n].view(b, n)
         stats = train_step(encoder, reward, idx, optimizer, scheduler, estimator=cfg.estimator.name,
                            baseline=cfg.estimator.baseline, gamma=cfg.gamma, max_norm=cfg.max_norm,
                            generator=generator)
@@ -399,7 +443,8 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
         state["step"] += 1
         step = state["step"]
         argmax = stats.pop("argmax")
-        stats["batch_accuracy"] = float((argmax.numpy() == pool_labels[idx.numpy()]).mean())
+        stats["batch_accuracy"] = (None if pool_labels is None else
+                                   float((argmax.numpy() == pool_labels[idx.numpy()]).mean()))
         stats["flip_rate"] = record_flips(state["last_labels"], idx.flatten(), argmax.flatten())
         state["flip_rates"].append(stats["flip_rate"])
         if labels_settled(state["flip_rates"], stopping.flip_rate_below, stopping.window):
@@ -410,15 +455,16 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray, test_labels: np.n
         stats["lr"] = scheduler.get_last_lr()[0]
         state["window"].append({k: stats[k] for k in ("reward_argmax", "reward_sample", "entropy", "flip_rate")})
         bar.update()
-        bar.set_postfix(reward=f"{stats['reward_argmax']:.3f}", acc=f"{stats['batch_accuracy']:.2f}",
+        bar.set_postfix(reward=f"{stats['reward_argmax']:.3f}", flips=f"{stats['flip_rate']:.2f}",
                         H=f"{stats['entropy']:.3f}")
         if step % cfg.eval_freq == 0 or last:
-            stats["test_accuracy"] = evaluate(encoder, "test", test_labels)
+            evaluated = evaluation(encoder, test_labels, test_size, num_classes)
+            stats.update(evaluated)
             means = {k: float(np.mean([w[k] for w in state["window"]])) for k in state["window"][0]}
-            state["history"].append({"step": step, "test_accuracy": stats["test_accuracy"], **means})
+            state["history"].append({"step": step, **evaluated, **means})
             state["window"] = []
-            log.info("step %d: test accuracy %.4f, reward %.4f, entropy %.4f", step, stats["test_accuracy"],
-                     means["reward_argmax"], means["entropy"])
+            log.info("step %d: %s, reward %.4f, entropy %.4f, flip rate %.3f", step, evaluation_line(evaluated),
+                     means["reward_argmax"], means["entropy"], means["flip_rate"])
         state["metrics"].append({"step": step, **stats})
         if on_step is not None:
             on_step(step, stats)

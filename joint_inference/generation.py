@@ -20,7 +20,6 @@ from .errors import ConfigError
 from .utils import in_batches_longest_first, resolve_batch_size, resolve_device
 
 
-
 @dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int = 512

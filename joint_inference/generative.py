@@ -33,8 +33,17 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from .answers import (cut_after_answer, extract_choice, extract_number, gold_number, majority_vote, numbers_equal,
-                      original_parser_choice, original_parser_number, read_choice)
+from .answers import (
+    cut_after_answer,
+    extract_choice,
+    extract_number,
+    gold_number,
+    majority_vote,
+    numbers_equal,
+    original_parser_choice,
+    original_parser_number,
+    read_choice,
+)
 from .data import load_split
 from .errors import ConfigError
 from .generation import SamplingSettings, make_generator
@@ -338,6 +347,7 @@ def summary(task: GenerativeTask, stage: dict) -> dict:
 
 def run_generation(cfg: DictConfig) -> dict:
     """Zero-shot, supervised few-shot and T rounds of unsupervised ICL; results in ``cfg.output_dir``."""
+    from .api.generation import make_api_generator as api_generator  # backend=openai
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
 
@@ -365,7 +375,8 @@ def run_generation(cfg: DictConfig) -> dict:
         """Answer the prompts ``build()`` makes, unless a previous start already finished this stage."""
         nonlocal generator
         if name not in state:
-            generator = generator or make_generator(cfg, settings)  # the model loads only when needed
+            generator = generator or (api_generator(cfg, settings) if cfg.backend == "openai"  # behind an API
+                                      else make_generator(cfg, settings))  # the model loads only when needed
             start = time.perf_counter()
             prompts, extra = build()
             result = {**answer(generator, task, prompts, num_samples, (cfg.seed, key)), **extra}

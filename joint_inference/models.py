@@ -79,11 +79,35 @@ def embedded_snapshot(name: str) -> Path:
     return target
 
 
+def check_local_path(source: str, key: str) -> None:
+    """A ConfigError when ``source`` is written as a local path (``/...``, ``./...``, ``~/...``, or more than
+    the one slash of a hub id's ``org/name``) and nothing is there: transformers would take it for a hub
+    id and answer "Repo id must be in the form ...", which names neither the path nor the fix."""
+    local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if local and not Path(source).expanduser().exists():
+        raise ConfigError(f"could not load model {source!r}: no such file or directory ({key} is a local path "
+                          "here; a hub id reads org/name). Point it at a folder holding config.json and the weights")
+
+
 def resolve_weights(cfg) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model config."""
     if cfg.get("embedded"):
         return str(embedded_snapshot(cfg.embedded)), None
+    check_local_path(str(cfg.pretrained), "model.pretrained")
     return cfg.pretrained, cfg.get("gguf_file")
+
+
+def context_length(cfg) -> int | None:
+    """The longest sequence (``max_position_embeddings``) that a ``model/`` config's model takes, read from
+    its config file alone; None where the config does not say."""
+    from transformers import AutoConfig
+
+    source, gguf_file = resolve_weights(cfg)
+    try:
+        config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load model {source!r} (its config): {err}\n{OFFLINE_HINT}") from None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -112,6 +136,8 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_weights(cfg)
+    if cfg.get("tokenizer"):
+        check_local_path(cfg.tokenizer, "model.tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or source,
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))

@@ -20,6 +20,7 @@ import torch
 
 from .errors import ConfigError
 from .features import cached_features
+from .image_prompts import ImagePromptEncoder
 from .prompts import Template
 
 INSTALL = ("pip install open_clip_torch==3.3.0 einops einops-exts && pip install --no-deps open_flamingo==2.0.1 "
@@ -107,7 +108,6 @@ def load_openflamingo_prompts(cfg, device: torch.device, data):
     """(OpenFlamingo wrapped for scoring, image prompt encoder, encoded examples)."""
     from .models import resolve_dtype
     from .scoring import FOLDING_MODES
-    from .vision import ImagePromptEncoder
 
     spec = cfg.model
     settings = {"clip": [spec.clip_vision_encoder_path, spec.clip_vision_encoder_pretrained], "tokens": "patch, fp16",

@@ -23,8 +23,18 @@ class Template:
     text: str
 
     def __post_init__(self):
+        """Checked before any data or model loads: a template that cannot be filled, or whose label
+        has nothing before it to be read from, would otherwise fail or mislead only once scoring starts."""
         if self.text.count("{" + LABEL_FIELD + "}") != 1:
             raise ConfigError(f"template must contain '{{{LABEL_FIELD}}}' exactly once, got {self.text!r}")
+        try:
+            list(string.Formatter().parse(self.text))
+        except ValueError as err:
+            raise ConfigError(f"template {self.text!r} has unbalanced braces ({err}); write a literal brace as "
+                              "{{ or }}") from None
+        if not self.text.split("{" + LABEL_FIELD + "}")[0].strip():
+            raise ConfigError(f"template {self.text!r} has no text before '{{{LABEL_FIELD}}}': a label is read from "
+                              "the text before it, so the example goes first, e.g. '{sentence}\\nIt was {y}.'")
 
     @property
     def fields(self) -> list[str]:

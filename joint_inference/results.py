@@ -4,17 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 from .distributed import is_main_process
 from .errors import ConfigError
-from .utils import atomic_write_json, atomic_write_text, differing_keys
+from .utils import atomic_write_json, atomic_write_text, differing_keys, read_json, wilson_interval
 
 log = logging.getLogger(__name__)
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # others: round_<t>
+STATE_KEYS = {"fingerprint", "stages", "seconds", "prompts"}  # what RunState writes to state.json
 
 
 def fingerprint_digest(obj: Any) -> str:
@@ -35,7 +34,11 @@ class RunState:
         self.seconds = 0.0
         self.prompts = 0
         if self.path.exists():
-            saved = json.loads(self.path.read_text())
+            fix = (f"nothing else in {self.path.parent} was changed. Delete it to redo this run's stages from the "
+                   "start, or use a new run directory (hydra.run.dir=...)")
+            saved = read_json(self.path, fix)
+            if not isinstance(saved, dict) or not STATE_KEYS <= saved.keys():
+                raise ConfigError(f"{self.path} is damaged (a run's state holds {sorted(STATE_KEYS)}); {fix}")
             differ = differing_keys(fingerprint, saved["fingerprint"])
             if differ:
                 raise ConfigError(
@@ -62,18 +65,6 @@ class RunState:
 
 
 # ---------------------------------------------------------------------------------- accuracies
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default).
-
-    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0% and
-    100% and on the 100-example test sets that many tables rest on.
-    """
-    p, z2 = successes / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 

@@ -42,6 +42,14 @@ def resolve_label_mode(mode: str, label_ids: Sequence[Sequence[int]], label_name
     """Check ``mode`` against the label tokens; turn ``auto`` into ``first`` or ``exact``."""
     if mode not in LABEL_MODES:
         raise ConfigError(f"unknown label_mode {mode!r}; valid modes: {', '.join(LABEL_MODES)}")
+    same = {}
+    for name, ids in zip(label_names, label_ids):
+        same.setdefault(tuple(ids), []).append(name)
+    clashes = [names for names in same.values() if len(names) > 1]
+    if clashes:  # every mode would give them the same score
+        raise ConfigError(f"labels {clashes} tokenize identically, so the model cannot tell them apart in any "
+                          "label_mode; rename them in labelset.names so that their text differs in more than "
+                          "what the tokenizer drops (case, accents, spacing)")
     firsts = [ids[0] for ids in label_ids]
     distinct = len(set(firsts)) == len(firsts)
     if mode == "auto":
@@ -55,8 +63,6 @@ def resolve_label_mode(mode: str, label_ids: Sequence[Sequence[int]], label_name
             f"label_mode=first needs distinct first tokens, but these labels share one: {shared}. "
             "Use label_mode=exact (or auto, bot, bot_minimal), or rename the labels."
         )
-    if mode in ("bot", "bot_minimal") and len({tuple(ids) for ids in label_ids}) != len(label_ids):
-        raise ConfigError(f"labels {list(label_names)} tokenize identically; they cannot be told apart")
     return mode
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .data import ALL_SUBJECTS
+from .dry_run import classification_plan, dry_run_tokenizer, format_plan, plan_summary, prompt_encoder
 from .errors import ConfigError
 from .results import interval, pct, stage_accuracies, stage_name, write_results
 from .tasks import load_data
@@ -109,3 +110,20 @@ def macro_rounds_figure(results: dict, out_dir: Path) -> None:
 
     title = f"{results['task']} / {results['model']}: mean over {results['num_subjects']} subjects"
     plot_rounds(results["macro"], title, out_dir / "rounds.png")
+
+
+def dry_run_subjects(cfg) -> dict:
+    """``dry_run=true`` over every subject of an all-subjects run (MMLU): each subject's counts summed."""
+    device = resolve_device(cfg.device)
+    encoder = prompt_encoder(cfg, dry_run_tokenizer(cfg.model))
+    totals: dict[str, dict] = {}
+    for subject in cfg.dataset.subjects:
+        for stage in classification_plan(cfg, load_data(subject_config(cfg, subject)), encoder):
+            into = totals.setdefault(stage["stage"], {"stage": stage["stage"], "prompts": 0, "tokens": 0})
+            into["prompts"] += stage["prompts"]
+            into["tokens"] += stage["tokens"]
+    plan = plan_summary(cfg, list(totals.values()), device)
+    print(format_plan(f"dry run of {cfg.dataset.name} ({len(cfg.dataset.subjects)} subjects) / {cfg.model.name} on "
+                      f"{device}: N={cfg.N}, T={cfg.T}, {cfg.num_repeats} votes. Nothing was scored or written.", plan),
+          flush=True)
+    return {"dry_run": plan}

@@ -14,10 +14,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .distributed import is_main_process, process_state
+from .dry_run import check_finetuning_size
 from .errors import ConfigError
 from .estimators import ESTIMATORS
-from .finetune import (CalibratedTaskEncoder, LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora, fit, label_head,
-                       lm_features, zero_shot_log_prior)
+from .finetune import (
+    CalibratedTaskEncoder,
+    LinearTaskEncoder,
+    LMReward,
+    LoraTaskEncoder,
+    add_lora,
+    fit,
+    label_head,
+    lm_features,
+    zero_shot_log_prior,
+)
+from .own_data import FileData, file_finetuning_results
+from .own_data import labelled as has_labels
 from .plots import plot_learning_curve
 from .results import fingerprint_digest, interval, interval_note, pct, write_results
 from .scoring import Scorer
@@ -27,7 +39,8 @@ from .utils import flatten, resolve_device, seed_everything
 log = logging.getLogger(__name__)
 # Keys that do not change the trained parameters: they may differ when a run is resumed.
 RUNTIME_KEYS = ("output_dir", "num_iterations", "eval_freq", "ckpt_freq", "device", "progress", "wandb",
-                "wandb_project", "forward_batch_size", "dataset.data_root")
+                "wandb_project", "forward_batch_size", "dataset.data_root", "dry_run", "allow_long_cpu_run",
+                "dataset.path")  # dataset.path: where the file is; its rows are in the data fingerprint
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -37,29 +50,46 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def finetuning_table(results: dict) -> str:
-    """results.md of a fine-tuning run: test accuracy at each evaluation with its 95% interval, the
-    training signals averaged since the evaluation before, and what the columns mean."""
+    """results.md of a fine-tuning run: test accuracy at each evaluation with its 95% interval (none
+    without labels), the predicted classes, the training signals averaged since the evaluation before,
+    and what the columns mean."""
     n, s = results["num_test"], results["settings"]
+    labelled = results.get("labelled", True)
+    names = (s.get("config") or {}).get("labelset.names")
     lines = [f"# {results['task']} / {results['model']}: unsupervised fine-tuning "
-             f"({results['task_encoder']} task encoder, {s['estimator']} estimator)", "",
-             "| step | test accuracy | 95% interval | reward, argmax labels | reward, sampled labels | entropy "
-             "| flip rate |", "|" + " --- |" * 7]
+             f"({results['task_encoder']} task encoder, {s['estimator']} estimator)", ""]
+    columns = ["step", *["test accuracy", "95% interval"] * labelled, "predicted classes", "reward, argmax labels",
+               "reward, sampled labels", "entropy", "flip rate"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
     def number(x):
         return "" if x is None else f"{x:.4f}"
 
+    def classes(shares):
+        if not shares:
+            return ""
+        return ", ".join(f"{name} {100 * x:.0f}%" for name, x in zip(names or range(len(shares)), shares))
+
     for h in results["history"]:
-        lines.append(f"| {h['step']} | {pct(h['test_accuracy'])} | {interval(h['test_accuracy'], n)} | "
-                     f"{number(h['reward_argmax'])} | {number(h['reward_sample'])} | {number(h['entropy'])} | "
-                     f"{number(h['flip_rate'])} |")
+        cells = [str(h["step"])]
+        if labelled:
+            cells += [pct(h["test_accuracy"]), interval(h["test_accuracy"], n)]
+        cells += [classes(h.get("class_distribution")), number(h["reward_argmax"]), number(h["reward_sample"]),
+                  number(h["entropy"]), number(h["flip_rate"])]
+        lines.append("| " + " | ".join(cells) + " |")
     t, stopped = results["timing"], results["early_stopping"]["stopped_at"]
-    lines += ["", f"Zero-shot {pct(results['zero_shot']['test_accuracy'])} -> fine-tuned "
-                  f"{pct(results['final']['test_accuracy'])} after {t['steps']} steps of B={s['B']} sequences of "
-                  f"N={s['N']} examples ({t['train_seconds']:.1f} s of training"
-                  + (f"; stopped early at step {stopped}" if stopped else "") + ").", "",
-              f"* **test accuracy**: the fraction of the {n} test examples whose argmax label under the task "
-              "encoder is right (step 0: the model before training, zero-shot).",
-              interval_note(n),
+    trained = (f"{t['steps']} steps of B={s['B']} sequences of N={s['N']} examples ({t['train_seconds']:.1f} s of "
+               "training" + (f"; stopped early at step {stopped}" if stopped else "") + ").")
+    if labelled:
+        lines += ["", f"Zero-shot {pct(results['zero_shot']['test_accuracy'])} -> fine-tuned "
+                      f"{pct(results['final']['test_accuracy'])} after {trained}", "",
+                  f"* **test accuracy**: the fraction of the {n} test examples whose argmax label under the task "
+                  "encoder is right (step 0: the model before training, zero-shot).",
+                  interval_note(n)]
+    else:
+        lines += ["", f"No label column (dataset.label_field unset): no accuracy. Trained {trained} Every row's "
+                      "label before (zero-shot) and after training: predictions.csv and predictions.jsonl.", ""]
+    lines += [f"* **predicted classes**: the share of the {n} test examples given each label by the task encoder.",
               "* **reward, entropy, flip rate**: means over the steps since the evaluation before (every step: "
               "metrics.jsonl).",
               "* **reward**: the frozen model's mean log-probability per example of a sequence's labels, read "
@@ -67,6 +97,14 @@ def finetuning_table(results: dict) -> str:
               "* **entropy**: of the batch's mean prediction (nats); the regulariser keeps it from collapsing to 0.",
               "* **flip rate**: the fraction of a step's labels that changed since those examples were last drawn."]
     return "\n".join(lines) + "\n"
+
+
+def wandb_stats(stats: dict, label_names: list[str]) -> dict:
+    """A step's statistics for wandb: the predicted class distribution as one number per label."""
+    out = {k: v for k, v in stats.items() if k != "class_distribution" and v is not None}
+    for name, share in zip(label_names, stats.get("class_distribution") or []):
+        out[f"predicted_share/{name}"] = share
+    return out
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -107,8 +145,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
         raise ConfigError(f"N * batch_size = {cfg.N * cfg.batch_size} examples per step, but the unlabelled pool "
                           f"has {len(data.train)}; lower N or batch_size, or raise dataset.num_examples")
 
-    # ---- model, prompts, scorer (one copy of the model: adapters on for q, off for the reward)
+    # ---- model, prompts, scorer (one copy of the model: adapters on for q, off for the reward);
+    # dry_run=true: the steps, prompts and tokens are counted, and nothing else runs
     device = resolve_device(cfg.device)
+    if (dry_run := check_finetuning_size(cfg, data, device)) is not None:
+        return dry_run
     model, encoder, examples = load_prompts(cfg, device, data)
     if cfg.task_encoder == "lora":
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules),
@@ -121,7 +162,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
     if cfg.task_encoder == "lora":
         task_encoder = LoraTaskEncoder(scorer, examples)
     elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (METHOD.md §4)
-        from .vision import clip_features
+        from .vision_models import clip_features
 
         task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels, seed=cfg.seed)
     else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
@@ -143,10 +184,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
         import wandb  # optional: only imported when asked for
 
         wandb.init(project=cfg.wandb_project, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
-        on_step = lambda step, stats: wandb.log(stats, step=step)  # noqa: E731
+        on_step = lambda step, stats: wandb.log(wandb_stats(stats, list(cfg.labelset.names)), step=step)  # noqa: E731
     state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
                 fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
-                progress=cfg.progress, on_step=on_step)
+                progress=cfg.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
+                num_classes=encoder.num_labels)
 
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
     if is_main_process():
@@ -154,7 +196,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
     history = state["history"]
     results = {
         "task": cfg.dataset.name, "model": cfg.model.name, "task_encoder": cfg.task_encoder,
-        "num_train": len(data.train), "num_test": len(data.test),
+        "num_train": len(data.train), "num_test": len(data.test), "skipped_rows": data.skipped_rows,
         "zero_shot": {"test_accuracy": state["zero_shot"]},
         "final": {"test_accuracy": history[-1]["test_accuracy"]},
         "history": history,
@@ -170,13 +212,19 @@ def run_finetuning(cfg: DictConfig) -> dict:
                      "config": {k: v for k, v in settings.items() if k != "seed"}},  # every other setting, flattened
         "data_fingerprint": fingerprint["data"],
     }
+    if isinstance(data, FileData):  # own data: every row's label before and after training in predictions.csv
+        file_finetuning_results(out_dir, results, data, scorer, task_encoder, examples, list(cfg.labelset.names))
     title = f"{results['task']} / {results['model']}: fine-tuning ({cfg.task_encoder}, {cfg.estimator.name})"
     write_results(out_dir, results, finetuning_table,
-                  lambda _, out: plot_learning_curve(history, state["metrics"], title, out / "learning_curve.png"))
+                  lambda _, out: plot_learning_curve(history, state["metrics"], title, out / "learning_curve.png",
+                                                      list(cfg.labelset.names)))
     if log_to_wandb:
         wandb.finish()
-    log.info("zero-shot %.4f -> fine-tuned %.4f; results in %s", state["zero_shot"],
-             results["final"]["test_accuracy"], out_dir)
+    if has_labels(data):
+        log.info("zero-shot %.4f -> fine-tuned %.4f; results in %s", state["zero_shot"],
+                 results["final"]["test_accuracy"], out_dir)
+    else:
+        log.info("no labels: no accuracy; the pool's labels after training are in %s", out_dir / "predictions.csv")
     return results
 
 

@@ -12,9 +12,20 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from .dry_run import check_run_size
 from .errors import ConfigError
-from .icl import (PROTOCOLS, SPLITS, accuracy, check_support_sampling, icl_predict, label_free_diagnostics,
-                  repeat_accuracy, zero_shot_logprobs)
+from .icl import (
+    PROTOCOLS,
+    SPLITS,
+    accuracy,
+    check_support_sampling,
+    icl_predict,
+    label_free_diagnostics,
+    repeat_accuracy,
+    zero_shot_logprobs,
+)
+from .own_data import FileData, file_run_results
+from .own_data import labelled as has_labels
 from .prompts import Template
 from .results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
 from .scoring import Scorer
@@ -28,6 +39,10 @@ def load_scorer(cfg: DictConfig, data, device):
     """(scorer, {"train", "test"}: encoded examples of ``data``) for ``cfg.model`` and ``cfg.backend``."""
     if cfg.get("backend", "hf") == "vllm":
         return load_vllm_scorer(cfg, data)
+    if cfg.get("backend", "hf") == "openai":  # a model behind an OpenAI-compatible API
+        from .api.scoring import load_api_scorer
+
+        return load_api_scorer(cfg, data)
     model, encoder, encoded = load_prompts(cfg, device, data)
     return Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
                   show_progress=cfg.progress), encoded
@@ -45,6 +60,7 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
 
     # ---- data, template, label set
     data = load_data(cfg)
+    labelled = has_labels(data)  # False: a file without a label column, predict-only (own_data.py)
     check_support_sampling(cfg.support_sampling, cfg.block_size)
     if cfg.protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
@@ -56,8 +72,10 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
     gold = {"test": data.test_labels, "train": data.train_labels}
     splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
 
-    # ---- model and scorer
+    # ---- model and scorer (dry_run=true: the prompts and tokens are counted, and nothing else runs)
     device = resolve_device(cfg.device)
+    if scorer is None and (dry_run := check_run_size(cfg, data, device)) is not None:
+        return dry_run
     if scorer is None:
         scorer, encoded = load_scorer(cfg, data, device)
     else:  # its prompt encoder depends on the template and label set only
@@ -70,8 +88,8 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
         "labels": list(cfg.labelset.names), "label_mode": scorer.mode, "N": cfg.N,
         "num_repeats": cfg.num_repeats, "seed": cfg.seed, "support_sampling": cfg.support_sampling,
         "block_size": cfg.block_size if cfg.support_sampling == "shared" else None, "protocol": cfg.protocol,
-        "data": fingerprint_digest([data.train, data.test, data.train_labels.tolist(), data.test_labels.tolist(),
-                                    data.supervised_pool]),
+        "data": fingerprint_digest([data.train, data.test, *([data.train_labels.tolist(), data.test_labels.tolist()]
+                                                             if labelled else [None, None]), data.supervised_pool]),
     })
 
     def stage(name, stage_splits, predict, prompts_per_query):
@@ -88,7 +106,8 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
                 start = time.perf_counter()
                 state.finish(key, predict(split), time.perf_counter() - start, len(encoded[split]) * prompts_per_query)
             out.update(state[key])
-        log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
+        if labelled:
+            log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
         return out
 
     def icl(pool, pool_labels, rng_stage, desc, protocol=cfg.protocol):
@@ -106,7 +125,9 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
         return predict
 
     def scores(stage_predictions, splits=splits):
-        """Majority-vote accuracy per split, and the test accuracy's mean/std over repeats."""
+        """Majority-vote accuracy per split, and the test accuracy's mean/std over repeats (none without labels)."""
+        if not labelled:
+            return {}
         spread = repeat_accuracy(stage_predictions["test_votes"], gold["test"])
         return {**{f"{s}_accuracy": accuracy(stage_predictions[s], gold[s]) for s in splits},
                 "test_accuracy_mean": spread["mean"], "test_accuracy_std": spread["std"]}
@@ -117,9 +138,11 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
 
     # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
     supervised = None
-    if cfg.supervised_icl:
-        if data.supervised_pool is None:
-            demonstrations, demonstration_labels = encoded["train"], data.train_labels
+    if cfg.supervised_icl and not labelled:
+        log.info("no labels (dataset.label_field unset): the supervised baseline is skipped")
+    if cfg.supervised_icl and labelled:
+        if data.supervised_pool is None:  # the pool's own examples (a transductive query never demonstrates itself)
+            demonstrations, demonstration_labels = encoded[pool_split], gold[pool_split]
         else:
             demonstrations = scorer.encoder.encode_all(data.supervised_pool)
             demonstration_labels = data.supervised_labels
@@ -148,8 +171,8 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
     # ---- results
     results = {
         "task": cfg.dataset.name, "model": cfg.model.name,
-        "num_train": len(data.train), "num_test": len(data.test),
-        "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits},
+        "num_train": len(data.train), "num_test": len(data.test), "skipped_rows": data.skipped_rows,
+        "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits} if labelled else {},
         "supervised_icl": {**scores(supervised, ("test",)), "pool_size": len(demonstrations),
                            "protocol": supervised_protocol} if supervised else None,
         "rounds": [{"round": t, **scores(r), "diagnostics": d} for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
@@ -161,12 +184,15 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
                      "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
                      "device": "vllm" if cfg.get("backend", "hf") == "vllm" else str(device)},
     }
-    if cfg.save_predictions:
+    if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
+        file_run_results(out_dir, results, data, zero_shot, rounds, list(cfg.labelset.names), cfg)
+    elif cfg.save_predictions:
         fields = Template(cfg.template.text).fields
         write_jsonl(out_dir / "predictions.jsonl", [
             {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
              "rounds": [r[s][i] for r in rounds]}
             for s in splits for i, row in enumerate(data.test if s == "test" else data.train)])
-    write_results(out_dir, results)
+    if labelled:
+        write_results(out_dir, results)
     log.info("results in %s", out_dir)
     return results

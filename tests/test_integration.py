@@ -51,7 +51,7 @@ def test_real_model_scorer_matches_full_logits(gemma):
 
 @pytest.mark.slow
 def test_real_model_unsupervised_icl_run(tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     cfg = compose("unsupervised_icl_llm", [
         "model=gemma3_270m", "dataset=sst2", f"dataset.data_root={SHARED_DATA}", "dataset.num_examples=90",

@@ -84,7 +84,7 @@ def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_
     """At the scorer boundary: every query is a test question; supervised demonstrations are validation
     questions of the query's subject, unsupervised ones other test questions of that subject. The
     template keeps the subject's underscores."""
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     calls, seen = scored
     results = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run"))
@@ -120,7 +120,7 @@ def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_
 
 
 def test_macro_and_micro_averages_equal_the_per_subject_results(tiny_llama_dir, mmlu_root, tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     results = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run", "save_predictions=true"))
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -154,7 +154,7 @@ def test_macro_and_micro_averages_equal_the_per_subject_results(tiny_llama_dir, 
 def test_interrupted_run_resumes_at_the_subject_and_stage_where_it_stopped(tiny_llama_dir, mmlu_root, tmp_path,
                                                                           monkeypatch, scored, model_loads):
     import joint_inference.uicl as uicl
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     calls, _ = scored
     full = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "full"))
@@ -190,7 +190,7 @@ def test_interrupted_run_resumes_at_the_subject_and_stage_where_it_stopped(tiny_
 
 
 def test_one_subject_runs_transductively_or_by_the_sampled_protocol(tiny_llama_dir, mmlu_root, tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     one = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "one", "dataset.subject=anatomy"))
     assert (tmp_path / "one" / "results.json").exists() and not (tmp_path / "one" / "subjects").exists()
@@ -215,7 +215,7 @@ def test_num_examples_caps_each_subject_with_a_seeded_subset(tiny_llama_dir, mml
 
 
 def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_path):
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     cfg = compose("unsupervised_icl_llm", ["dataset=mmlu", f"dataset.data_root={mmlu_root}", "dataset.subject=astrology",
                                            f"output_dir={tmp_path}"])
@@ -231,7 +231,7 @@ def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_pat
 @pytest.mark.skipif(not (SHARED_DATA / "mmlu" / "test.jsonl").exists(), reason="needs ../shared/data/mmlu")
 def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads):
     """The whole command on the real files: 57 subjects, 4 questions each, one model load."""
-    from unsupervised_icl_llm import run
+    from joint_inference.runs import run_icl as run
 
     cfg = compose("unsupervised_icl_llm", [
         "dataset=mmlu", "model=tiny_random_llm", "+model.random_init.max_position_embeddings=16384",

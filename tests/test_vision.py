@@ -13,9 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from joint_inference.errors import ConfigError
+from joint_inference.image_data import load_image_task
+from joint_inference.image_prompts import ImagePromptEncoder
 from joint_inference.prompts import Template
 from joint_inference.scoring import Scorer, minimal_prefix_lengths
-from joint_inference.vision import ImagePromptEncoder, image_fragments, load_image_task, tiny_vlm
+from joint_inference.vision_models import image_fragments, tiny_vlm
 from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose
 
 TEMPLATE = Template("<image>An image of {y}.<|endofchunk|>")
@@ -197,7 +199,7 @@ def test_cocoqa_is_not_on_the_hub(monkeypatch):
 
 # ------------------------------------------------------------------------------ feature cache
 def test_feature_cache_round_trip_and_stale_settings(image_root, monkeypatch):
-    import joint_inference.vision as vision
+    import joint_inference.vision_models as vision
 
     cfg = image_cfg(image_root)
     data = load_image_task(cfg.dataset, list(cfg.labelset.names))
@@ -236,7 +238,7 @@ def test_precompute_features_script_fills_the_cache(image_root, tmp_path):
 
 # ---------------------------------------------------------------------------------- end to end
 def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
-    from unsupervised_icl_vlm import run
+    from joint_inference.runs import run_icl as run
 
     results = run(image_cfg(image_root, "N=2", "T=2", "num_repeats=3", "device=cpu", "progress=false",
                             f"output_dir={tmp_path / 'run'}"))
@@ -271,7 +273,7 @@ def test_the_documented_smoke_command_runs_on_real_cifar10(tmp_path):
 
 @pytest.mark.parametrize("task_encoder", ["lora", "linear"])
 def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, task_encoder):
-    from unsupervised_ft_vlm import run
+    from joint_inference.uft import run_finetuning as run
 
     out = tmp_path / task_encoder
     cfg = compose("unsupervised_ft_vlm", [
@@ -295,7 +297,7 @@ def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, t
 def test_linear_head_starts_at_pytorchs_default_init(image_root, tmp_path):
     """As the original's vision head: nn.Linear's own initialisation drawn after seeding, not zeros; the run's seed."""
     from joint_inference.finetune import LinearTaskEncoder
-    from unsupervised_ft_vlm import run
+    from joint_inference.uft import run_finetuning as run
 
     features = {"train": torch.randn(5, 16)}
     rng_before = torch.get_rng_state()
@@ -375,7 +377,7 @@ def test_openflamingo_missing_package_names_the_install_steps(image_root, tmp_pa
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_open_clip)
-    from unsupervised_icl_vlm import run
+    from joint_inference.runs import run_icl as run
 
     with pytest.raises(ConfigError, match=r"pip install open_clip_torch==3.3.0 .*open_flamingo==2.0.1"):
         run(image_cfg(image_root, "model=openflamingo_4b", "device=cpu", f"output_dir={tmp_path}"))
@@ -428,7 +430,7 @@ def test_openflamingo_body_conditions_each_row_on_its_own_images():
 
 
 def test_a_label_set_of_the_wrong_size_is_refused(image_root, tmp_path):
-    from unsupervised_icl_vlm import run
+    from joint_inference.runs import run_icl as run
 
     with pytest.raises(ConfigError, match="label set has 100 names but dataset 'cifar10' has 10 classes"):
         run(image_cfg(image_root, "labelset=cifar100", "device=cpu", f"output_dir={tmp_path}"))

@@ -246,8 +246,8 @@ def test_label_tokens_missing_from_the_response_are_an_error(tiny_llama, fake_vl
 
 def test_a_whole_uicl_run_on_vllm_equals_the_hf_run(tiny_llama_dir, tiny_sst2_root, tmp_path, fake_vllm):
     """backend=vllm from the entry point: the same zero-shot, baseline and round predictions as backend=hf."""
+    from joint_inference.runs import run_icl as run
     from tests.test_icl import icl_config
-    from unsupervised_icl_llm import run
 
     hf = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "hf", "label_mode=first", "save_predictions=true"))
     vl = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "vllm", "label_mode=first", "save_predictions=true",

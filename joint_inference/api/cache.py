@@ -1,0 +1,54 @@
+"""Answers of an OpenAI-compatible server kept on disk, so that an interrupted run resumes without paying twice.
+
+One JSON file per request, ``<dir>/<key[:2]>/<key>.json``, written atomically (a temporary file renamed into
+place: a reader sees a whole answer or none). There is no fsync per answer (it cost ~0.3 s a request on a busy
+disk); after a power cut a damaged file reads as missing and that request is sent again. The key is the SHA-256 of the endpoint's URL and the request body (model, prompt or messages, sampling
+settings); the API key is never part of it and never written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def request_key(url: str, body: dict) -> str:
+    """SHA-256 of the URL and the body, canonical JSON (sorted keys): the same request gives the same key."""
+    text = json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class RequestCache:
+    """``get(key)`` / ``put(key, response)`` of JSON answers under ``root``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self.path(key)
+        try:
+            return json.loads(path.read_text())["response"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: ask again, the new answer replaces it
+            return None
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def put(self, key: str, url: str, model: str | None, response: dict) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"url": url, "model": model, "response": response}) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

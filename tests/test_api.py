@@ -1,0 +1,573 @@
+"""backend=openai against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/openai_server.py: the tiny
+random model behind /v1/completions and /v1/chat/completions, started in a thread by each test).
+
+UICL through the API predicts what backend=hf predicts; label tokens outside the server's top-k get the
+documented floor; 429/5xx are retried; a second run is answered from the cache; the key is sent but never
+written; bad set-ups are ConfigErrors; a server that stops mid-run gives a clear error and the rerun resumes
+from the cache; GSM8K generation equals backend=hf's; MMMU prompts, parsing and rounds on rows in the hub's
+schema; dry_run counts without sending.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+pytest.importorskip("httpx")
+
+from joint_inference.api.client import APIClient, APIError, ClientSettings
+from joint_inference.api.generation import APIGenerator
+from joint_inference.api.mmmu import MMMUFormat, open_correct, original_reading, question_row, read_choice, read_open
+from joint_inference.api.scoring import APIScorer
+from joint_inference.errors import ConfigError
+from joint_inference.generation import SamplingSettings
+from joint_inference.prompts import PromptEncoder, Template
+from joint_inference.scoring import Scorer
+from joint_inference.tiny import synthetic_sentences
+from tests.conftest import REPO, compose, write_jsonl
+from tests.openai_server import OpenAICompatibleServer
+
+PRIMARY = "unsupervised_icl_llm"
+TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
+SENTENCES = synthetic_sentences(12, length=6, seed=3)
+KEY = "sk-test-" + "7f3a9c1e5b2d4086aa" * 2  # a made-up key that must never reach a file
+
+
+def quoted(path) -> str:
+    return "'" + str(path) + "'"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model runs on one thread here: with two, a forward pass waits for the second OpenMP thread, which
+    a busy 2-core machine may not schedule for a while (seconds per test were lost that way); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def server(tiny_llama):
+    model, tokenizer = tiny_llama
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as srv:
+        yield srv
+
+
+def client(url: str, **kw) -> APIClient:
+    return APIClient(ClientSettings(base_url=url, model="tiny", cache_dir=kw.pop("cache_dir", None),
+                                    show_progress=False, backoff_s=0.01, max_backoff_s=0.05, **kw))
+
+
+def prompts_with_demonstrations(encoder, n_prompts=16):
+    prompts, labels = [], []
+    for i in range(n_prompts):
+        m = i % 4 + 1
+        prompts.append([encoder.encode({"sentence": SENTENCES[(i + j) % len(SENTENCES)]}) for j in range(m)])
+        labels.append([(i * 7 + j) % encoder.num_labels for j in range(m - 1)])
+    return prompts, labels
+
+
+FULL = ["dataset.num_examples=24", "N=3", "T=2", "num_repeats=3"]  # 16 unlabelled + 8 test: 192 prompts
+SMALL = ["dataset.num_examples=12", "N=2", "T=1", "num_repeats=2"]  # 8 unlabelled + 4 test: 12 + 4*2 + 12*2 = 44
+
+
+def api_config(model_dir, data_root, out_dir, url, *extra, size=FULL):
+    """The test_icl run (SST-2 rows of the tiny fixture, N=3, T=2, 3 votes) via the API."""
+    return compose(PRIMARY, [
+        "backend=openai", "model=openai_compatible", "model.name=tiny", f"model.pretrained={quoted(model_dir)}",
+        f"model.base_url={url}", "model.max_top_logprobs=400", "dataset=sst2", f"dataset.data_root={quoted(data_root)}",
+        *size, "device=cpu", "progress=false", "api.backoff_s=0.01", "api.max_backoff_s=0.05", "api.concurrency=4",
+        f"output_dir={quoted(out_dir)}", *extra])
+
+
+def hf_config(model_dir, data_root, out_dir, *extra):
+    return compose(PRIMARY, [
+        f"model.pretrained={quoted(model_dir)}", "model.embedded=null", "model.name=tiny", "dataset=sst2",
+        f"dataset.data_root={quoted(data_root)}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
+        "device=cpu", "batch_size=5", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
+
+
+def stages(out_dir: Path) -> dict:
+    return json.loads((out_dir / "state.json").read_text())["stages"]
+
+
+def assert_same_stages(got: Path, want: Path) -> None:
+    """Every stage's predictions and votes equal; the log-probs kept for diagnostics within float error."""
+    a, b = stages(got), stages(want)
+    assert a.keys() == b.keys()
+    for stage in a:
+        assert a[stage].keys() == b[stage].keys()
+        for field, values in a[stage].items():
+            if np.asarray(values).dtype.kind == "f":
+                np.testing.assert_allclose(values, b[stage][field], atol=1e-4)
+            else:
+                assert values == b[stage][field], (stage, field)
+
+
+def posts(srv) -> list[dict]:
+    return [r for r in srv.requests if r["path"].startswith("/v1/")]
+
+
+# ------------------------------------------------------------------------------ classification
+def test_uicl_through_the_api_equals_backend_hf_and_a_second_run_is_answered_from_the_cache(
+        tiny_llama_dir, tiny_sst2_root, tmp_path, server):
+    from joint_inference.runs import run_icl as run
+
+    want = run(hf_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "hf"))
+    got = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "api", server.url))
+    assert_same_stages(tmp_path / "api", tmp_path / "hf")  # every stage's predictions and votes
+    assert got["zero_shot"] == want["zero_shot"]
+    assert [{k: v for k, v in r.items() if k != "diagnostics"} for r in got["rounds"]] == \
+        [{k: v for k, v in r.items() if k != "diagnostics"} for r in want["rounds"]]
+    sent = posts(server)
+    assert got["timing"]["prompts_scored"] == 24 + 8 * 3 + 2 * 24 * 3 and all(r["status"] == 200 for r in sent)
+    assert len({json.dumps(r["body"], sort_keys=True) for r in sent}) == len(sent)  # never the same request twice
+    body = sent[0]["body"]  # the hf backend's token ids, one greedy token, the top-k
+    assert isinstance(body["prompt"], list) and body["max_tokens"] == 1 and body["temperature"] == 0
+    assert body["logprobs"] == 400 and body["model"] == "tiny"
+    usage = json.loads((tmp_path / "api" / "api_usage.json").read_text())
+    assert usage["requests_sent"] == len(sent) and usage["prompt_tokens"] > 0
+    assert len(sent) + usage["cache_hits"] <= got["timing"]["prompts_scored"]  # a prompt seen before: the cache
+
+    # another run directory, the same cache: not one request
+    again = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "again", server.url,
+                           f"api.cache_dir={quoted(tmp_path / 'api' / 'api_cache')}"))
+    assert len(posts(server)) == len(sent) and again["rounds"] == got["rounds"]
+    assert json.loads((tmp_path / "again" / "api_usage.json").read_text())["cache_hits"] == 24 + 8 * 3 + 2 * 24 * 3
+
+
+@pytest.mark.parametrize("endpoint,prompt_format", [("completions", "tokens"), ("completions", "text")])
+def test_label_logprobs_equal_the_hf_scorer_and_the_top_k_floor(tiny_llama, tiny_llama_dir, endpoint, prompt_format):
+    """With every label in the top-k the scores are the hf scorer's; with k=20 a label outside it gets the floor
+    min(lowest returned log-prob, log(mass left)), so the prediction is hf's unless every label is outside."""
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    hf = Scorer(model, encoder, "auto", batch_size=4, show_progress=False)
+    prompts, labels = prompts_with_demonstrations(encoder, 24)
+    with torch.no_grad():
+        want = hf.label_logprobs(prompts, labels)
+        seqs = [encoder.assemble(p, lab)[0] for p, lab in zip(prompts, labels)]
+        full = torch.stack([torch.log_softmax(model(torch.tensor([s])).logits[0, -1], -1) for s in seqs])
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as srv:
+        assert len({tuple(s) for s in seqs}) < len(seqs)  # some prompts repeat: sent once, answered for each
+        exact = APIScorer(client(srv.url), encoder, "auto", endpoint=endpoint, prompt_format=prompt_format,
+                          max_top_logprobs=400)
+        torch.testing.assert_close(exact.label_logprobs(prompts, labels), want, atol=1e-4, rtol=1e-4)
+        assert exact.mode == hf.mode == "first" and exact.floored == 0
+        before = len(srv.requests)
+        top20 = APIScorer(client(srv.url), encoder, "auto", endpoint=endpoint, prompt_format=prompt_format)
+        got = top20.label_logprobs(prompts, labels)
+        assert len(srv.requests) - before == len({tuple(s) for s in seqs})
+        assert all(r["body"]["logprobs"] == 20 for r in srv.requests[before:])
+    columns = [ids[0] for ids in encoder.label_ids]
+    for row in range(len(prompts)):
+        values, indices = torch.topk(full[row], 20)
+        inside = [c in indices.tolist() for c in columns]
+        floor = min(values.min().item(), math.log(1 - values.exp().sum().item()))
+        raw = [full[row, c].item() if ok else floor for c, ok in zip(columns, inside)]
+        torch.testing.assert_close(got[row], torch.log_softmax(torch.tensor(raw), -1), atol=1e-4, rtol=1e-4)
+        if any(inside):
+            assert got[row].argmax() == want[row].argmax()
+    assert top20.floored > 0  # the random model spreads its mass: the floor is exercised
+
+
+def test_tokens_as_ids_and_the_chat_endpoint(tiny_llama, server):
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 6)
+    with torch.no_grad():
+        want = Scorer(model, encoder, "first", batch_size=4, show_progress=False).label_logprobs(prompts, labels)
+    by_id = APIScorer(client(server.url), encoder, "first", max_top_logprobs=400, tokens_as_ids=True)
+    torch.testing.assert_close(by_id.label_logprobs(prompts, labels), want, atol=1e-4, rtol=1e-4)
+    assert server.requests[-1]["body"]["return_tokens_as_token_ids"] is True
+    chat = APIScorer(client(server.url), encoder, "first", endpoint="chat", max_top_logprobs=400)
+    scores = chat.label_logprobs(prompts, labels)  # the server's chat template wraps the prompt: other scores
+    body = server.requests[-1]["body"]
+    assert body["messages"][0]["content"] in {chat.prompt_text(encoder.assemble(p, lab)[0]) for p, lab in zip(prompts, labels)}
+    assert body["logprobs"] is True and body["top_logprobs"] == 400 and body["max_tokens"] == 1
+    assert scores.shape == want.shape and torch.allclose(scores.exp().sum(-1), torch.ones(len(prompts)))
+
+
+def test_bad_set_ups_are_config_errors(tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path):
+    model, tokenizer = tiny_llama
+    url = "http://127.0.0.1:9/v1"  # never contacted
+    shared = PromptEncoder(tokenizer, TEMPLATE, ["zebra crossing", "zebra stripes", "qux"], fold_shared_label_tokens=True)
+    with pytest.raises(ConfigError, match=r"share their first token.*label_mode=bot_minimal"):
+        APIScorer(client(url), shared, "auto")
+    one_token = PromptEncoder(tokenizer, TEMPLATE, ["positive", "sentiment", "the"], fold_shared_label_tokens=True)
+    with pytest.raises(ConfigError, match=r"3 distinct label tokens .* at most model.max_top_logprobs=2.*fewer labels"):
+        APIScorer(client(url), one_token, "first", max_top_logprobs=2)
+    with pytest.raises(ConfigError, match="reading every example's label"):
+        APIScorer(client(url), one_token, "first").label_logprobs([[one_token.encode({"sentence": "a"})]], [[0]], "all")
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 3)
+    # a server that ignores logprobs, as `transformers serve` does
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, logprobs=False) as srv:
+        with pytest.raises(ConfigError, match=r"returned no log-probs .* backend=hf"):
+            APIScorer(client(srv.url), encoder, "first").label_logprobs(prompts, labels)
+    # a server that returns fewer alternatives than asked for, and says so
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=5) as srv:
+        with pytest.raises(APIError, match=r"refused the log-probs request \(logprobs=20\).*max_top_logprobs"):
+            APIScorer(client(srv.url), encoder, "first").label_logprobs(prompts, labels)
+    from joint_inference.runs import run_icl as run
+
+    with pytest.raises(ConfigError, match="needs the server's address"):
+        run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "x", "null"))
+
+
+def test_429_and_5xx_are_retried_with_backoff(tiny_llama, server):
+    _, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 5)
+    want = APIScorer(client(server.url), encoder, "first", max_top_logprobs=400).label_logprobs(prompts, labels)
+    server.fail_first = [429, 500, 503, 502]
+    patient = client(server.url, concurrency=1)
+    got = APIScorer(patient, encoder, "first", max_top_logprobs=400).label_logprobs(prompts, labels)
+    torch.testing.assert_close(got, want)
+    assert [r["status"] for r in server.requests[-9:]] == [429, 500, 503, 502, 200, 200, 200, 200, 200]
+    assert patient.usage.retries == 4 and patient.usage.requests_sent == 5
+    server.fail_first = [500] * 3
+    with pytest.raises(APIError, match=r"no answer from .*/v1/completions after 3 tries \(last: HTTP 500"):
+        APIScorer(client(server.url, max_retries=2, concurrency=1), encoder, "first",
+                  max_top_logprobs=400).label_logprobs(prompts, labels)
+
+
+def test_a_server_stopped_mid_run_is_a_clear_error_and_the_rerun_resumes_from_the_cache(
+        tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from joint_inference.runs import run_icl as run
+
+    model, tokenizer = tiny_llama
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as whole:
+        want = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "whole", whole.url, size=SMALL))
+    total = len(posts(whole))
+    first = OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, stop_after=16).start()
+    cfg = api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", first.url, "api.max_retries=2", size=SMALL)
+    with pytest.raises(APIError, match=r"no answer from http://127\.0\.0\.1:\d+/v1/completions after 3 tries.*"
+                                       r"cached in .*api_cache.*start the same command again"):
+        run(cfg)
+    first.stop()
+    cached = len(list((tmp_path / "run" / "api_cache").rglob("*.json")))
+    assert cached == 16 and set(stages(tmp_path / "run")) == {"zero_shot/train", "zero_shot/test"}  # 12 + 4 of 8
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, port=first.port) as second:
+        resumed = run(cfg)
+    assert len(posts(second)) == total - cached  # nothing answered before is asked again
+    assert resumed["rounds"] == want["rounds"]
+    assert_same_stages(tmp_path / "run", tmp_path / "whole")
+
+
+def key_leaks(directory: Path) -> list[str]:
+    return [str(p) for p in directory.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+
+
+def test_the_key_is_sent_but_never_written(tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch, capsys):
+    """$OPENAI_API_KEY set: every request carries it, no file of the run directory (results, state, cache, usage)
+    holds it, and a refused key's error names the variable, not the key."""
+    from joint_inference.runs import run_icl as run
+
+    model, tokenizer = tiny_llama
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, max_logprobs=400) as srv:
+        run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", srv.url, size=SMALL))
+        assert posts(srv) and all(r["authorization"] == f"Bearer {KEY}" and r["status"] == 200 for r in posts(srv))
+        wrong = "sk-wrong-" + "0123456789" * 3
+        monkeypatch.setenv("OPENAI_API_KEY", wrong)
+        with pytest.raises(APIError, match=r"HTTP 401 .*sent with the key in \$OPENAI_API_KEY") as err:
+            client(srv.url).post_many("completions", [{"model": "tiny", "prompt": "a", "max_tokens": 1}])
+        assert wrong not in str(err.value)
+    names = {p.name for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"results.json", "state.json", "api_usage.json"} <= names and (tmp_path / "run" / "api_cache").is_dir()
+    out = capsys.readouterr()
+    assert not key_leaks(tmp_path / "run") and KEY not in out.out + out.err
+
+
+@pytest.mark.slow
+def test_the_key_never_reaches_hydras_files_or_the_console(tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path):
+    """The entry script in a subprocess: Hydra's config dumps (.hydra/), its log and the console stay clean too."""
+    model, tokenizer = tiny_llama
+    out = tmp_path / "run"
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY) as srv:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "unsupervised_icl_llm.py"), "backend=openai", "model=openai_compatible",
+             "model.name=tiny", f"model.pretrained={tiny_llama_dir}", f"model.base_url={srv.url}", "label_mode=first",
+             f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=2",
+             "progress=false", f"hydra.run.dir={out}"], check=False, capture_output=True, text=True, cwd=REPO, env=env,
+            timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert posts(srv) and all(r["authorization"] == f"Bearer {KEY}" for r in posts(srv))
+    assert {"results.json", "state.json", "api_usage.json", "config.yaml"} <= {p.name for p in out.rglob("*")}
+    assert not key_leaks(out) and KEY not in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------------- dry run
+def test_dry_run_counts_requests_tokens_and_cost_and_sends_nothing(tiny_llama_dir, tiny_sst2_root, tmp_path,
+                                                                   server, capsys):
+    from joint_inference.runs import run_icl as run
+
+    prices = ["model.price_per_million_input_tokens=2.5", "model.price_per_million_output_tokens=10"]
+    summary = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", server.url, "dry_run=true", *prices,
+                             size=SMALL))
+    assert not server.requests and not (tmp_path / "run").exists()
+    assert summary["requests"] + summary["duplicates"] == 44 and summary["cached"] == 0
+    assert summary["output_tokens"] == summary["max_output_tokens"] == summary["requests"]  # one token each
+    assert summary["cost_usd"] == pytest.approx((summary["prompt_tokens"] * 2.5 + summary["requests"] * 10) / 1e6)
+    printed = capsys.readouterr().out
+    assert f"{summary['requests']:,} requests" in printed and "cost at $2.5/M input" in printed
+    # after a real run, a dry run follows the cached answers: nothing left to pay for
+    run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", server.url, size=SMALL))
+    again = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", server.url, "dry_run=true", size=SMALL))
+    assert again["requests"] == 0 and again["cached"] + again["duplicates"] == 44
+    assert again["cost_usd"] is None
+
+
+# --------------------------------------------------------------------------------- generation
+QUESTIONS = [f"What is {i} plus {i + 1}?" for i in range(5)]
+
+
+def test_gsm8k_through_the_api_equals_backend_hf(tiny_llama_dir, tmp_path, server):
+    from joint_inference.runs import run_icl as run
+
+    write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl",
+                [{"question": q, "answer": f"Add them.\n#### {2 * i + 1}"} for i, q in enumerate(QUESTIONS)])
+    common = ["dataset=gsm8k", f"dataset.data_root={quoted(tmp_path / 'data')}", "n_shots=2", "T=1", "num_repeats=2",
+              "max_new_tokens=10", "device=cpu", "progress=false", "supervised_icl=false"]
+    want = run(compose(PRIMARY, [*common, f"model.pretrained={quoted(tiny_llama_dir)}", "model.embedded=null",
+                                 "model.name=tiny", "batch_size=3", f"output_dir={quoted(tmp_path / 'hf')}"]))
+    got = run(compose(PRIMARY, [*common, "backend=openai", "model=openai_compatible", "model.name=tiny",
+                                f"model.pretrained={quoted(tiny_llama_dir)}", f"model.base_url={server.url}",
+                                f"output_dir={quoted(tmp_path / 'api')}"]))
+    answers = [(tmp_path / d / "answers.jsonl").read_text() for d in ("hf", "api")]
+    assert answers[0] == answers[1] and got["rounds"] == want["rounds"]
+    bodies = [r["body"] for r in posts(server)]
+    assert len(bodies) == 5 + 5  # greedy: one request per prompt (zero-shot, round 1), its text used for both votes
+    assert any("Q: What is 0 plus 1?\nA:" in b["prompt"] for b in bodies)
+    assert all(b["max_tokens"] == 10 and b["temperature"] == 0 and "n" not in b for b in bodies)
+    assert all(b["stop"] == ["\n\nQ:", "\nQ:"] for b in bodies)
+
+
+class ScriptedClient:
+    """Answers completions with a fixed text; records the bodies."""
+
+    dry_run = False
+
+    def __init__(self, text):
+        self.text, self.bodies = text, []
+
+    def body(self, fields):
+        return {"model": "m", **fields}
+
+    def post_many(self, path, bodies, desc=None, prompt_tokens=None):
+        self.bodies += bodies
+        return [{"choices": [{"index": i, "text": f"{self.text} #{i}"} for i in range(b.get("n", 1))]} for b in bodies]
+
+
+def test_responses_are_cut_as_the_local_backends_cut_them():
+    answer_is = tuple(f"answer is ({x})" for x in "ABCDEFGHIJ")
+    settings = SamplingSettings(64, 0.7, 0.9, stop=("\n\nQuestion:", "\nQuestion:"), stop_after=answer_is)
+    scripted = ScriptedClient("It is 4, so the answer is (C). Then more\nQuestion: next")
+    texts = APIGenerator(scripted, settings).generate(["p1", "p2"], 3, seed=5)
+    assert texts == [["It is 4, so the answer is (C)"] * 3] * 2
+    body = scripted.bodies[0]
+    assert body["stop"] == ["\n\nQuestion:", "\nQuestion:"] and body["n"] == 3 and body["top_p"] == 0.9
+    assert body["seed"] != scripted.bodies[1]["seed"]  # each prompt its own seed
+    chat = APIGenerator(ScriptedClient("x"), SamplingSettings(8), endpoint="chat", max_stop_strings=1)
+    assert chat.body("hello", 1, 0) == ("chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0.0})
+
+
+# ---------------------------------------------------------------------------------------- MMMU
+def pil(color, size=(8, 6)):
+    from PIL import Image
+
+    return Image.new("RGB", size, color)
+
+
+def mmmu_rows(subject: str, pro: bool = False) -> list[dict]:
+    """Five questions in the hub's schema: four multiple-choice (one with two images) and one open."""
+    rows = []
+    for i in range(5):
+        open_q = i == 4 and not pro
+        options = [] if open_q else [f"choice {j} of q{i}" for j in range(10 if pro else 4)]
+        row = {"id": f"validation_{subject}_{i + 1}", "question": f"<image 1> {subject} question {i}?",
+               "options": str(options), "explanation": "", "img_type": "['Diagrams']",
+               "answer": "12.5" if open_q else "ABCD"[i % 4], "topic_difficulty": "Easy",
+               "image_1": pil((40 * i, 10, 200)), "image_2": pil((1, 2, 3), (5, 5)) if i == 1 else None}
+        row.update({f"image_{k}": None for k in range(3, 8)})
+        if pro:
+            row["subject"] = subject
+        else:
+            row.update(question_type="open" if open_q else "multiple-choice", subfield="x")
+        rows.append(row)
+    return rows
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    import datasets
+
+    features = datasets.Features({k: datasets.Image() if k.startswith("image_") else datasets.Value("string")
+                                  for k in rows[0]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+@pytest.fixture()
+def mmmu_root(tmp_path):
+    for subject in ("Art", "Math"):
+        write_parquet(mmmu_rows(subject), tmp_path / "data" / "mmmu" / subject / "validation.parquet")
+    write_parquet(mmmu_rows("Art", pro=True) + mmmu_rows("Math", pro=True), tmp_path / "data" / "mmmu_pro" / "test.parquet")
+    return tmp_path / "data"
+
+
+def decoded(url: str):
+    from PIL import Image
+
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_mmmu_prompts_follow_the_original(mmmu_root):
+    from joint_inference.api.mmmu import load_subject
+
+    cfg = compose(PRIMARY, ["+experiment=mmmu_gpt4o", f"dataset.data_root={quoted(mmmu_root)}"])
+    assert (cfg.backend, cfg.model.name, cfg.model.endpoint, cfg.dataset.name) == ("openai", "gpt-4o-2024-08-06",
+                                                                                   "chat", "mmmu")
+    assert (cfg.T, cfg.num_repeats, cfg.n_shots, cfg.temperature, cfg.max_new_tokens, cfg.seed) == (3, 1, 8, 0.0, 4000, 0)
+    assert len(cfg.dataset.subjects) == 30
+    fmt = MMMUFormat.from_cfg(cfg.template)
+    rows = load_subject(cfg.dataset, "Art")
+    assert [r["question_type"] for r in rows] == ["multiple-choice"] * 4 + ["open"] and len(rows[1]["image_urls"]) == 2
+    messages = fmt.messages(rows[1], [(rows[0], "Because. Answer: A")])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"][0]["text"].startswith("Answer the following multiple-choice question.")
+    text, *images = messages[-1]["content"]
+    assert text["text"] == ("image 1 Art question 1?\nA. choice 0 of q1\nB. choice 1 of q1\nC. choice 2 of q1\n"
+                            "D. choice 3 of q1\nThe last line of your response should be of the following format: "
+                            "'Answer: $LETTER' (without quotes) where LETTER is one of the options. Think step by step "
+                            "before answering.")
+    assert [i["image_url"]["detail"] for i in images] == ["low", "low"]
+    assert decoded(images[0]["image_url"]["url"]).getpixel((0, 0)) == (40, 10, 200)
+    assert decoded(images[1]["image_url"]["url"]).size == (5, 5)
+    assert messages[2]["content"] == [{"type": "text", "text": "Because. Answer: A"}]
+    open_text = fmt.messages(rows[4])[-1]["content"][0]["text"]
+    assert open_text.startswith("image 1 Art question 4?\n\nDo not use latex.")
+    assert fmt.messages(rows[4])[0]["content"][0]["text"].startswith("Answer the following open-ended question.")
+    pro = compose(PRIMARY, ["+experiment=mmmu_gpt4o", "dataset=mmmu_pro", f"dataset.data_root={quoted(mmmu_root)}"])
+    assert pro.dataset.name == "mmmu_pro" and pro.template.system == cfg.template.system
+    pro_rows = load_subject(pro.dataset, "Math")
+    assert len(pro_rows) == 5 and all(r["subject"] == "Math" and len(r["options"]) == 10 for r in pro_rows)
+    assert "J. choice 9 of q0" in MMMUFormat.from_cfg(pro.template).question_text(pro_rows[0])
+    with pytest.raises(ConfigError, match="not one of the 4 options' letters"):
+        question_row({**mmmu_rows("Art")[0], "answer": "E"}, "Art", "row")
+
+
+def test_mmmu_answers_are_read_as_the_protocol_says():
+    assert read_choice("Think... so B.\nAnswer: C", "ABCD") == ("C", True)
+    assert read_choice("Answer: A at first.\n**Answer: (D)**", "ABCD") == ("D", True)
+    assert read_choice("Answer: E", "ABCD") == (None, False)  # not an option, no other letter
+    assert read_choice("The best answer is (B).", "ABCD") == ("B", False)
+    assert read_choice("I pick C here", "ABCD") == ("C", False)
+    assert read_choice("Answer: Because it is", "ABCD") == (None, False)
+    assert read_open("so x = 12.50.\nThe final answer is 12.50.") == "12.50"
+    assert open_correct("12.50", "12.5") and open_correct("Paris", "['paris', 'Paris, France']")
+    assert not open_correct("13", "12.5") and not open_correct(None, "1")
+    assert original_reading("The best answer is (B). Answer: C") == ("B", 1)
+    assert original_reading("first answer: A then Answer: C\nanswer: D") == ("C", 2)
+    assert original_reading("no statement, maybe A or B") == ("B", 3)
+
+
+def mmmu_responder(messages):
+    """A deterministic 'model': right on even questions, wrong on odd ones, no statement on question 3; open
+    questions answer 12.50. It checks that each image decodes."""
+    user = messages[-1]["content"]
+    for part in user[1:]:
+        decoded(part["image_url"]["url"])
+    text = user[0]["text"]
+    q = int(re.search(r"question (\d)", text)[1])
+    if "open-ended" in messages[0]["content"][0]["text"]:
+        return "Compute. The final answer is 12.50"
+    if q == 3:
+        return "I cannot tell."
+    gold = "ABCD"[q % 4]
+    return f"Reasoning about q{q}.\nAnswer: {gold if q % 2 == 0 else 'ABCD'[(q + 1) % 4]}"
+
+
+def test_mmmu_rounds_through_the_api(mmmu_root, tiny_llama, tmp_path):
+    from joint_inference.runs import run_icl as run
+
+    model, tokenizer = tiny_llama
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, chat_responder=mmmu_responder) as srv:
+        overrides = ["+experiment=mmmu_gpt4o", f"dataset.data_root={quoted(mmmu_root)}", "dataset.subjects=[Art,Math]",
+                     f"model.base_url={srv.url}", "T=1", "n_shots=2", "progress=false", "api.backoff_s=0.01"]
+        results = run(compose(PRIMARY, [*overrides, f"output_dir={quoted(tmp_path / 'run')}"]))
+        sent = posts(srv)
+        # zero-shot: each of the 10 questions once; round 1: again, after demonstrations
+        assert len(sent) == 20 and all(r["path"] == "/v1/chat/completions" for r in sent)
+        assert sent[0]["body"]["max_tokens"] == 4000 and sent[0]["body"]["seed"] == 0
+        assert sent[0]["body"]["temperature"] == 0.0 and sent[0]["body"]["model"] == "gpt-4o-2024-08-06"
+        dry = run(compose(PRIMARY, [*overrides, "dry_run=true", f"output_dir={quoted(tmp_path / 'run')}"]))
+        assert len(posts(srv)) == 20 and dry["requests"] == 0 and dry["cached"] == 20
+    # q0, q2 right; q1 wrong; q3 unanswered; q4 (open) right: 3 of 5 in each subject
+    assert results["zero_shot"]["test_accuracy"] == results["zero_shot"]["macro_accuracy"] == 0.6
+    assert results["zero_shot"]["per_subject"] == {"Art": 0.6, "Math": 0.6} and results["num_test"] == 10
+    assert results["rounds"][0]["pool_size"] == 8  # three stated letters and the open answer, per subject
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    by_id = {r["id"]: r for r in rows}
+    rounds = [r for r in sent if len(r["body"]["messages"]) > 2]
+    assert len(rounds) == 10
+    for request in rounds:
+        messages = request["body"]["messages"]
+        query = messages[-1]["content"][0]["text"]
+        subject, q = re.search(r"(\w+) question (\d)", query).groups()
+        demos = [m for m in messages[1:-1]]
+        assert [m["role"] for m in demos] == ["user", "assistant"] * 2
+        for user, assistant in zip(demos[::2], demos[1::2]):
+            demo_subject, d = re.search(r"(\w+) question (\d)", user["content"][0]["text"]).groups()
+            assert demo_subject == subject and d != q and d != "3"  # same subject, never itself, stated answers only
+            assert assistant["content"][0]["text"] == by_id[f"validation_{subject}_{int(d) + 1}"]["zero_shot"]["response"]
+            assert len(user["content"]) == (3 if d == "1" else 2)  # the demonstration's images travel with it
+            if q != "4":
+                assert d != "4"  # multiple-choice questions see multiple-choice demonstrations
+    assert set(rows[0]) == {"id", "subject", "question_type", "gold", "zero_shot", "rounds"}
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| Art | 60.0% |" in table and "macro" in table
+
+
+def test_mmmu_pro_and_resume(mmmu_root, tiny_llama, tmp_path):
+    from joint_inference.runs import run_icl as run
+
+    model, tokenizer = tiny_llama
+    cfg = ["+experiment=mmmu_gpt4o", "dataset=mmmu_pro", f"dataset.data_root={quoted(mmmu_root)}",
+           "dataset.subject=Math", "T=1", "n_shots=3", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"]
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, chat_responder=mmmu_responder) as srv:
+        dry = run(compose(PRIMARY, [*cfg, f"model.base_url={srv.url}", "dry_run=true"]))
+        assert not srv.requests and dry["requests"] == 10 and dry["cached"] == 0  # zero-shot 5, round 1 5
+        assert dry["prompt_tokens"] > 85 * (6 + 5 * 3 * 1)  # 6 images zero-shot, 3 demonstrations' at least in round 1
+        assert dry["max_output_tokens"] == 10 * 4000 and dry["cost_usd"] < dry["max_cost_usd"]
+        results = run(compose(PRIMARY, [*cfg, f"model.base_url={srv.url}"]))
+        assert len(posts(srv)) == 10 and results["settings"]["subjects"] == ["Math"]
+        again = run(compose(PRIMARY, [*cfg, f"model.base_url={srv.url}"]))  # finished: read back, nothing sent
+        assert len(posts(srv)) == 10 and again["rounds"] == results["rounds"]
+    assert results["zero_shot"]["test_accuracy"] == 0.6  # q0, q2, q4 right (q4 is multiple-choice in MMMU-Pro)
+    with pytest.raises(ConfigError, match="add backend=openai"):
+        run(compose(PRIMARY, [*cfg[1:], "backend=hf", f"output_dir={quoted(tmp_path / 'hf')}"]))
+
+
+def test_the_config_files_compose():
+    cfg = compose(PRIMARY, ["model=openai_compatible", "backend=openai"])
+    assert cfg.model.pretrained == "openai_compatible" and cfg.model.endpoint == "completions"
+    assert cfg.api.concurrency == 8 and cfg.api.cache_dir is None
+    assert OmegaConf.select(cfg, "model.api_key") is None  # the key is never a config value
+    assert not re.search(r"sk-|api_key:", (REPO / "configs" / "model" / "gpt-4o-2024-08-06.yaml").read_text())
+    assert np.isclose(compose(PRIMARY, ["model=gpt-4o-2024-08-06"]).model.price_per_million_input_tokens, 2.5)
