@@ -7,10 +7,12 @@ templates call; the entry scripts import it before Hydra reads a config.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import sys
 import textwrap
+from dataclasses import fields
 from functools import reduce
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .distributed import is_main_process
 from .errors import ConfigError, exit_on_config_error
 from .rundir import run_directory
+from .settings import SCHEMAS, check_settings
 from .utils import check_writable_dir
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ def launch(main) -> None:
     """An entry script's ``__main__``: the command line checked (:func:`check_command_line`), then the
     ``@hydra.main`` function ``main``."""
     sys.argv[1:] = quote_typed_templates(sys.argv[1:])
-    exit_on_config_error(lambda args: check_command_line(args, Path(sys.argv[0]).resolve().parent / "configs"),
+    script = Path(sys.argv[0]).resolve()
+    exit_on_config_error(lambda args: check_command_line(args, script.parent / "configs", SCHEMAS.get(script.stem)),
                          sys.argv[1:])
     main()
 
@@ -51,7 +55,7 @@ def quote_typed_templates(args: list[str]) -> list[str]:
     return quoted
 
 
-def check_command_line(args: list[str], config_dir: Path) -> None:
+def check_command_line(args: list[str], config_dir: Path, schema: type | None = None) -> None:
     """What Hydra reads before a script's code runs and reports as a page of text with exit code 1, or
     a traceback: an option of a config group that ``config_dir`` lacks (``dataset=sst3``), and a run
     (or, with ``-m``, sweep) directory that cannot be created or written. Left to Hydra: other config
@@ -73,6 +77,12 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
         key, value = override.key_or_group, override.value()
         if key == directory_key and isinstance(value, str) and "${" not in value:
             check_writable_dir(value, key)
+        if schema and "." not in key and not override.is_add() and not (config_dir / key).is_dir():
+            known = [f.name for f in fields(schema)]
+            if key not in known:  # Hydra would say "not in struct" with a page of text
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                  + f" The settings of this script: {', '.join(sorted(known))}")
         if key.startswith("hydra") or not (config_dir / key).is_dir():
             continue
         options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
@@ -108,6 +118,8 @@ def run_in_directory(run, cfg: DictConfig):
     ours = Path(hydra.runtime.output_dir).resolve() == Path(cfg.output_dir).resolve() and hydra.output_subdir
     with run_directory(cfg.output_dir, hydra.job.name,
                        Path(hydra.runtime.output_dir) / hydra.output_subdir if ours else None):
+        if hydra.job.name in SCHEMAS:  # an entry script's settings, before anything loads
+            check_settings(cfg, SCHEMAS[hydra.job.name])
         return run(cfg)
 
 
