@@ -1,4 +1,4 @@
-"""Unsupervised fine-tuning of a language model (METHOD.md §4, paper Table 1, UFT column).
+"""Unsupervised fine-tuning of a language model (docs/protocol.md §4, paper Table 1, UFT column).
 
     python unsupervised_ft_llm.py                                      # Gemma-3-270M on SST-2
     python unsupervised_ft_llm.py dataset=sst2 model=llama3.1_8b       # a paper row

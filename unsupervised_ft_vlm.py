@@ -1,4 +1,4 @@
-"""Unsupervised fine-tuning of a vision-language model (METHOD.md §4, paper Table 3).
+"""Unsupervised fine-tuning of a vision-language model (docs/protocol.md §4, paper Table 3).
 
     python unsupervised_ft_vlm.py dataset=cifar100 model=openflamingo_4b task_encoder=lora
     python unsupervised_ft_vlm.py dataset=cifar100 model=openflamingo_4b task_encoder=linear

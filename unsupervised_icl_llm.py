@@ -1,4 +1,4 @@
-"""Unsupervised in-context learning with a language model (METHOD.md §5, paper Table 1).
+"""Unsupervised in-context learning with a language model (docs/protocol.md §5, paper Table 1).
 
     python unsupervised_icl_llm.py +experiment=quickstart            # Gemma-3-270M on SST-2, minutes on a CPU
     python unsupervised_icl_llm.py dataset=local dataset.path=reviews.csv labelset.names=[negative,positive] \

@@ -1,4 +1,4 @@
-"""Unsupervised in-context learning with a vision-language model (METHOD.md §5, paper Table 3).
+"""Unsupervised in-context learning with a vision-language model (docs/protocol.md §5, paper Table 3).
 
     python unsupervised_icl_vlm.py dataset=cifar100 model=openflamingo_4b
     python unsupervised_icl_vlm.py model=tiny_random_vlm dataset=cifar10 dataset.num_examples=60 N=2 T=1 num_repeats=1 device=cpu

@@ -1,4 +1,4 @@
-"""Task data: load a dataset's source splits and draw the protocol's sample (METHOD.md §7).
+"""Task data: load a dataset's source splits and draw the protocol's sample (docs/protocol.md §7).
 
 Rows come from ``datasets.load_dataset``: the hub by default, or local files
 ``<data_root>/<local_name>/<split>.{jsonl,parquet,csv}`` in the hub's own schema when
@@ -273,7 +273,7 @@ def capped_subset(size: int, cap: int | None, seed: int) -> np.ndarray:
 
 
 def load_task(cfg, check: RowCheck | None = None) -> TaskData:
-    """Rows of a classification task, sampled by the protocol (METHOD.md §7), among the rows that
+    """Rows of a classification task, sampled by the protocol (docs/protocol.md §7), among the rows that
     ``check`` passes (see :func:`checked_rows`).
 
     With ``cfg.transductive`` (MMLU as the original runs it, §8) the source splits' rows, at most

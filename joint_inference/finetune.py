@@ -1,4 +1,4 @@
-"""Unsupervised fine-tuning (METHOD.md §4): task encoders, the reward, the training loop, checkpoints.
+"""Unsupervised fine-tuning (docs/protocol.md §4): task encoders, the reward, the training loop, checkpoints.
 
 One copy of the base model serves both roles: the task encoder is the model with LoRA adapters
 (or a linear head on fixed features), and the reward is the same model with the adapters
@@ -186,7 +186,7 @@ def lm_features(scorer: Scorer, examples: Sequence[EncodedExample]) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------- reward
 class LMReward:
-    """R[b, n, k] of METHOD.md §3: log p(y_n = k | x_n, (x_<n, y_<n)) of the frozen model, divided by N.
+    """R[b, n, k] of docs/protocol.md §3: log p(y_n = k | x_n, (x_<n, y_<n)) of the frozen model, divided by N.
 
     The scorer's model may carry LoRA adapters; they are disabled here, so this is the base model.
     With ``log_prior`` (calibration) the prior is subtracted before dividing by N.

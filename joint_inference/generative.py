@@ -1,4 +1,4 @@
-"""Unsupervised ICL for generative reasoning tasks (METHOD.md §6, paper Table 2): GSM8K, MMLU-Pro.
+"""Unsupervised ICL for generative reasoning tasks (docs/protocol.md §6, paper Table 2): GSM8K, MMLU-Pro.
 
 * Round 0: every question answered zero-shot with chain of thought, ``num_repeats`` samples each,
   majority vote over the extracted final answers.

@@ -1,4 +1,4 @@
-"""Zero-shot, supervised ICL and unsupervised ICL rounds for classification (METHOD.md §5).
+"""Zero-shot, supervised ICL and unsupervised ICL rounds for classification (docs/protocol.md §5).
 
 Every prediction goes through the shared :class:`~joint_inference.scoring.Scorer`. Random
 draws are keyed by (seed, stage, split, query), so a query's demonstrations do not depend on

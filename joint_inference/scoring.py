@@ -6,7 +6,7 @@ gathers the hidden states at the label-read positions only, and applies the outp
 projection there -- to the label tokens' columns alone unless ``exact`` mode needs the
 full vocabulary.
 
-Label modes (METHOD.md §2): ``first`` (first label token), ``bot`` (mean logit over the
+Label modes (docs/protocol.md §2): ``first`` (first label token), ``bot`` (mean logit over the
 label's tokens), ``bot_minimal`` (bag of the shortest distinguishing token prefix),
 ``exact`` (sum of the label tokens' log-probs) and ``auto`` (``first`` when the first tokens
 are distinct, else ``exact``). The K scores are renormalised with a log-softmax.

@@ -1,4 +1,4 @@
-"""MMLU as the original ran it (METHOD.md §8): every subject in one command, the model loaded once.
+"""MMLU as the original ran it (docs/protocol.md §8): every subject in one command, the model loaded once.
 
 Each subject is an ordinary classification run (:func:`~joint_inference.uicl.run_classification`,
 transductive by default) in ``<run dir>/subjects/<subject>`` with its own saved stages, so an

@@ -1,6 +1,6 @@
 """Loading a classification task, text or images: the only place that branches on the modality.
 
-``load_data`` gives the protocol's sample (METHOD.md §7); ``load_prompts`` the model and the
+``load_data`` gives the protocol's sample (docs/protocol.md §7); ``load_prompts`` the model and the
 examples encoded as token pieces, ready for the shared :class:`~joint_inference.scoring.Scorer`.
 Everything downstream (rounds, estimators, training loop) is the same for both modalities.
 """

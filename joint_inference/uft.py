@@ -1,4 +1,4 @@
-"""The unsupervised fine-tuning run (METHOD.md §4) for text and image tasks, from config to results.
+"""The unsupervised fine-tuning run (docs/protocol.md §4) for text and image tasks, from config to results.
 
 Shared by ``unsupervised_ft_llm.py`` and ``unsupervised_ft_vlm.py``: the task (text or images) is
 loaded by :mod:`joint_inference.tasks`, and everything after that is modality-agnostic.
@@ -161,7 +161,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
     # ---- task encoder and reward
     if cfg.task_encoder == "lora":
         task_encoder = LoraTaskEncoder(scorer, examples)
-    elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (METHOD.md §4)
+    elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (docs/protocol.md §4)
         from .vision_models import clip_features
 
         task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels, seed=cfg.seed)

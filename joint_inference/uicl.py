@@ -1,4 +1,4 @@
-"""The unsupervised ICL run for classification tasks (METHOD.md §5), stage by stage.
+"""The unsupervised ICL run for classification tasks (docs/protocol.md §5), stage by stage.
 
 Each split of each stage (zero-shot, supervised baseline, round t) is saved when it finishes, so
 an interrupted run resumes where it stopped, redoing at most one split of one stage.

@@ -72,7 +72,7 @@ class Job:
             if self.task in LOCAL_SPLITS:
                 dataset.append(f"dataset.source_splits={LOCAL_SPLITS[self.task]}")
         return [sys.executable, str(REPO / script), f"model={self.model}", *dataset, f"seed={self.seed}",
-                "device=cpu", "progress=false", f"hydra.run.dir={root / self.name}"]
+                "device=cpu", "allow_long_cpu_run=true", "progress=false", f"hydra.run.dir={root / self.name}"]
 
 
 def all_jobs() -> list[Job]:

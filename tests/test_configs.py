@@ -1,5 +1,5 @@
 """The Hydra configs: every group composes, the defaults are the paper's, the templates render the
-hub's rows exactly as METHOD.md §7 writes them, and labels map to class ids the way load_rows does."""
+hub's rows exactly as docs/protocol.md §7 writes them, and labels map to class ids the way load_rows does."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if "image_fea
 TABLE1 = ["sst2", "amazon_polarity", "ag_news", "trec", "dbpedia_14", "subj", "rte", "qnli", "mnli", "copa",
           "boolq", "piqa", "hellaswag", "mmlu"]
 
-# METHOD.md §7 label sets, in class-id order.
+# docs/protocol.md §7 label sets, in class-id order.
 LABEL_SETS = {
     "sst2": ["negative", "positive"],
     "amazon_polarity": ["negative", "positive"],
@@ -45,7 +45,7 @@ LABEL_SETS = {
 }
 
 # One row per task in the hub's own schema (field names and label types of datasets.load_dataset),
-# the class id load_rows must give it, and the METHOD.md §7 template filled by hand with names[0].
+# the class id load_rows must give it, and the docs/protocol.md §7 template filled by hand with names[0].
 ENDINGS = ["pulls out a scraper and scrapes the ice off the windshield.",
            "is standing in the snow, talking to the camera.",
            "hands the man a brush and he cleans the car.",

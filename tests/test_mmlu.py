@@ -1,4 +1,4 @@
-"""MMLU as the original ran it (METHOD.md §8): every subject in one command with one model load,
+"""MMLU as the original ran it (docs/protocol.md §8): every subject in one command with one model load,
 each subject transductive, the supervised baseline on the validation split, macro and micro
 averages, resumption per subject; and (integration) all 57 real subjects on a tiny model."""
 from __future__ import annotations

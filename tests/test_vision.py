@@ -72,7 +72,7 @@ def encoder_for(vlm, images, mode):
 
 def reference_scores(vlm, encoder, images, chosen, labels, mode):
     """Slow reference for one prompt of images ``chosen``: the VLM merges its own image features from
-    pixels, full-vocabulary logits, label scores computed from their definitions (METHOD.md §2).
+    pixels, full-vocabulary logits, label scores computed from their definitions (docs/protocol.md §2).
     Returns (reads, K): every example's label when all are labelled, else the query's."""
     model, processor = vlm
     ids, positions = encoder.assemble([encoder.encode({"image": i}) for i in chosen], labels)
