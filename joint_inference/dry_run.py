@@ -35,19 +35,24 @@ QUICKSTART = "python unsupervised_icl_llm.py +experiment=quickstart"
 
 
 # ------------------------------------------------------------------------------- throughput
-def throughput(model_name: str, device_type: str, dtype: str, n: int, directory: Path = BENCHMARKS) -> dict | None:
-    """The batched scorer's measured tokens per second for ``model_name`` on ``device_type``: from the
-    benchmark of that model and device whose N is nearest ``n`` (``dtype`` bfloat16: its bf16 run,
-    when it has one). None when no benchmark matches."""
-    found = []
+def benchmarks_of(model_name: str, device_type: str, directory: Path = BENCHMARKS):
+    """(path, figures) of each readable benchmark JSON in ``directory`` measured for ``model_name`` on ``device_type``."""
     for path in sorted(directory.glob("*.json")):
         try:
             figures = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if (isinstance(figures, dict) and figures.get("model") == model_name and figures.get("device") == device_type
-                and figures.get("num_tokens") and figures.get("batched_seconds")):
-            found.append((abs(figures.get("N", n) - n), path, figures))
+        if isinstance(figures, dict) and figures.get("model") == model_name and figures.get("device") == device_type:
+            yield path, figures
+
+
+def throughput(model_name: str, device_type: str, dtype: str, n: int, directory: Path = BENCHMARKS) -> dict | None:
+    """The batched scorer's measured tokens per second for ``model_name`` on ``device_type``: from the
+    benchmark of that model and device whose N is nearest ``n`` (``dtype`` bfloat16: its bf16 run,
+    when it has one). None when no benchmark matches."""
+    found = [(abs(figures.get("N", n) - n), path, figures)
+             for path, figures in benchmarks_of(model_name, device_type, directory)
+             if figures.get("num_tokens") and figures.get("batched_seconds")]
     if not found:
         return None
     _, path, figures = min(found, key=lambda f: f[0])
@@ -233,13 +238,8 @@ UFT_QUICK = ("python unsupervised_ft_llm.py dataset.num_examples=300 batch_size=
 
 def step_seconds(model_name: str, device_type: str, directory: Path = BENCHMARKS) -> dict | None:
     """A fine-tuning step's measured seconds (scripts/bench_uft.py) for ``model_name`` on ``device_type``."""
-    for path in sorted(directory.glob("*.json")):
-        try:
-            figures = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if (isinstance(figures, dict) and figures.get("model") == model_name and figures.get("device") == device_type
-                and figures.get("seconds_per_step") and figures.get("B") and figures.get("N")):
+    for path, figures in benchmarks_of(model_name, device_type, directory):
+        if figures.get("seconds_per_step") and figures.get("B") and figures.get("N"):
             return {"seconds_per_step": figures["seconds_per_step"], "examples_per_step": figures["B"] * figures["N"],
                     "benchmark": f"benchmarks/{path.name}",
                     "cpu_count": (figures.get("machine") or {}).get("cpu_count")}

@@ -34,13 +34,12 @@ from joint_inference.errors import ConfigError
 from joint_inference.generation import SamplingSettings
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.scoring import Scorer
-from joint_inference.tiny import synthetic_sentences
 from tests.conftest import REPO, compose, write_jsonl
 from tests.openai_server import OpenAICompatibleServer
+from tests.test_vllm_scoring import prompts_with_demonstrations
 
 PRIMARY = "unsupervised_icl_llm"
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
-SENTENCES = synthetic_sentences(12, length=6, seed=3)
 KEY = "sk-test-" + "7f3a9c1e5b2d4086aa" * 2  # a made-up key that must never reach a file
 
 
@@ -68,15 +67,6 @@ def server(tiny_llama):
 def client(url: str, **kw) -> APIClient:
     return APIClient(ClientSettings(base_url=url, model="tiny", cache_dir=kw.pop("cache_dir", None),
                                     show_progress=False, backoff_s=0.01, max_backoff_s=0.05, **kw))
-
-
-def prompts_with_demonstrations(encoder, n_prompts=16):
-    prompts, labels = [], []
-    for i in range(n_prompts):
-        m = i % 4 + 1
-        prompts.append([encoder.encode({"sentence": SENTENCES[(i + j) % len(SENTENCES)]}) for j in range(m)])
-        labels.append([(i * 7 + j) % encoder.num_labels for j in range(m - 1)])
-    return prompts, labels
 
 
 FULL = ["dataset.num_examples=24", "N=3", "T=2", "num_repeats=3"]  # 16 unlabelled + 8 test: 192 prompts
