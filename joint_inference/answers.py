@@ -6,7 +6,8 @@ module cuts a GSM8K response right after its first final-answer statement (as
 the original release does, so that what is scored and what is shown as a
 demonstration is the same text), turns free text into a comparable value (a
 float for GSM8K, a letter for MMLU-Pro), parses GSM8K gold answers, compares
-numbers with a tolerance and aggregates sampled answers by majority vote.
+numbers with a tolerance and aggregates sampled answers by majority vote (the vote
+of every generation task, MMMU's included).
 
 ``original_parser_number`` and ``original_parser_choice`` read a response the way
 the original release does: ``protocol=original`` answers with them, and results
@@ -30,6 +31,7 @@ __all__ = [
     "cut_after_answer",
     "original_parser_number",
     "original_parser_choice",
+    "same_answer",
     "majority_vote",
 ]
 
@@ -386,33 +388,30 @@ def original_parser_choice(text: str) -> str | None:
 # ---------------------------------------------------------------------------
 
 
+def same_answer(a, b) -> bool:
+    """Whether two readings are the same vote: numbers within ``numbers_equal``'s tolerance (18 and 18.0),
+    other values by ``==``; a number never matches a non-number, and ``None`` agrees only with ``None``."""
+    if a is None or b is None:
+        return a is b
+    if _is_number(a) or _is_number(b):
+        return _is_number(a) and _is_number(b) and numbers_equal(a, b)
+    return a == b
+
+
 def majority_vote(answers: list, rng=None) -> object | None:
     """Most frequent non-``None`` answer; ties broken with ``rng``, or won by the first seen without one.
 
-    Numbers are grouped with ``numbers_equal`` semantics (18 and 18.0 are the
-    same vote; NaN counts as an abstention); other values by ``==``.  A number
-    never matches a non-number.  Each group is represented by its first-seen
-    member.  ``rng`` is a ``numpy.random.Generator``; it is consulted only
-    when there is a tie.  ``rng=None`` gives a tie to the answer seen first,
-    as ``Counter.most_common`` does in the original release.  Returns ``None``
-    if every answer is ``None``.
+    Answers are grouped by ``same_answer`` (NaN counts as an abstention); each group is represented by its
+    first-seen member.  ``rng`` is a ``numpy.random.Generator``; it is consulted only when there is a tie.
+    ``rng=None`` gives a tie to the answer seen first, as ``Counter.most_common`` does in the original
+    release.  Returns ``None`` if every answer is ``None``.
     """
     groups: list[list] = []  # [representative, count]
     for ans in answers:
-        if ans is None:
-            continue
-        is_num = _is_number(ans)
-        if is_num and math.isnan(float(ans)):
+        if ans is None or (_is_number(ans) and math.isnan(float(ans))):
             continue
         for group in groups:
-            rep = group[0]
-            if is_num and _is_number(rep):
-                same = numbers_equal(ans, rep)
-            elif is_num or _is_number(rep):
-                same = False
-            else:
-                same = ans == rep
-            if same:
+            if same_answer(ans, group[0]):
                 group[1] += 1
                 break
         else:

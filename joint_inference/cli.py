@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .distributed import is_main_process
 from .errors import ConfigError, exit_on_config_error
 from .rundir import run_directory
-from .settings import SCHEMAS, check_settings
+from .settings import SCHEMAS, check_settings, config_option, options
 from .utils import check_writable_dir
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,12 @@ def check_command_line(args: list[str], config_dir: Path, schema: type | None = 
                                   + f" The settings of this script: {', '.join(sorted(known))}")
         if key.startswith("hydra") or not (config_dir / key).is_dir():
             continue
-        options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+        valid = options(key, config_dir)
         chosen = (list(override.sweep_string_iterator()) if isinstance(value, ChoiceSweep)
                   else [value] if isinstance(value, str) else [])
         for option in chosen:
-            if "${" not in option and option not in options:
-                raise ConfigError(f"unknown {key} {option!r}; valid: {', '.join(options)}")
+            if "${" not in option and option not in valid:
+                raise ConfigError(f"unknown {key} {option!r}; valid: {', '.join(valid)}")
 
 
 def run_script(run, cfg: DictConfig) -> None:
@@ -174,11 +174,11 @@ def script_help(modality: str, kinds: list[str], *, _root_: DictConfig) -> str:
     lines += ["", "Config groups (group=option; * marks the one chosen now):"]
     script_keys = {key.split(".")[0] for key in meanings} | set(groups)
     for group in [*groups, "experiment"]:
-        options = [option for option in sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        fitting = [option for option in options(group, config_dir)
                    if option_applies(config_dir, group, option, modality, kinds, script_keys)]
-        if options:
+        if fitting:
             chosen = hydra.runtime.choices.get(group)
-            listed = ", ".join(option + "*" * (option == chosen) for option in options)
+            listed = ", ".join(option + "*" * (option == chosen) for option in fitting)
             label = f"  {'+' * (group == 'experiment')}{group}: "
             lines.append(textwrap.fill(listed, 100, initial_indent=label, subsequent_indent=" " * len(label)))
     lines += ["", "The composed config: --cfg job. Sweeps: -m key=a,b (hydra/launcher=slurm on a cluster).",
@@ -246,23 +246,24 @@ def option_applies(config_dir: Path, group: str, option: str, modality: str, kin
     data set of that modality (and kind), a template or label set of such a data set (the one it is
     named after), GSM8K's prompt styles where generation runs, an experiment preset whose keys the
     script has and whose overrides fit."""
-    cfg = OmegaConf.load(config_dir / group / f"{option}.yaml")
+    if group == "experiment":  # a preset: its keys and the group options its defaults list overrides
+        preset = OmegaConf.load(config_dir / group / f"{option}.yaml")
+        overrides = [next(iter(entry.items())) for entry in preset.get("defaults", []) if not isinstance(entry, str)]
+        return all(key == "defaults" or key in script_keys for key in preset) and all(
+            option_applies(config_dir, target.removeprefix("override /"), value, modality, kinds, script_keys)
+            for target, value in overrides)
+    cfg = config_option(group, option, config_dir)
     if group == "model":
         return ("image" if "image_features" in cfg else "text") == modality
     if group == "dataset":
-        return cfg.get("modality", "text") == modality and cfg.get("kind", "classification") in kinds
+        return cfg.modality == modality and cfg.kind in kinds
     if group in ("template", "labelset"):
-        datasets = sorted((p.stem for p in (config_dir / "dataset").glob("*.yaml")), key=len, reverse=True)
+        datasets = sorted(options("dataset", config_dir), key=len, reverse=True)
         named_after = next((d for d in datasets if option == d or option.startswith(d + "_")), None)
         return named_after is not None and option_applies(config_dir, "dataset", named_after, modality, kinds,
                                                           script_keys)
     if group == "prompt_style":
         return "generation" in kinds
-    if group == "experiment":
-        overrides = [next(iter(entry.items())) for entry in cfg.get("defaults", []) if not isinstance(entry, str)]
-        return all(key == "defaults" or key in script_keys for key in cfg) and all(
-            option_applies(config_dir, target.removeprefix("override /"), value, modality, kinds, script_keys)
-            for target, value in overrides)
     return True
 
 

@@ -22,7 +22,6 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 ALL_SUBJECTS = "all"  # dataset.subject=all: every subject of dataset.subjects in turn (MMLU)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-BAD_ROW_POLICIES = ("error", "skip")  # dataset.on_bad_row: a row that cannot be scored stops the run, or is left out
 
 
 @dataclass
@@ -59,9 +58,9 @@ def _local_file(root: Path, name: str, split: str) -> Path | None:
 
 def split_source(cfg, split: str) -> str:
     """Where a split's rows come from, for messages: its local file, or the hub id and split."""
-    if cfg.get("data_root"):
+    if cfg.data_root:
         root = Path(cfg.data_root).expanduser()
-        name = cfg.get("local_name") or cfg.name
+        name = cfg.name
         path = _local_file(root, name, split)
         if path is None:
             have = sorted(p.name for p in (root / name).glob("*")) if (root / name).exists() else []
@@ -106,7 +105,7 @@ def load_split(cfg, split: str):
     """One split as a ``datasets.Dataset``, from local files when a data root is set, else the hub."""
     import datasets
 
-    if cfg.get("data_root"):
+    if cfg.data_root:
         path = Path(split_source(cfg, split))
         if path.suffix != ".parquet":
             check_text_file(path)
@@ -114,16 +113,16 @@ def load_split(cfg, split: str):
             return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # the parsers raise many types (a truncated parquet file, mixed column types)
             raise ConfigError(f"could not read {path}: {err.__cause__ or err}; repair or re-export the file") from None
-    if not cfg.get("hub_id"):
+    if not cfg.hub_id:
         raise ConfigError(f"{cfg.name!r} is not on the hub: set DATA_ROOT (or dataset.data_root=...) to a folder "
-                          f"holding {cfg.get('local_name') or cfg.name}/{split}.jsonl (layout: configs/dataset/{cfg.name}.yaml)")
+                          f"holding {cfg.name}/{split}.jsonl (layout: configs/dataset/{cfg.name}.yaml)")
     try:
-        return datasets.load_dataset(cfg.hub_id, cfg.get("hub_config"), split=split)
+        return datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=split)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         raise ConfigError(
-            f"could not load {cfg.hub_id!r} (config {cfg.get('hub_config')}, split {split!r}) from the hub: "
+            f"could not load {cfg.hub_id!r} (config {cfg.hub_config}, split {split!r}) from the hub: "
             f"{type(err).__name__}: {err}. Offline? Set DATA_ROOT (or dataset.data_root=...) to a folder holding "
-            f"{cfg.get('local_name') or cfg.name}/{split}.jsonl in the hub's schema."
+            f"{cfg.name}/{split}.jsonl in the hub's schema."
         ) from None
 
 
@@ -147,13 +146,11 @@ def checked_rows(cfg, splits: Sequence[str] | None = None,
     """
     splits = list(splits or cfg.source_splits)
     check_subject(cfg)
-    on_bad_row = cfg.get("on_bad_row", "error")
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ConfigError(f"dataset.on_bad_row={on_bad_row!r}; valid: {', '.join(BAD_ROW_POLICIES)}")
+    on_bad_row = cfg.on_bad_row
     rows, origins = [], []
     for split in splits:
         table, kept = load_split(cfg, split), None
-        for field, value in (cfg.get("filter") or {}).items():  # on the column: building every row is slow
+        for field, value in (cfg.filter or {}).items():  # on the column: building every row is slow
             values = table.with_format("arrow")[field].to_pylist() if field in table.column_names else []
             selected = [i for i, v in enumerate(values) if v == value]
             table, kept = table.select(selected), selected if kept is None else [kept[i] for i in selected]
@@ -200,7 +197,7 @@ def text_field_problem(row: dict, fields: Sequence[str]) -> str | None:
 
 def check_subject(cfg) -> None:
     """A dataset of several subjects (MMLU) loads the one ``cfg.subject`` names, one of ``cfg.subjects``."""
-    if cfg.get("subjects") is None or cfg.subject in cfg.subjects:
+    if "subjects" not in cfg or cfg.subject in cfg.subjects:
         return
     hint = ("; subject=all (every subject in turn) is a run of unsupervised_icl_llm.py, elsewhere name one"
             if cfg.subject == ALL_SUBJECTS else "")
@@ -209,7 +206,7 @@ def check_subject(cfg) -> None:
 
 def class_ids(raw_labels, cfg) -> np.ndarray:
     """Class ids in ``0..K-1`` of the raw label values (through ``cfg.label_map`` when given)."""
-    label_map = {str(k): v for k, v in (cfg.get("label_map") or {}).items()}
+    label_map = {str(k): v for k, v in (cfg.label_map or {}).items()}
     labels = []
     for i, raw in enumerate(raw_labels):
         label = label_map.get(str(raw), raw)
@@ -281,7 +278,7 @@ def load_task(cfg, check: RowCheck | None = None) -> TaskData:
     ``cfg.supervised_splits`` are the supervised baseline's demonstrations.
     """
     rows, labels, skipped = checked_rows(cfg, check=check)
-    if cfg.get("transductive"):
+    if cfg.transductive:
         keep = capped_subset(len(rows), cfg.num_examples, cfg.sample_seed)
         rows, labels = [rows[i] for i in keep], labels[keep]
         demonstrations, demonstration_labels, skipped_demonstrations = checked_rows(cfg, cfg.supervised_splits, check)

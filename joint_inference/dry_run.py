@@ -69,7 +69,7 @@ def throughput(model_name: str, device_type: str, dtype: str, n: int, directory:
 def model_throughput(cfg, device) -> dict | None:
     from .models import resolve_dtype
 
-    dtype = str(resolve_dtype(cfg.model.get("dtype", "auto"), device)).replace("torch.", "")
+    dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
     return throughput(cfg.model.name, device.type, dtype, cfg.N)
 
 
@@ -82,11 +82,11 @@ def dry_run_tokenizer(model_cfg):
 
     from .models import EMBEDDED, cache_dir, load_tokenizer
 
-    if model_cfg.get("random_init"):
-        from .tiny import train_tokenizer
+    if model_cfg.random_init:
+        from .tiny import tiny_tokenizer
 
-        return train_tokenizer(add_bos=model_cfg.random_init.get("arch", "llama") == "llama")
-    name = model_cfg.get("embedded")
+        return tiny_tokenizer(**model_cfg.random_init)
+    name = model_cfg.embedded
     if not name:
         return load_tokenizer(model_cfg)
     if name not in EMBEDDED:
@@ -109,11 +109,10 @@ def dry_run_tokenizer(model_cfg):
 def prompt_encoder(cfg, tokenizer):
     """The run's prompt encoder, with the label set checked as the scorer checks it (labels that the
     tokenizer cannot tell apart are an error here already)."""
-    from .prompts import PromptEncoder, Template
-    from .scoring import FOLDING_MODES, resolve_label_mode
+    from .encoders import build_prompt_encoder
+    from .scoring import resolve_label_mode
 
-    encoder = PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
-                            fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
+    encoder = build_prompt_encoder(cfg, tokenizer)
     resolve_label_mode(cfg.label_mode, encoder.label_ids, encoder.label_names)
     return encoder
 
@@ -198,8 +197,8 @@ def check_run_size(cfg, data, device) -> dict | None:
     run it anyway. Returns None when the run goes on."""
     from .tasks import modality
 
-    dry = bool(cfg.get("dry_run", False))
-    guard = device.type == "cpu" and not cfg.get("allow_long_cpu_run", False)
+    dry = cfg.dry_run
+    guard = device.type == "cpu" and not cfg.allow_long_cpu_run
     if not dry and not (guard and model_throughput(cfg, device) is not None):
         return None
     if modality(cfg) != "text":
@@ -287,8 +286,8 @@ def check_finetuning_size(cfg, data, device) -> dict | None:
     run estimated at more than an hour stops unless ``allow_long_cpu_run=true``."""
     from .tasks import modality
 
-    dry = bool(cfg.get("dry_run", False))
-    guard = device.type == "cpu" and not cfg.get("allow_long_cpu_run", False)
+    dry = cfg.dry_run
+    guard = device.type == "cpu" and not cfg.allow_long_cpu_run
     if not dry and not (guard and step_seconds(cfg.model.name, device.type) is not None):
         return None
     if modality(cfg) != "text":

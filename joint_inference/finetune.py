@@ -163,9 +163,9 @@ def label_head(scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor] | None:
     A linear head on :func:`lm_features` initialised with it starts at the model's zero-shot
     predictions (exactly, up to logit soft-capping). None in ``exact`` mode, which is not linear.
     """
-    if scorer.mode == "exact":
+    if scorer.label_weights is None:
         return None
-    columns, weights = scorer._label_weights
+    columns, weights = scorer.label_weights
     columns = columns.to(scorer.device)
     weight = weights.to(scorer.device) @ scorer.head.weight.detach().index_select(0, columns).float()
     bias = getattr(scorer.head, "bias", None)
@@ -175,13 +175,8 @@ def label_head(scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def lm_features(scorer: Scorer, examples: Sequence[EncodedExample]) -> torch.Tensor:
     """(Q, hidden) last hidden state of the frozen model at each example's label position."""
-    seqs, positions = [], []
-    for ex in examples:
-        ids, pos = scorer.encoder.assemble([ex], [])
-        seqs.append(ids)
-        positions.append(pos)
     with frozen(scorer.model):
-        return scorer._run(seqs, positions, lambda hidden, _: hidden.float(), desc=None)
+        return scorer.query_hidden_states([[ex] for ex in examples], [[] for _ in examples])
 
 
 # ---------------------------------------------------------------------------------------- reward

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .distributed import shard_map
 from .errors import ConfigError
 from .prompts import EncodedExample
-from .scoring import Scorer
+from .scoring import LabelScorer
 
 SPLITS = ("test", "train")
 SUPPORT_SAMPLING = ("per_query", "shared")
@@ -80,7 +80,7 @@ def majority_vote(votes: np.ndarray, num_classes: int, rng: np.random.Generator,
 
 
 @torch.inference_mode()
-def zero_shot_logprobs(scorer: Scorer, examples: Sequence[EncodedExample], desc: str | None = None):
+def zero_shot_logprobs(scorer: LabelScorer, examples: Sequence[EncodedExample], desc: str | None = None):
     """(Q, K) label log-probs of each example alone."""
     return torch.stack(shard_map(lambda idx: scorer.label_logprobs(
         [[examples[i]] for i in idx], [[] for _ in idx], read="query", desc=desc), len(examples)))
@@ -95,7 +95,7 @@ def check_support_sampling(support_sampling: str, block_size: int) -> None:
 
 @torch.inference_mode()
 def icl_predict(
-    scorer: Scorer,
+    scorer: LabelScorer,
     pool: Sequence[EncodedExample],
     pool_labels: np.ndarray,
     queries: Sequence[EncodedExample],

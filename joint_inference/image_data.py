@@ -16,7 +16,6 @@ from .errors import ConfigError
 from .features import images_digest
 
 log = logging.getLogger(__name__)
-BAD_IMAGE_POLICIES = ("stop", "skip")
 
 
 def decode_image(value, where: str):
@@ -57,8 +56,6 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
     """
     import datasets
 
-    if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ConfigError(f"dataset.on_bad_image={cfg.on_bad_image!r}; valid: {', '.join(BAD_IMAGE_POLICIES)}")
     parts = []
     for split in cfg.source_splits:
         part = load_split(cfg, split)
@@ -67,13 +64,13 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
                               f"columns: {sorted(part.features)}. Set dataset.image_column=...")
         if isinstance(part.features[cfg.image_column], datasets.Image):
             part = part.cast_column(cfg.image_column, datasets.Image(decode=False))  # decode only what is sampled
-        if cfg.get("data_root"):
-            part = _resolve_paths(part, cfg.image_column, Path(cfg.data_root).expanduser() / (cfg.get("local_name") or cfg.name))
+        if cfg.data_root:
+            part = _resolve_paths(part, cfg.image_column, Path(cfg.data_root).expanduser() / cfg.name)
         parts.append(part)
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     raw = ds[cfg.label_column]
     source_rows = np.arange(len(ds))  # a row's index in the source splits, kept through filtering
-    if cfg.get("labels_are_names"):
+    if cfg.labels_are_names:
         position = {name: k for k, name in enumerate(label_names)}
         known = [i for i, answer in enumerate(raw) if str(answer).strip().lower() in position]
         if len(known) < len(raw):

@@ -91,10 +91,10 @@ def check_local_path(source: str, key: str) -> None:
 
 def resolve_weights(cfg) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model config."""
-    if cfg.get("embedded"):
+    if cfg.embedded:
         return str(embedded_snapshot(cfg.embedded)), None
     check_local_path(str(cfg.pretrained), "model.pretrained")
-    return cfg.pretrained, cfg.get("gguf_file")
+    return cfg.pretrained, cfg.gguf_file
 
 
 def context_length(cfg) -> int | None:
@@ -136,10 +136,10 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_weights(cfg)
-    if cfg.get("tokenizer"):
+    if cfg.tokenizer:
         check_local_path(cfg.tokenizer, "model.tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or source,
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or source,
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
         raise ConfigError(f"could not load model {source!r} (its tokenizer): {err}\n{OFFLINE_HINT}") from None
@@ -152,11 +152,11 @@ def load_model(cfg, device: torch.device):
     """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.get("random_init"):  # a tiny random model built in memory: smoke tests, no download
+    if cfg.random_init:  # a tiny random model built in memory: smoke tests, no download
         from .tiny import tiny_causal_lm
 
         model, tokenizer = tiny_causal_lm(**cfg.random_init)
-        model.to(device=device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device)).eval().requires_grad_(False)
+        model.to(device=device, dtype=resolve_dtype(cfg.dtype, device)).eval().requires_grad_(False)
         return model, tokenizer
     tokenizer = load_tokenizer(cfg)
     source, gguf_file = resolve_weights(cfg)
@@ -164,8 +164,8 @@ def load_model(cfg, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=resolve_dtype(cfg.get("dtype", "auto"), device),
-            attn_implementation=resolve_attention(cfg.get("attn_implementation", "auto"), device),
+            dtype=resolve_dtype(cfg.dtype, device),
+            attn_implementation=resolve_attention(cfg.attn_implementation, device),
             **kwargs,
         )
     except (OSError, ValueError) as err:

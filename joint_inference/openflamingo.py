@@ -18,10 +18,9 @@ import importlib
 
 import torch
 
+from .encoders import build_prompt_encoder
 from .errors import ConfigError
 from .features import cached_features
-from .image_prompts import ImagePromptEncoder
-from .prompts import Template
 
 INSTALL = ("pip install open_clip_torch==3.3.0 einops einops-exts && pip install --no-deps open_flamingo==2.0.1 "
            "(README: Vision / OpenFlamingo)")
@@ -107,7 +106,6 @@ def clip_patch_tokens(cfg, images, device: torch.device, batch_size: int = 64) -
 def load_openflamingo_prompts(cfg, device: torch.device, data):
     """(OpenFlamingo wrapped for scoring, image prompt encoder, encoded examples)."""
     from .models import resolve_dtype
-    from .scoring import FOLDING_MODES
 
     spec = cfg.model
     settings = {"clip": [spec.clip_vision_encoder_path, spec.clip_vision_encoder_pretrained], "tokens": "patch, fp16",
@@ -123,11 +121,8 @@ def load_openflamingo_prompts(cfg, device: torch.device, data):
     hub = _import("huggingface_hub")
     weights = torch.load(hub.hf_hub_download(spec.checkpoint, "checkpoint.pt"), map_location="cpu", weights_only=True)
     flamingo.load_state_dict(weights, strict=False)
-    dtype = resolve_dtype(spec.get("dtype", "auto"), device)
+    dtype = resolve_dtype(spec.dtype, device)
     model = OpenFlamingoForScoring(flamingo, tokens.to(device=device, dtype=dtype)).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
-    encoder = ImagePromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
-                                 [[-1]] * len(data.images), None, chunk_end=spec.get("chunk_end", ""),
-                                 separator=spec.get("separator", ""),
-                                 fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
+    encoder = build_prompt_encoder(cfg, tokenizer, ([[-1]] * len(data.images), None))
     return model, encoder, encoder.encode_splits(data)

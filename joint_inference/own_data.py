@@ -34,7 +34,6 @@ from .utils import atomic_write
 log = logging.getLogger(__name__)
 FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines (or a JSON array of objects)",
            ".parquet": "Parquet"}
-BAD_ROW_POLICIES = ("error", "skip")
 PREDICTION_COLUMNS = ("zero_shot_label", "round_{t}_label", "final_label", "vote_margin")
 EXAMPLE_COMMAND = ('python unsupervised_icl_llm.py dataset=local dataset.path=reviews.csv dataset.text_fields=[text] '
                    'labelset.names=[negative,positive] template.text="{text}\\nThe sentiment is {y}."')
@@ -189,21 +188,19 @@ def show(locations: Sequence[str], limit: int = 5) -> str:
 def check_local_settings(cfg) -> None:
     """dataset.path, labelset.names and template.text set, before the file is read."""
     ds = cfg.dataset
-    if not ds.get("path"):
+    if not ds.path:
         raise ConfigError(f"dataset=local reads one file: set dataset.path=<file.csv|.jsonl|.parquet>, e.g. "
                           f"{EXAMPLE_COMMAND}")
-    names = cfg.labelset.get("names")
+    names = cfg.labelset.names
     if not names:
         raise ConfigError("dataset=local needs the label names: set labelset.names=[name1,name2,...] (the words the "
                           "model writes for each class, e.g. labelset.names=[negative,positive])")
-    if not cfg.template.get("text"):
-        fields = list(ds.get("text_fields") or ["text"])
-        suggestion = ("<image>A photo of {y}.<|endofchunk|>" if ds.get("image_field") else
+    if not cfg.template.text:
+        fields = list(ds.text_fields or ["text"])
+        suggestion = ("<image>A photo of {y}.<|endofchunk|>" if ds.image_field else
                       "\\n".join("{" + f + "}" for f in fields) + "\\nThe answer is {y}.")
         raise ConfigError(f'dataset=local needs a prompt: set template.text="{suggestion}" (the input fields in '
                           "braces, {y} where the label goes)")
-    if ds.get("on_bad_row", "error") not in BAD_ROW_POLICIES:
-        raise ConfigError(f"dataset.on_bad_row={ds.on_bad_row!r}; valid: {', '.join(BAD_ROW_POLICIES)}")
 
 
 def load_file_task(cfg) -> FileData:
@@ -222,11 +219,11 @@ def load_file_task(cfg) -> FileData:
     if not rows:
         raise ConfigError(f"{path} has a header but no rows; add one row per example")
     template = Template(cfg.template.text)
-    inputs = list(dict.fromkeys([*(ds.get("text_fields") or []), *template.fields]))
-    image_field = ds.get("image_field")
-    for key, wanted in (("template.text", template.fields), ("dataset.text_fields", list(ds.get("text_fields") or [])),
+    inputs = list(dict.fromkeys([*(ds.text_fields or []), *template.fields]))
+    image_field = ds.image_field
+    for key, wanted in (("template.text", template.fields), ("dataset.text_fields", list(ds.text_fields or [])),
                         ("dataset.image_field", [image_field] if image_field else []),
-                        ("dataset.label_field", [ds.label_field] if ds.get("label_field") else [])):
+                        ("dataset.label_field", [ds.label_field] if ds.label_field else [])):
         missing = [f for f in wanted if f not in columns]
         if missing:
             raise ConfigError(f"{key} names {missing}, but {path.name} has no such column; its columns are "
@@ -234,7 +231,7 @@ def load_file_task(cfg) -> FileData:
     if not inputs and not image_field:
         raise ConfigError(f"the template {cfg.template.text!r} reads no field of the file; put the input columns in "
                           f"braces, e.g. template.text=\"{{{columns[0]}}}\\nThe answer is {{y}}.\"")
-    label_field = ds.get("label_field")
+    label_field = ds.label_field
     if label_field and label_field in inputs:
         raise ConfigError(f"dataset.label_field={label_field!r} is also an input of the prompt (template.text or "
                           "dataset.text_fields); the method must never read the labels. Take it out of the template")
@@ -245,7 +242,7 @@ def load_file_task(cfg) -> FileData:
     kept = np.arange(len(rows))
     if bad:
         fields = ", ".join(checked)
-        if ds.get("on_bad_row", "error") == "error":
+        if ds.on_bad_row == "error":
             raise ConfigError(f"{path.name}: {len(bad)} row(s) have an empty input ({fields}): "
                               f"{show([where[i] for i in bad])}. "
                               "Fill them in or delete them, or set dataset.on_bad_row=skip to leave them out")
@@ -255,16 +252,16 @@ def load_file_task(cfg) -> FileData:
 
     labels = file_labels([rows[i].get(label_field) for i in kept], names, [where[i] for i in kept], label_field,
                          path.name) if label_field else None
-    transductive = ds.get("transductive", True)
+    transductive = ds.transductive
     if not transductive and labels is None:
         raise ConfigError("dataset.transductive=false splits the file into an unlabelled pool and a test set by its "
                           "labels; set dataset.label_field=<column>, or leave dataset.transductive=true")
     if transductive:  # one seeded subset of dataset.num_examples rows (all by default), in file order
-        keep = capped_subset(len(kept), ds.get("num_examples"), ds.get("sample_seed", 42))
+        keep = capped_subset(len(kept), ds.num_examples, ds.sample_seed)
         chosen = {"train": keep, "test": keep}
     else:
-        train_idx, test_idx = protocol_sample(labels, len(names), ds.get("num_examples") or len(kept),
-                                              ds.get("sample_seed", 42))
+        train_idx, test_idx = protocol_sample(labels, len(names), ds.num_examples or len(kept),
+                                              ds.sample_seed)
         chosen = {"train": train_idx, "test": test_idx}
     positions = {split: kept[idx] for split, idx in chosen.items()}
     split_labels = {split: None if labels is None else labels[idx] for split, idx in chosen.items()}
@@ -424,7 +421,7 @@ def file_run_results(out_dir: Path, results: dict, data: FileData, zero_shot: di
     k = len(label_names)
     shares = lambda labels: (np.bincount(labels, minlength=k) / len(labels)).tolist()
     results["data"] = {"path": data.path, "rows_in_file": data.rows_in_file, "label_field": data.label_field,
-                       "num_examples": cfg.dataset.get("num_examples"), "transductive": data.transductive}
+                       "num_examples": cfg.dataset.num_examples, "transductive": data.transductive}
     results["final"] = {"round": len(rounds), "class_distribution": shares(final["test"]),
                         "mean_vote_margin": float(np.mean(margins["test"])) if rounds else None}
     results["predictions"] = ["predictions.csv", "predictions.jsonl"]

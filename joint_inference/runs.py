@@ -9,9 +9,9 @@ from omegaconf import DictConfig
 from .api.dry_run import dry_run as api_dry_run
 from .api.mmmu import run_mmmu
 from .errors import ConfigError
-from .generative import run_generation
 from .subjects import dry_run_subjects, run_all_subjects, runs_all_subjects
 from .uicl import run_classification
+from .uicl_generation import run_generation
 
 RUNNERS = {"classification": run_classification, "generation": run_generation, "mmmu": run_mmmu}
 
@@ -19,14 +19,12 @@ RUNNERS = {"classification": run_classification, "generation": run_generation, "
 def run_icl(cfg: DictConfig) -> dict:
     """Dispatch on the task's kind (and MMLU's ``subject=all``); every runner writes its results into
     ``cfg.output_dir``."""
-    kind = cfg.dataset.get("kind", "classification")
-    if kind not in RUNNERS:
-        raise ConfigError(f"dataset kind {kind!r} is not supported; valid kinds: {', '.join(RUNNERS)}")
-    if cfg.get("dry_run") and cfg.get("backend") == "openai":  # requests, tokens and cost of a model behind an API
+    kind = cfg.dataset.kind
+    if cfg.dry_run and cfg.backend == "openai":  # requests, tokens and cost of a model behind an API
         return api_dry_run(cfg, run_icl)
-    if cfg.get("dry_run") and kind != "classification":
+    if cfg.dry_run and kind != "classification":
         raise ConfigError("dry_run=true counts the prompts of classification tasks; generation tasks (responses of "
                           "unknown length) have no dry run yet")
     if kind == "classification" and runs_all_subjects(cfg):  # MMMU runs its subjects itself
-        return dry_run_subjects(cfg) if cfg.get("dry_run") else run_all_subjects(cfg)
+        return dry_run_subjects(cfg) if cfg.dry_run else run_all_subjects(cfg)
     return RUNNERS[kind](cfg)

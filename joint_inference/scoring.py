@@ -14,7 +14,7 @@ are distinct, else ``exact``). The K scores are renormalised with a log-softmax.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -114,8 +114,27 @@ def split_body_head(model):
     return body, head
 
 
+@runtime_checkable
+class LabelScorer(Protocol):
+    """What zero-shot, ICL and UICL call on a scorer, whichever backend computes the scores: :class:`Scorer`
+    (``hf``), :class:`~joint_inference.vllm_scoring.VLLMScorer` (``vllm``) and
+    :class:`~joint_inference.api.scoring.APIScorer` (``openai``) all implement it."""
+
+    encoder: PromptEncoder  # builds the prompts; its label set is the K labels scored
+    mode: str  # the label mode, resolved (never ``auto``)
+    show_progress: bool
+
+    def label_logprobs(self, prompts: Sequence[Sequence[EncodedExample]], labels: Sequence[Sequence[int]],
+                       read: str = "query", desc: str | None = None) -> torch.Tensor:
+        """Log-softmax over the K labels at the label positions of each prompt (see :meth:`Scorer.label_logprobs`)."""
+
+    def shared_label_logprobs(self, demonstrations: Sequence[EncodedExample], demo_labels: Sequence[int],
+                              queries: Sequence[EncodedExample]) -> torch.Tensor:
+        """(Q, K) label log-probs of each query after the same labelled demonstrations."""
+
+
 class Scorer:
-    """Label log-probabilities of a frozen (or LoRA-wrapped) causal LM."""
+    """Label log-probabilities of a frozen (or LoRA-wrapped) causal LM (the ``hf`` :class:`LabelScorer`)."""
 
     def __init__(
         self,
@@ -143,6 +162,13 @@ class Scorer:
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+    @property
+    def label_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(output columns the labels read, (K, columns) weights averaging them; see :func:`label_weights`): the
+        K label scores are ``weights @ logits[columns]``, a linear read of the final hidden state that a
+        fine-tuned linear head can start from. None in ``exact`` mode, which is not linear."""
+        return self._label_weights
 
     # ----------------------------------------------------------------------------- public API
     def label_logprobs(
@@ -193,6 +219,17 @@ class Scorer:
         prefix = self.body(**self._inputs(torch.tensor([context], device=self.device)), use_cache=True).cache
         return self._finish(self._run([list(q.prefix) for q in queries], [[len(q.prefix) - 1] for q in queries],
                                       self._mixed_label_logits, None, prefix=prefix), len(queries), "query")
+
+    def query_hidden_states(
+        self,
+        prompts: Sequence[Sequence[EncodedExample]],
+        labels: Sequence[Sequence[int]],
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """(P, hidden) float32 final hidden states at each prompt's query, where :meth:`label_logprobs` reads
+        its labels: the fixed features of a linear task encoder. ``labels[i]`` labels the demonstrations."""
+        seqs, positions = assemble_prompts(self.encoder, prompts, labels, "query")
+        return self._run(seqs, positions, lambda hidden, _: hidden.float(), desc)
 
     # ------------------------------------------------------------------------ label projections
     def _build_label_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def runs_all_subjects(cfg: DictConfig) -> bool:
     """``dataset.subject=all``: a run over every subject of ``dataset.subjects``."""
-    return cfg.dataset.get("subject") == ALL_SUBJECTS
+    return "subject" in cfg.dataset and cfg.dataset.subject == ALL_SUBJECTS
 
 
 def subject_config(cfg: DictConfig, subject: str) -> DictConfig:

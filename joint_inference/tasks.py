@@ -12,20 +12,20 @@ from typing import Callable
 import torch
 
 from .data import TaskData, check_label_set, load_task, text_field_problem
+from .encoders import build_prompt_encoder
 from .errors import ConfigError
 from .models import context_length, load_model, load_tokenizer
 from .own_data import is_file_task, load_file_task
-from .prompts import LABEL_FIELD, PromptEncoder, Template
-from .scoring import FOLDING_MODES
+from .prompts import LABEL_FIELD, Template
 
 MODALITIES = ("text", "image")
 TOKEN_SLACK = 8  # tokens a tokenizer may add to an example's bytes (a prefix space, a byte-fallback piece)
 
 
 def modality(cfg) -> str:
-    if cfg.dataset.get("image_field"):  # dataset=local with an image column
+    if is_file_task(cfg.dataset) and cfg.dataset.image_field:  # dataset=local with an image column
         return "image"
-    return cfg.dataset.get("modality", "text")
+    return cfg.dataset.modality
 
 
 def load_data(cfg) -> TaskData:
@@ -50,9 +50,9 @@ def row_check(cfg, template: Template) -> Callable[[dict], str | None]:
     that checking the millions of rows of a hub dataset costs little.
     """
     fields = [field for _, field, _, _ in string.Formatter().parse(template.text) if field and field != LABEL_FIELD]
-    hf_model = cfg.get("backend", "hf") in ("hf", "vllm") and not cfg.model.get("random_init")
+    hf_model = cfg.backend in ("hf", "vllm") and not cfg.model.random_init
     context = context_length(cfg.model) if hf_model else None
-    encoder = prompt_encoder(cfg, load_tokenizer(cfg.model)) if context else None
+    encoder = build_prompt_encoder(cfg, load_tokenizer(cfg.model)) if context else None
 
     def check(row: dict) -> str | None:
         problem = text_field_problem(row, fields)  # choices[0], not choices: the value the template writes
@@ -77,14 +77,9 @@ def load_prompts(cfg, device: torch.device, data: TaskData):
     return (model, *text_prompts(cfg, tokenizer, data))
 
 
-def prompt_encoder(cfg, tokenizer) -> PromptEncoder:
-    return PromptEncoder(tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
-                         fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
-
-
 def text_prompts(cfg, tokenizer, data: TaskData):
     """(prompt encoder, {"train", "test"}: encoded examples) of a text task."""
-    encoder = prompt_encoder(cfg, tokenizer)
+    encoder = build_prompt_encoder(cfg, tokenizer)
     return encoder, encoder.encode_splits(data)
 
 

@@ -30,6 +30,12 @@ def train_tokenizer(add_bos: bool = True, vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def tiny_tokenizer(arch: str = "llama", **_):
+    """The tokenizer :func:`tiny_causal_lm` gives a model of ``arch`` (``model.random_init``'s other keys
+    shape the model only)."""
+    return train_tokenizer(add_bos=arch == "llama")
+
+
 def tiny_causal_lm(arch: str = "llama", tokenizer=None, seed: int = 0, **dims):
     """(random model, tokenizer); the model's vocabulary is padded beyond the tokenizer's, as in Qwen2.
 
@@ -38,7 +44,7 @@ def tiny_causal_lm(arch: str = "llama", tokenizer=None, seed: int = 0, **dims):
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tokenizer or train_tokenizer(add_bos=arch == "llama")
+    tokenizer = tokenizer or tiny_tokenizer(arch)
     vocab = len(tokenizer) + 37
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)

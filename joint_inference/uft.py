@@ -153,7 +153,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
     model, encoder, examples = load_prompts(cfg, device, data)
     if cfg.task_encoder == "lora":
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules),
-                         cfg.lora.get("exclude_modules"))
+                         cfg.lora.exclude_modules)
     scorer = Scorer(model, encoder, cfg.label_mode, cfg.forward_batch_size, show_progress=cfg.progress)
     log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode, cfg.task_encoder)

@@ -15,10 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from .dry_run import check_run_size
 from .errors import ConfigError
 from .icl import (
-    PROTOCOLS,
     SPLITS,
     accuracy,
-    check_support_sampling,
     icl_predict,
     label_free_diagnostics,
     repeat_accuracy,
@@ -28,27 +26,27 @@ from .own_data import FileData, file_run_results
 from .own_data import labelled as has_labels
 from .prompts import Template
 from .results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
-from .scoring import Scorer
+from .scoring import LabelScorer, Scorer
 from .tasks import load_data, load_prompts, load_vllm_scorer
 from .utils import resolve_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def load_scorer(cfg: DictConfig, data, device):
+def load_scorer(cfg: DictConfig, data, device) -> tuple[LabelScorer, dict]:
     """(scorer, {"train", "test"}: encoded examples of ``data``) for ``cfg.model`` and ``cfg.backend``."""
-    if cfg.get("backend", "hf") == "vllm":
+    if cfg.backend == "vllm":
         return load_vllm_scorer(cfg, data)
-    if cfg.get("backend", "hf") == "openai":  # a model behind an OpenAI-compatible API
+    if cfg.backend == "openai":  # a model behind an OpenAI-compatible API
         from .api.scoring import load_api_scorer
 
         return load_api_scorer(cfg, data)
     model, encoder, encoded = load_prompts(cfg, device, data)
-    return Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.batch_size, device),
+    return Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.forward_batch_size, device),
                   show_progress=cfg.progress), encoded
 
 
-def run_classification(cfg: DictConfig, scorer=None) -> dict:
+def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> dict:
     """Zero-shot, supervised ICL and T rounds of unsupervised ICL; results in ``cfg.output_dir``.
 
     ``scorer``: a text task's scorer loaded before, so that runs over MMLU's subjects load the
@@ -61,9 +59,6 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
     # ---- data, template, label set
     data = load_data(cfg)
     labelled = has_labels(data)  # False: a file without a label column, predict-only (own_data.py)
-    check_support_sampling(cfg.support_sampling, cfg.block_size)
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
     excluded = min(cfg.block_size, len(data.train)) if cfg.support_sampling == "shared" else 1
     if cfg.protocol == "clean" and cfg.N > len(data.train) - excluded:
         raise ConfigError(f"N={cfg.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
@@ -182,7 +177,7 @@ def run_classification(cfg: DictConfig, scorer=None) -> dict:
                      "label_mode": scorer.mode, "support_sampling": cfg.support_sampling, "protocol": cfg.protocol,
                      "transductive": data.transductive, "stop_when_flips_below": cfg.stop_when_flips_below,
                      "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
-                     "device": "vllm" if cfg.get("backend", "hf") == "vllm" else str(device)},
+                     "device": "vllm" if cfg.backend == "vllm" else str(device)},
     }
     if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
         file_run_results(out_dir, results, data, zero_shot, rounds, list(cfg.labelset.names), cfg)

@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TaskData
+from .encoders import build_prompt_encoder
 from .errors import ConfigError
 from .features import cached_features
-from .image_prompts import IMAGE_MARKER, ImagePromptEncoder
+from .image_prompts import IMAGE_MARKER
 from .models import resolve_dtype
-from .prompts import Template
 
 
 def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8, vision: dict | None = None,
@@ -64,21 +64,21 @@ def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8, vision: d
 
 def load_vlm(cfg, device: torch.device):
     """(VLM in eval mode with frozen weights, its processor) for a ``model/`` config of a transformers VLM."""
-    if cfg.get("backend", "transformers") != "transformers":
+    if cfg.library != "transformers":
         raise ConfigError(f"model {cfg.name!r} uses backend {cfg.backend!r}; this loader serves transformers VLMs")
-    if cfg.get("random_init"):
+    if cfg.random_init:
         model, processor = tiny_vlm(**cfg.random_init)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
-            processor = AutoProcessor.from_pretrained(cfg.pretrained, **(cfg.get("processor_kwargs") or {}))
+            processor = AutoProcessor.from_pretrained(cfg.pretrained, **(cfg.processor_kwargs or {}))
             model = AutoModelForImageTextToText.from_pretrained(
-                cfg.pretrained, dtype=resolve_dtype(cfg.get("dtype", "auto"), device))
+                cfg.pretrained, dtype=resolve_dtype(cfg.dtype, device))
         except (OSError, ValueError) as err:
             raise ConfigError(f"could not load VLM {cfg.pretrained!r}: {err}\nOffline or no access? Point "
                               "model.pretrained at a local directory, or smoke-test with model=tiny_random_vlm.") from None
-    model.to(device=device, dtype=resolve_dtype(cfg.get("dtype", "auto"), device)).eval().requires_grad_(False)
+    model.to(device=device, dtype=resolve_dtype(cfg.dtype, device)).eval().requires_grad_(False)
     if image_token_id(model.config) is None:
         raise ConfigError(f"{type(model).__name__} has no image token in its config; the transformers backend "
                           "needs a VLM that merges image features into its input embeddings (LLaVA, Idefics3, SmolVLM)")
@@ -147,7 +147,7 @@ def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int
     the fixed features of the linear task encoder."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if cfg.get("random_init"):
+    if cfg.random_init:
         from transformers import CLIPImageProcessorPil
 
         dims = dict(cfg.random_init)
@@ -179,24 +179,20 @@ def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int
 # ---------------------------------------------------------------------- prompts of a task
 def load_image_prompts(cfg, device: torch.device, data: TaskData):
     """(VLM, image prompt encoder, encoded examples); image embeddings come from the feature cache."""
-    from .scoring import FOLDING_MODES
 
-    if cfg.model.get("backend", "transformers") == "openflamingo":
+    if cfg.model.library == "openflamingo":
         from .openflamingo import load_openflamingo_prompts
 
         return load_openflamingo_prompts(cfg, device, data)
     model, processor = load_vlm(cfg.model, device)
     fragments, features = vlm_image_features(cfg, model, processor, data, device)
-    encoder = ImagePromptEncoder(processor.tokenizer, Template(cfg.template.text), list(cfg.labelset.names),
-                                 fragments, features.to(device), chunk_end=cfg.model.get("chunk_end", ""),
-                                 separator=cfg.model.get("separator", "\n"),
-                                 fold_shared_label_tokens=cfg.label_mode in FOLDING_MODES)
+    encoder = build_prompt_encoder(cfg, processor.tokenizer, (fragments, features.to(device)))
     return model, encoder, encoder.encode_splits(data)
 
 
 def vlm_image_features(cfg, model, processor, data: TaskData, device: torch.device):
     """The VLM's image fragments and embeddings of the task's images, from the cache or computed once."""
-    settings = {"model": cfg.model.get("pretrained") or dict(cfg.model.random_init), "dtype": str(model.dtype),
+    settings = {"model": cfg.model.pretrained or dict(cfg.model.random_init), "dtype": str(model.dtype),
                 "preprocessing": processor.image_processor.to_dict(), "images": data.images_digest}
     saved = cached_features("vlm", cfg.model.name, cfg.dataset, settings, lambda: dict(zip(
         ("fragments", "features"), image_fragments(model, processor, data.images, progress=cfg.progress))))
@@ -206,7 +202,7 @@ def vlm_image_features(cfg, model, processor, data: TaskData, device: torch.devi
 def clip_features(cfg, data: TaskData, device: torch.device) -> dict[str, torch.Tensor]:
     """{"train", "test"}: CLIP image embeddings of the task's images, from the cache or computed once."""
     spec = cfg.model.image_features
-    settings = {"model": spec.get("pretrained") or dict(spec.random_init), "normalised": True,
+    settings = {"model": spec.pretrained or dict(spec.random_init), "normalised": True,
                 "images": data.images_digest}
     saved = cached_features("clip", spec.name, cfg.dataset, settings,
                             lambda: {"features": clip_embeddings(spec, data.images, device, progress=cfg.progress)})

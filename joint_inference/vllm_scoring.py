@@ -1,5 +1,5 @@
-"""Classification scoring on vLLM (``backend=vllm``, CUDA only): the :class:`~joint_inference.scoring.Scorer`
-surface that zero-shot, ICL and UICL use, on a vLLM engine instead of a Hugging Face model.
+"""Classification scoring on vLLM (``backend=vllm``, CUDA only): the :class:`~joint_inference.scoring.LabelScorer`
+that zero-shot, ICL and UICL use, on a vLLM engine instead of a Hugging Face model.
 
 Each prompt goes to vLLM as token ids that end right after the query's prefix, so the label is
 the *next* token. One token is generated with ``allowed_token_ids`` set to the label tokens and
@@ -25,8 +25,9 @@ import torch
 from .errors import ConfigError
 from .prompts import EncodedExample, PromptEncoder
 from .scoring import assemble_prompts, label_weights, resolve_label_mode
+from .vllm_engine import build_vllm_engine
 
-MIN_VLLM = "0.10.2"
+MIN_VLLM = "0.10.2"  # the first with logprobs_mode="processed_logprobs"
 
 
 def vllm_label_mode(label_mode: str, encoder: PromptEncoder) -> str:
@@ -43,7 +44,8 @@ def vllm_label_mode(label_mode: str, encoder: PromptEncoder) -> str:
 
 class VLLMScorer:
     """Label log-probabilities of a ``vllm.LLM`` built with ``logprobs_mode="processed_logprobs"``
-    (see :func:`make_vllm_scorer`). Returns CPU tensors."""
+    (see :func:`make_vllm_scorer`): the :class:`~joint_inference.scoring.LabelScorer` of ``backend=vllm``.
+    Returns CPU tensors."""
 
     device = torch.device("cpu")
 
@@ -101,31 +103,13 @@ class VLLMScorer:
 
 def make_vllm_scorer(model_cfg, encoder: PromptEncoder, label_mode: str = "auto", *, seed: int = 0,
                      show_progress: bool = True, **engine_args) -> VLLMScorer:
-    """A :class:`VLLMScorer` on a new vLLM engine for a ``model/`` config, over
-    ``model.tensor_parallel_size`` GPUs (default: all visible). ``engine_args`` go to ``vllm.LLM``.
+    """A :class:`VLLMScorer` on a new vLLM engine for a ``model/`` config (see
+    :func:`~joint_inference.vllm_engine.build_vllm_engine`). ``engine_args`` go to ``vllm.LLM``.
 
     Label-mode errors come before vLLM is imported, so a bad configuration fails without a GPU.
     """
-    from .generation import check_vllm
-    from .models import resolve_weights
-
     mode = vllm_label_mode(label_mode, encoder)
-    check_vllm()
-    if model_cfg.get("random_init"):
-        raise ConfigError("backend=vllm loads weights from model.pretrained; model.random_init builds them in "
-                          "memory: use backend=hf")
-    source, gguf_file = resolve_weights(model_cfg)
-    if gguf_file:
-        raise ConfigError("backend=vllm reads a model directory or hub id, not model.gguf_file; use backend=hf")
-    import vllm
-    from packaging.version import Version
-
-    if Version(vllm.__version__) < Version(MIN_VLLM):
-        raise ConfigError(f"backend=vllm scoring needs vLLM >= {MIN_VLLM} (logprobs_mode='processed_logprobs'), "
-                          f"found {vllm.__version__}: pip install -U vllm")
     columns, _ = label_weights(mode, encoder.label_ids)
-    llm = vllm.LLM(model=source, tokenizer=model_cfg.get("tokenizer") or source, dtype=model_cfg.get("dtype", "auto"),
-                   seed=seed, tensor_parallel_size=model_cfg.get("tensor_parallel_size") or torch.cuda.device_count(),
-                   enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-                   max_logprobs=max(20, len(columns)), **engine_args)
+    llm = build_vllm_engine(model_cfg, seed=seed, min_version=MIN_VLLM, enable_prefix_caching=True,
+                            logprobs_mode="processed_logprobs", max_logprobs=max(20, len(columns)), **engine_args)
     return VLLMScorer(llm, encoder, mode, show_progress)

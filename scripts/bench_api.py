@@ -36,19 +36,19 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from omegaconf import OmegaConf
 
     from joint_inference.api.client import APIClient, ClientSettings
     from joint_inference.api.scoring import APIScorer
     from joint_inference.models import load_model
     from joint_inference.prompts import PromptEncoder, Template
+    from joint_inference.settings import config_option
     from joint_inference.tiny import synthetic_sentences
     from tests.openai_server import OpenAICompatibleServer
 
     if args.model == "tiny":
-        cfg = OmegaConf.create({"name": "tiny", "random_init": {"arch": "llama"}, "dtype": "float32"})
+        cfg = config_option("model", "tiny_random_llm")
     else:
-        cfg = OmegaConf.load(REPO / "configs" / "model" / f"{args.model}.yaml")
+        cfg = config_option("model", args.model)
         cfg.dtype = "float32"
     torch.set_num_threads(args.torch_threads)
     model, tokenizer = load_model(cfg, torch.device("cpu"))

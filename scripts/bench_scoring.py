@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 from joint_inference.icl import balanced_support
 from joint_inference.models import load_model, resolve_dtype
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.scoring import Scorer, label_weights, split_body_head
+from joint_inference.settings import config_option
 from joint_inference.shapes import SHAPES, random_lm
 from joint_inference.tiny import synthetic_sentences
 from joint_inference.utils import report_figures, resolve_batch_size, resolve_device
@@ -112,7 +112,7 @@ def main() -> None:
     if args.shape:
         model, tokenizer = random_lm(args.shape, device, resolve_dtype(args.dtype or "auto", device))
     else:
-        model_cfg = OmegaConf.load(REPO / "configs" / "model" / f"{args.model}.yaml")
+        model_cfg = config_option("model", args.model)
         if args.dtype:
             model_cfg.dtype = args.dtype
         model, tokenizer = load_model(model_cfg, device)

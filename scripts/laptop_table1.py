@@ -19,6 +19,7 @@ spread is that of the method, not of the test set, whose size is printed beside 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -43,7 +44,7 @@ SETTINGS = {
     "icl": ["dataset.num_examples=300", "N=8", "T=3", "num_repeats=3", "support_sampling=shared", "block_size=8"],
     "mmlu": ["N=8", "T=3", "num_repeats=3", "support_sampling=shared", "block_size=8"],
     # Table 2's GSM8K row, at the floor for a 270M model: few questions, short answers, one round
-    "gsm8k": ["dataset.num_examples=30", "n_shots=4", "T=1", "num_repeats=1", "max_new_tokens=192"],
+    "gsm8k": ["dataset.num_examples=30", "N=4", "T=1", "num_repeats=1", "max_new_tokens=192"],
     "uft": ["dataset.num_examples=300", "batch_size=4", "N=4", "num_iterations=40", "eval_freq=10", "ckpt_freq=10",
             "optimization.lr=1e-4"],
 }
@@ -73,6 +74,18 @@ class Job:
                 dataset.append(f"dataset.source_splits={LOCAL_SPLITS[self.task]}")
         return [sys.executable, str(REPO / script), f"model={self.model}", *dataset, f"seed={self.seed}",
                 "device=cpu", "allow_long_cpu_run=true", "progress=false", f"hydra.run.dir={root / self.name}"]
+
+
+def selected_jobs(patterns: list[str]) -> list[Job]:
+    """The jobs whose names match any pattern, in the order of the patterns (to choose what runs first)."""
+    if not patterns:
+        return all_jobs()
+    chosen = []
+    for pattern in patterns:
+        chosen += [job for job in all_jobs() if fnmatch.fnmatch(job.name, pattern) and job not in chosen]
+    if not chosen:
+        raise SystemExit(f"error: no job matches {patterns}; job names look like {all_jobs()[0].name}")
+    return chosen
 
 
 def all_jobs() -> list[Job]:
@@ -187,13 +200,16 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "laptop_table1", help="run directories")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "laptop_table1.json")
     parser.add_argument("--collect", action="store_true", help="only write the table from the finished runs")
+    parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                        help="run only the jobs matching these globs, in this order (e.g. 'icl/*/sst2/*')")
     args = parser.parse_args()
     started = time.time()
     if not args.collect:
-        for i, job in enumerate(all_jobs(), 1):
+        jobs = selected_jobs(args.only)
+        for i, job in enumerate(jobs, 1):
             if (args.root / job.name / "results.json").exists():
                 continue
-            print(f"[{i}/{len(all_jobs())}] {job.name}", flush=True)
+            print(f"[{i}/{len(jobs)}] {job.name}", flush=True)
             (args.root / job.name).mkdir(parents=True, exist_ok=True)
             with open(args.root / job.name / "job.log", "a") as log:
                 done = subprocess.run(job.command(args.root), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,

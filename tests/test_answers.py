@@ -13,6 +13,7 @@ from joint_inference.answers import (
     original_parser_choice,
     original_parser_number,
     read_choice,
+    same_answer,
 )
 
 NUMBER_CASES = [
@@ -270,6 +271,12 @@ def test_response_is_cut_after_its_first_answer_statement(text, kept, ours, orig
 def test_cut_keeps_a_statement_whole_and_text_without_one_unchanged():
     for text, kept, _, _ in CUT_CASES:
         assert text.startswith(kept) and cut_after_answer(kept) == kept
+
+
+def test_same_answer_is_the_votes_grouping():
+    assert same_answer(18, 18.0) and same_answer(0.1 + 0.2, 0.3) and same_answer("C", "C")
+    assert not same_answer("1", 1) and not same_answer(1.0, 2.0) and not same_answer("B", "C")
+    assert same_answer(None, None) and not same_answer(None, 0.0) and not same_answer("A", None)
 
 
 def test_majority_vote_basic():

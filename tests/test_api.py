@@ -27,11 +27,11 @@ from omegaconf import OmegaConf
 pytest.importorskip("httpx")
 
 from joint_inference.api.client import APIClient, APIError, ClientSettings
-from joint_inference.api.generation import APIGenerator
+from joint_inference.api.generators import APIGenerator
 from joint_inference.api.mmmu import MMMUFormat, open_correct, original_reading, question_row, read_choice, read_open
 from joint_inference.api.scoring import APIScorer
 from joint_inference.errors import ConfigError
-from joint_inference.generation import SamplingSettings
+from joint_inference.generators import SamplingSettings
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.scoring import Scorer
 from tests.conftest import REPO, compose, write_jsonl
@@ -86,7 +86,7 @@ def hf_config(model_dir, data_root, out_dir, *extra):
     return compose(PRIMARY, [
         f"model.pretrained={quoted(model_dir)}", "model.embedded=null", "model.name=tiny", "dataset=sst2",
         f"dataset.data_root={quoted(data_root)}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
-        "device=cpu", "batch_size=5", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
+        "device=cpu", "forward_batch_size=5", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
 
 
 def stages(out_dir: Path) -> dict:
@@ -331,10 +331,10 @@ def test_gsm8k_through_the_api_equals_backend_hf(tiny_llama_dir, tmp_path, serve
 
     write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl",
                 [{"question": q, "answer": f"Add them.\n#### {2 * i + 1}"} for i, q in enumerate(QUESTIONS)])
-    common = ["dataset=gsm8k", f"dataset.data_root={quoted(tmp_path / 'data')}", "n_shots=2", "T=1", "num_repeats=2",
+    common = ["dataset=gsm8k", f"dataset.data_root={quoted(tmp_path / 'data')}", "N=2", "T=1", "num_repeats=2",
               "max_new_tokens=10", "device=cpu", "progress=false", "supervised_icl=false"]
     want = run(compose(PRIMARY, [*common, f"model.pretrained={quoted(tiny_llama_dir)}", "model.embedded=null",
-                                 "model.name=tiny", "batch_size=3", f"output_dir={quoted(tmp_path / 'hf')}"]))
+                                 "model.name=tiny", "forward_batch_size=3", f"output_dir={quoted(tmp_path / 'hf')}"]))
     got = run(compose(PRIMARY, [*common, "backend=openai", "model=openai_compatible", "model.name=tiny",
                                 f"model.pretrained={quoted(tiny_llama_dir)}", f"model.base_url={server.url}",
                                 f"output_dir={quoted(tmp_path / 'api')}"]))
@@ -433,7 +433,7 @@ def test_mmmu_prompts_follow_the_original(mmmu_root):
     cfg = compose(PRIMARY, ["+experiment=mmmu_gpt4o", f"dataset.data_root={quoted(mmmu_root)}"])
     assert (cfg.backend, cfg.model.name, cfg.model.endpoint, cfg.dataset.name) == ("openai", "gpt-4o-2024-08-06",
                                                                                    "chat", "mmmu")
-    assert (cfg.T, cfg.num_repeats, cfg.n_shots, cfg.temperature, cfg.max_new_tokens, cfg.seed) == (3, 1, 8, 0.0, 4000, 0)
+    assert (cfg.T, cfg.num_repeats, cfg.N, cfg.temperature, cfg.max_new_tokens, cfg.seed) == (3, 1, 8, 0.0, 4000, 0)
     assert len(cfg.dataset.subjects) == 30
     fmt = MMMUFormat.from_cfg(cfg.template)
     rows = load_subject(cfg.dataset, "Art")
@@ -499,7 +499,7 @@ def test_mmmu_rounds_through_the_api(mmmu_root, tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, chat_responder=mmmu_responder) as srv:
         overrides = ["+experiment=mmmu_gpt4o", f"dataset.data_root={quoted(mmmu_root)}", "dataset.subjects=[Art,Math]",
-                     f"model.base_url={srv.url}", "T=1", "n_shots=2", "progress=false", "api.backoff_s=0.01"]
+                     f"model.base_url={srv.url}", "T=1", "N=2", "progress=false", "api.backoff_s=0.01"]
         results = run(compose(PRIMARY, [*overrides, f"output_dir={quoted(tmp_path / 'run')}"]))
         sent = posts(srv)
         # zero-shot: each of the 10 questions once; round 1: again, after demonstrations
@@ -539,7 +539,7 @@ def test_mmmu_pro_and_resume(mmmu_root, tiny_llama, tmp_path):
 
     model, tokenizer = tiny_llama
     cfg = ["+experiment=mmmu_gpt4o", "dataset=mmmu_pro", f"dataset.data_root={quoted(mmmu_root)}",
-           "dataset.subject=Math", "T=1", "n_shots=3", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"]
+           "dataset.subject=Math", "T=1", "N=3", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"]
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, chat_responder=mmmu_responder) as srv:
         dry = run(compose(PRIMARY, [*cfg, f"model.base_url={srv.url}", "dry_run=true"]))
         assert not srv.requests and dry["requests"] == 10 and dry["cached"] == 0  # zero-shot 5, round 1 5

@@ -27,7 +27,7 @@ from joint_inference.tiny import WORDS
 from tests.conftest import CONFIG_DIR, REPO, compose, write_jsonl
 
 ICL = ["model.embedded=null", "model.name=tiny", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=1",
-       "device=cpu", "batch_size=4", "progress=false"]
+       "device=cpu", "forward_batch_size=4", "progress=false"]
 FT = ["model.embedded=null", "model.name=tiny", "device=cpu", "batch_size=2", "N=4", "num_iterations=2",
       "eval_freq=2", "ckpt_freq=2", "progress=false", "lora.r=4"]
 ARGS = {"unsupervised_icl_llm": ICL, "unsupervised_ft_llm": FT}

@@ -10,17 +10,16 @@ from omegaconf import OmegaConf
 
 from joint_inference.data import load_rows
 from joint_inference.prompts import Template
+from joint_inference.settings import config_option, options
 from tests.conftest import CONFIG_DIR, compose
 
 PRIMARY = "unsupervised_icl_llm"
 CONFIGS = Path(CONFIG_DIR)
-# Text classification datasets and language models; generation tasks are checked in test_generative.py,
+# Text classification datasets and language models; generation tasks are checked in test_uicl_generation.py,
 # image tasks and vision-language models in test_vision.py.
-DATASETS = sorted(p.stem for p in (CONFIGS / "dataset").glob("*.yaml")
-                  if OmegaConf.load(p).get("kind", "classification") != "generation"
-                  and OmegaConf.load(p).get("modality", "text") == "text"
-                  and "path" not in OmegaConf.load(p))  # dataset=local (the user's file): tests/test_local_data.py
-MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if "image_features" not in OmegaConf.load(p))
+DATASETS = [name for name in options("dataset") if (ds := config_option("dataset", name)).kind == "classification"
+            and ds.modality == "text" and "path" not in ds]  # dataset=local (the user's file): tests/test_local_data.py
+MODELS = [name for name in options("model") if "image_features" not in config_option("model", name)]
 TABLE1 = ["sst2", "amazon_polarity", "ag_news", "trec", "dbpedia_14", "subj", "rte", "qnli", "mnli", "copa",
           "boolq", "piqa", "hellaswag", "mmlu"]
 
@@ -132,7 +131,7 @@ def test_the_test_tables_cover_every_dataset_config():
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_composes_with_its_template_and_labelset(name):
     cfg = compose(PRIMARY, [f"dataset={name}"])
-    assert cfg.dataset.name == name and cfg.dataset.local_name == name
+    assert cfg.dataset.name == name
     assert cfg.template == OmegaConf.load(CONFIGS / "template" / f"{name}.yaml")
     assert cfg.labelset == OmegaConf.load(CONFIGS / "labelset" / f"{name}.yaml")
     assert list(cfg.labelset.names) == LABEL_SETS[name]
@@ -204,7 +203,7 @@ def test_model_config_composes(name):
 def test_default_command_line_contract():
     cfg = compose(PRIMARY, [])
     assert (cfg.N, cfg.T, cfg.num_repeats, cfg.seed) == (16, 8, 5, 20)
-    assert cfg.batch_size == "auto" or (isinstance(cfg.batch_size, int) and cfg.batch_size > 0)
+    assert cfg.forward_batch_size == "auto"
     assert cfg.device == "auto"
     assert cfg.dataset.num_examples == 3000
     assert cfg.dataset.name == "sst2"

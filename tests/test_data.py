@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from joint_inference.data import load_rows, load_task, protocol_sample
 from joint_inference.errors import ConfigError
 from joint_inference.prompts import Template
+from joint_inference.settings import config_option
 from tests.conftest import SHARED_DATA, compose
 
 
@@ -31,12 +32,10 @@ def write(path, rows):
 
 
 def dataset_cfg(root, name="sst2", **kw):
-    """A dataset config with the keys of configs/dataset/*.yaml."""
-    cfg = dict(name=name, kind="classification", hub_id=f"test/{name}", hub_config=None, source_splits=["train"],
-               label_column="label", label_map=None, num_classes=2, num_examples=3000, sample_seed=42,
-               data_root=None if root is None else str(root), local_name=name)
-    cfg.update(kw)
-    return OmegaConf.create(cfg)
+    """A text classification dataset config: the base every such dataset extends, with these values."""
+    values = dict(name=name, hub_id=f"test/{name}", source_splits=["train"], num_classes=2,
+                  data_root=None if root is None else str(root))
+    return OmegaConf.merge(config_option("dataset", "_text_classification"), {**values, **kw})
 
 
 def sst2_rows(n, start=0):
@@ -129,9 +128,9 @@ def test_source_splits_are_concatenated_in_order(tmp_path):
     assert labels.tolist() == [i % 2 for i in range(10)] + [1] * 6
 
 
-def test_local_name_picks_the_folder(tmp_path):
+def test_the_dataset_name_picks_the_folder(tmp_path):
     write(tmp_path / "my_sst" / "train.jsonl", sst2_rows(8))
-    rows, _ = load_rows(dataset_cfg(tmp_path, local_name="my_sst"))
+    rows, _ = load_rows(dataset_cfg(tmp_path, name="my_sst"))
     assert len(rows) == 8
 
 

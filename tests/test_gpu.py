@@ -163,7 +163,7 @@ def test_uicl_run_on_the_device_resumes_and_predicts_as_on_the_cpu(tiny_llama_di
 
     def config(name, device=DEVICE):
         return icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "T=3", f"device={device}",
-                          "batch_size=auto", "save_predictions=true")
+                          "forward_batch_size=auto", "save_predictions=true")
 
     def predictions(name):
         return (tmp_path / name / "predictions.jsonl").read_text()

@@ -120,7 +120,7 @@ def icl_config(model_dir, data_root, out_dir, *extra):
     return compose("unsupervised_icl_llm", [
         f"model.pretrained={model_dir}", "model.embedded=null", "model.name=tiny_llama", "dataset=sst2",
         f"dataset.data_root={data_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
-        "device=cpu", "batch_size=5", "progress=false", f"output_dir={out_dir}", *extra])
+        "device=cpu", "forward_batch_size=5", "progress=false", f"output_dir={out_dir}", *extra])
 
 
 def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path):

@@ -43,7 +43,7 @@ def reviews(tmp_path: Path, n: int = 24, labels: bool = False, name: str = "revi
 
 def local_config(model_dir, path, out_dir, *extra, script="unsupervised_icl_llm"):
     """The config of a small run over the file ``path``; ``extra`` overrides win over the defaults here."""
-    run_keys = (["N=2", "T=2", "num_repeats=2", "batch_size=8"] if script == "unsupervised_icl_llm" else
+    run_keys = (["N=2", "T=2", "num_repeats=2", "forward_batch_size=8"] if script == "unsupervised_icl_llm" else
                 ["batch_size=2", "N=4", "num_iterations=4", "eval_freq=2", "ckpt_freq=2", "lora.r=4"])
     overrides = {o.split("=", 1)[0]: o for o in [
         f"model.pretrained={model_dir}", "model.embedded=null", "model.name=tiny_llama", "dataset=local",

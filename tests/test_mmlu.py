@@ -51,7 +51,7 @@ def mmlu_config(model_dir, data_root, out_dir, *extra):
     return compose("unsupervised_icl_llm", [
         f"model.pretrained={model_dir}", "model.embedded=null", "model.name=tiny_llama", "dataset=mmlu",
         f"dataset.data_root={data_root}", f"dataset.subjects=[{','.join(SIZES)}]", "N=3", "T=2", "num_repeats=2",
-        "device=cpu", "batch_size=8", "progress=false", f"output_dir={out_dir}", *extra])
+        "device=cpu", "forward_batch_size=8", "progress=false", f"output_dir={out_dir}", *extra])
 
 
 @pytest.fixture()
@@ -236,7 +236,7 @@ def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads):
     cfg = compose("unsupervised_icl_llm", [
         "dataset=mmlu", "model=tiny_random_llm", "+model.random_init.max_position_embeddings=16384",
         f"dataset.data_root={SHARED_DATA}", "dataset.num_examples=4", "N=1", "T=2", "num_repeats=1",
-        "device=cpu", "batch_size=1", "progress=false", f"output_dir={tmp_path}"])  # no padding of long prompts
+        "device=cpu", "forward_batch_size=1", "progress=false", f"output_dir={tmp_path}"])  # no padding of long prompts
     start = time.perf_counter()
     results = run(cfg)
     print(f"57 subjects in {time.perf_counter() - start:.1f} s")

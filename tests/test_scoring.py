@@ -312,3 +312,22 @@ def test_shared_leading_label_tokens_fold_into_the_prompt(tiny_llama, read):
     for i, sents in enumerate(sentences):
         want = reference_logprobs(model, tokenizer, names, "exact", sents, labels[i], read)
         torch.testing.assert_close(got[i], want[0] if read == "query" else want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode,names", [("first", SINGLE), ("bot", MULTI), ("bot_minimal", MULTI)])
+def test_query_hidden_states_through_the_label_weights_are_the_label_scores(tiny_llama, mode, names):
+    """What fine-tuning's linear head is built from: the hidden states at the queries, projected onto the label
+    columns and mixed by the label weights, give label_logprobs' scores. Exact mode is not linear: no weights."""
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, names)
+    scorer = Scorer(model, encoder, mode, batch_size=3, show_progress=False)
+    sentences, labels = make_prompts(encoder, 7, "query")
+    prompts = [[encoder.encode({"sentence": s}) for s in sents] for sents in sentences]
+    columns, weights = scorer.label_weights
+    with torch.no_grad():
+        hidden = scorer.query_hidden_states(prompts, labels)
+        label_logits = model.get_output_embeddings()(hidden)[:, columns] @ weights.T  # tiny llama: no bias or cap
+        want = scorer.label_logprobs(prompts, labels)
+    assert hidden.shape == (len(prompts), model.config.hidden_size) and hidden.dtype == torch.float32
+    torch.testing.assert_close(torch.log_softmax(label_logits, -1), want, atol=1e-5, rtol=1e-5)
+    assert Scorer(model, encoder, "exact", show_progress=False).label_weights is None

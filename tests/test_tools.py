@@ -24,7 +24,7 @@ def test_slurm_launcher_config_composes():
 
 
 # ----------------------------------------------------------------------------- collect_results.py
-# Run directories as uicl.py, uft.py and generative.py write them (the fields the collector reads).
+# Run directories as uicl.py, uft.py and uicl_generation.py write them (the fields the collector reads).
 
 ICL_SETTINGS = {"N": 16, "T": 2, "num_repeats": 5, "seed": 0, "label_mode": "first", "support_sampling": "per_query",
                 "protocol": "clean", "transductive": False, "block_size": 32, "template": "Review: {text}\nSentiment:",
@@ -190,7 +190,7 @@ def test_generation_runs_are_their_own_kind_and_csv_numbers_parse_as_floats(tmp_
     generation = {"task": "gsm8k", "model": "m", "num_test": 8,
                   "zero_shot": {"test_accuracy": 0.25, "answered": 8}, "supervised_icl": None,
                   "rounds": [{"round": 1, "test_accuracy": 0.5, "answered": 8, "pool_size": 8}],
-                  "settings": {"n_shots": 8, "T": 1, "num_repeats": 1, "seed": 0, "backend": "hf",
+                  "settings": {"N": 8, "T": 1, "num_repeats": 1, "seed": 0, "backend": "hf",
                                "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 64, "prompt_style": "cot_wei2022",
                                "template": {"zero_shot": "Q: {question}\nA:", "stop": ["\n\n"]}}}
     (tmp_path / "gen").mkdir()

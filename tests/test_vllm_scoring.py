@@ -21,7 +21,9 @@ from joint_inference.errors import ConfigError
 from joint_inference.icl import icl_predict, zero_shot_logprobs
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.scoring import Scorer
+from joint_inference.settings import config_option
 from joint_inference.tiny import synthetic_sentences
+from joint_inference.vllm_engine import build_vllm_engine
 from joint_inference.vllm_scoring import VLLMScorer, make_vllm_scorer
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
@@ -125,8 +127,9 @@ def fake_vllm(monkeypatch):
 
 
 def model_cfg(path, **extra):
-    return OmegaConf.create({"name": "tiny", "pretrained": str(path), "embedded": None, "gguf_file": None,
-                             "tokenizer": None, "dtype": "float32", **extra})
+    """A causal LM's config (the base every one extends) for the model saved at ``path``."""
+    return OmegaConf.merge(config_option("model", "_causal_lm"),
+                           {"name": "tiny", "pretrained": str(path), "dtype": "float32", **extra})
 
 
 def prompts_with_demonstrations(encoder, n_prompts=7):
@@ -177,6 +180,19 @@ def test_engine_and_requests_use_prefix_cache_and_label_tokens_only(tiny_llama, 
     tokens = sorted({t for ids in encoder.label_ids for t in ids})
     assert params.allowed_token_ids == tokens and params.logprobs == len(tokens) <= llm.max_logprobs
     assert params.max_tokens == 1 and params.prompt_logprobs is None and params.temperature == 0
+
+
+def test_engine_factory_passes_the_model_config_to_vllm(tiny_llama_dir, fake_vllm, monkeypatch):
+    """model.tensor_parallel_size, dtype and tokenizer reach vllm.LLM; without a size, every visible GPU is used."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    llm = build_vllm_engine(model_cfg(tiny_llama_dir, tensor_parallel_size=2, dtype="bfloat16", tokenizer="tok"),
+                            seed=3, max_logprobs=7)
+    assert (llm.model, llm.tokenizer, llm.dtype, llm.seed, llm.tensor_parallel_size, llm.max_logprobs) == (
+        str(tiny_llama_dir), "tok", "bfloat16", 3, 2, 7)
+    llm = build_vllm_engine(model_cfg(tiny_llama_dir))
+    assert (llm.tokenizer, llm.dtype, llm.tensor_parallel_size) == (str(tiny_llama_dir), "float32", 4)
+    with pytest.raises(ConfigError, match=r"vLLM >= 0\.12.*0\.11\.0"):
+        build_vllm_engine(model_cfg(tiny_llama_dir), min_version="0.12")
 
 
 @pytest.mark.parametrize("support_sampling", ["per_query", "shared"])

@@ -74,23 +74,20 @@ class ClientSettings:
 
 def settings_from_config(cfg) -> ClientSettings:
     """Client settings of a run: the server and model from ``cfg.model``, the transport from ``cfg.api``."""
-    m, a = cfg.model, cfg.get("api") or {}
-    base_url = m.get("base_url") or os.environ.get("OPENAI_BASE_URL")
+    m, a = cfg.model, cfg.api
+    base_url = m.base_url or os.environ.get("OPENAI_BASE_URL")
     if not base_url:
         raise ConfigError("backend=openai needs the server's address: model.base_url=http://<host>:<port>/v1 "
                           "(model=openai_compatible has the key; or set $OPENAI_BASE_URL)")
     if not str(base_url).startswith(("http://", "https://")):
         raise ConfigError(f"model.base_url must start with http:// or https://, got {base_url!r}")
     out_dir = Path(cfg.output_dir)
-    cache_dir = a.get("cache_dir") or str(out_dir / "api_cache")
     return ClientSettings(
-        base_url=str(base_url), model=str(m.name), api_key_env=m.get("api_key_env") or DEFAULT_KEY_ENV,
-        concurrency=int(a.get("concurrency", 8)), timeout_s=float(a.get("timeout_s", 120)),
-        max_retries=int(a.get("max_retries", 6)), backoff_s=float(a.get("backoff_s", 1.0)),
-        max_backoff_s=float(a.get("max_backoff_s", 60)), cache_dir=cache_dir,
-        usage_path=str(out_dir / "api_usage.json"), price_in=m.get("price_per_million_input_tokens"),
-        price_out=m.get("price_per_million_output_tokens"), extra_body=dict(m.get("extra_body") or {}),
-        show_progress=bool(cfg.get("progress", True)))
+        base_url=str(base_url), model=str(m.name), api_key_env=m.api_key_env, concurrency=a.concurrency,
+        timeout_s=float(a.timeout_s), max_retries=a.max_retries, backoff_s=float(a.backoff_s),
+        max_backoff_s=float(a.max_backoff_s), cache_dir=a.cache_dir or str(out_dir / "api_cache"),
+        usage_path=str(out_dir / "api_usage.json"), price_in=m.price_per_million_input_tokens,
+        price_out=m.price_per_million_output_tokens, extra_body=dict(m.extra_body or {}), show_progress=cfg.progress)
 
 
 def cost(prompt_tokens: float, completion_tokens: float, price_in: float | None, price_out: float | None):
@@ -385,5 +382,5 @@ def make_client(cfg, count_text: Callable[[str], int] | None = None) -> APIClien
     settings = settings_from_config(cfg)
     if DRY_RUN:
         return DryRunClient(settings, DRY_RUN["tally"], DRY_RUN["output_tokens"], count_text,
-                            int(cfg.model.get("tokens_per_image") or 85))
+                            cfg.model.tokens_per_image)
     return APIClient(settings)

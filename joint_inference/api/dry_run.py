@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 
 def dry_run(cfg: DictConfig, run) -> dict:
     """Count ``run(cfg)``'s requests with nothing sent; print and return the tally and the cost."""
-    if cfg.get("backend") != "openai":
+    if cfg.backend != "openai":
         raise ConfigError("dry_run=true counts the requests of a model behind an API; add backend=openai")
-    api = cfg.get("api") or {}
-    cache_dir = api.get("cache_dir") or str(Path(cfg.output_dir) / "api_cache")
+    api = cfg.api
+    cache_dir = api.cache_dir or str(Path(cfg.output_dir) / "api_cache")
     tally = DryRunTally()
     quiet = logging.getLogger("joint_inference")
     level = quiet.level
@@ -41,10 +41,8 @@ def dry_run(cfg: DictConfig, run) -> dict:
             sub.output_dir = tmp
             sub.progress = False
             sub.allow_long_cpu_run = True  # the CPU guard estimates local scoring; nothing runs locally here
-            if "api" not in sub or sub.api is None:
-                sub.api = {}
             sub.api.cache_dir = cache_dir
-        DRY_RUN.update(tally=tally, output_tokens=int(api.get("dry_run_output_tokens") or 300))
+        DRY_RUN.update(tally=tally, output_tokens=api.dry_run_output_tokens)
         quiet.setLevel(logging.WARNING)  # the stages' accuracies of stand-in answers mean nothing
         try:
             run(sub)
@@ -52,11 +50,11 @@ def dry_run(cfg: DictConfig, run) -> dict:
             DRY_RUN.clear()
             quiet.setLevel(level)
     m = cfg.model
-    price_in, price_out = m.get("price_per_million_input_tokens"), m.get("price_per_million_output_tokens")
-    summary = {**tally.__dict__, "base_url": m.get("base_url"), "model": m.name,
+    price_in, price_out = m.price_per_million_input_tokens, m.price_per_million_output_tokens
+    summary = {**tally.__dict__, "base_url": m.base_url, "model": m.name,
                "cost_usd": cost(tally.prompt_tokens, tally.output_tokens, price_in, price_out),
                "max_cost_usd": cost(tally.prompt_tokens, tally.max_output_tokens, price_in, price_out)}
-    print(summary_text(summary, cache_dir, price_in, price_out, int(api.get("dry_run_output_tokens") or 300)))
+    print(summary_text(summary, cache_dir, price_in, price_out, api.dry_run_output_tokens))
     return summary
 
 

@@ -10,7 +10,7 @@ The protocol of the original release's ``unsupervised_icl_mmmu.py`` (prompts in 
   lettered "A. ...", the format instruction, and the question's images (``image_1`` ... ``image_7``, up to the
   first empty one) as base64 PNG ``image_url`` parts (``detail: low``).
 * **Round 0**: every question answered zero-shot (greedy; ``num_repeats`` samples voted when sampling).
-* **Round t = 1..T**: each question is asked again after ``n_shots`` (8) demonstrations: *other* questions of the
+* **Round t = 1..T**: each question is asked again after ``N`` (8) demonstrations: *other* questions of the
   same subject as user turns, each followed by its round t-1 response as the assistant's turn. A multiple-choice
   response demonstrates only if it states "Answer: X" with one of its options' letters; MMMU's multiple-choice
   questions get multiple-choice demonstrations, its open questions the open ones first, then multiple-choice.
@@ -31,8 +31,8 @@ import base64
 import io
 import logging
 import re
-import time
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..answers import numbers_equal
 from ..data import load_split
 from ..errors import ConfigError
-from ..generation import SamplingSettings
-from ..generative import answer, draw, question_rng, resolved
-from ..icl import PROTOCOLS
+from ..generators import SamplingSettings
 from ..results import RunState, fingerprint_digest, interval, markdown_table, pct, write_jsonl, write_results
+from ..uicl_generation import answer_stage, draw, question_rng, resolved
 from ..utils import seed_everything
 
 log = logging.getLogger(__name__)
@@ -229,12 +228,11 @@ def question_row(raw: dict, subject: str, source: str) -> dict:
 def subject_table(d: DictConfig, subject: str):
     """One subject's rows as a ``datasets.Dataset``: a hub config per subject (MMMU, local files in
     ``<data_root>/mmmu/<subject>/<split>.parquet``), or one table filtered on ``subject_field`` (MMMU-Pro)."""
-    fields = {"name": d.name, "hub_id": d.hub_id, "data_root": d.get("data_root"), "local_name": d.local_name,
-              "hub_config": d.get("hub_config")}
-    if not d.get("subject_field"):
-        fields.update(hub_config=subject, local_name=f"{d.local_name}/{subject}")
+    fields = {"name": d.name, "hub_id": d.hub_id, "data_root": d.data_root, "hub_config": d.hub_config}
+    if not d.subject_field:  # the subject's own hub config, and its own folder of local files
+        fields.update(hub_config=subject, name=f"{d.name}/{subject}")
     table = load_split(OmegaConf.create(fields), d.split)
-    if d.get("subject_field"):
+    if d.subject_field:
         values = table.with_format("arrow")[d.subject_field].to_pylist()
         table = table.select([i for i, v in enumerate(values) if v == subject])
     return table
@@ -244,7 +242,7 @@ def load_subject(d: DictConfig, subject: str) -> list[dict]:
     """A subject's questions (a seeded subset of ``num_examples`` when set), in dataset order."""
     table = subject_table(d, subject)
     keep = list(range(len(table)))
-    if d.get("num_examples") is not None and d.num_examples < len(keep):
+    if d.num_examples is not None and d.num_examples < len(keep):
         keep = sorted(np.random.default_rng(d.sample_seed).choice(len(keep), d.num_examples, replace=False).tolist())
     if not keep:
         raise ConfigError(f"subject {subject!r} of {d.name!r} has no questions in split {d.split!r}")
@@ -254,7 +252,7 @@ def load_subject(d: DictConfig, subject: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------ rounds
 @dataclass
 class MMMUTask:
-    """One subject's questions, read and scored as the protocol says (the interface of generative.answer)."""
+    """One subject's questions, read and scored as the protocol says (the interface of uicl_generation.answer)."""
 
     rows: list[dict]
     protocol: str = "clean"
@@ -299,6 +297,10 @@ class MMMUTask:
         return order[:n][::-1]
 
 
+def zero_shot_prompts(task: MMMUTask, fmt: MMMUFormat) -> tuple[list[list[list[dict]]], dict]:
+    return [[fmt.messages(r)] for r in task.rows], {}
+
+
 def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int, num_repeats: int,
                   key: tuple, name: str) -> tuple[list[list[list[dict]]], dict]:
     """``num_repeats`` prompts per question, each with its own demonstrations from the previous round."""
@@ -313,7 +315,7 @@ def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int,
         prompts.append([fmt.messages(row, [(task.rows[j], previous["responses"][j]) for j in p]) for p in picks])
         chosen.append([[task.rows[j]["id"] for j in p] for p in picks])
     if short:
-        log.warning("%s: n_shots=%d, but %d of %d questions have only %d-%d demonstrations with a stated answer",
+        log.warning("%s: N=%d, but %d of %d questions have only %d-%d demonstrations with a stated answer",
                     name, n_shots, len(short), len(prompts), min(short), max(short))
     return prompts, {"pool_size": len(pool), "demonstrations": chosen}
 
@@ -321,14 +323,12 @@ def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int,
 # -------------------------------------------------------------------------------------------- run
 def run_mmmu(cfg: DictConfig) -> dict:
     """Zero-shot and T rounds of unsupervised ICL on every subject; results in ``cfg.output_dir``."""
-    from .generation import make_api_generator
+    from .generators import make_api_generator
 
-    if cfg.get("backend") != "openai":
+    if cfg.backend != "openai":
         raise ConfigError(f"dataset={cfg.dataset.name} runs a vision-language model behind an API: add backend=openai "
                           "(e.g. +experiment=mmmu_gpt4o, or model=openai_compatible model.name=<a vision model> "
                           "model.base_url=<its server>)")
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
     out_dir, d = Path(cfg.output_dir), cfg.dataset
     seed_everything(cfg.seed)
     fmt = MMMUFormat.from_cfg(cfg.template)
@@ -336,48 +336,34 @@ def run_mmmu(cfg: DictConfig) -> dict:
     unknown = [s for s in subjects if s not in d.subjects]
     if unknown:
         raise ConfigError(f"unknown subject(s) {unknown} of {d.name!r}; valid: all, {', '.join(d.subjects)}")
-    n_shots = cfg.n_shots if cfg.get("n_shots") is not None else d.n_shots
+    n_shots = cfg.N
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     state = RunState(out_dir / "state.json", {
         "task": d.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
-        "template": resolved(cfg.template, "template"), "n_shots": n_shots, "num_repeats": cfg.num_repeats,
+        "template": resolved(cfg.template, "template"), "N": n_shots, "num_repeats": cfg.num_repeats,
         "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
-        "subjects": subjects, "split": d.split, "num_examples": d.get("num_examples"),
+        "subjects": subjects, "split": d.split, "num_examples": d.num_examples,
     })
-    generator = None
+    load_generator = cache(lambda: make_api_generator(cfg, settings, seed=cfg.seed))
     log.info("%s: %d subjects, %d-shot rounds, T=%d, %d votes, protocol %s", d.name, len(subjects), n_shots, cfg.T,
              cfg.num_repeats, cfg.protocol)
 
     for s, subject in enumerate(subjects):
-        names = ["zero_shot", *(f"round_{t}" for t in range(1, cfg.T + 1))]
-        if all(f"{subject}/{n}" in state for n in names):
+        stages = [f"{subject}/zero_shot", *(f"{subject}/round_{t}" for t in range(1, cfg.T + 1))]
+        if all(name in state for name in stages):
             continue
         task = MMMUTask(load_subject(d, subject), cfg.protocol)
-        ids = [r["id"] for r in task.rows]
         digest = fingerprint_digest([[r["id"], r["question"], r["options"], r["answer"]] for r in task.rows])
-        previous = None
-        for t, name in enumerate(names):
-            key = f"{subject}/{name}"
-            if key in state:
-                if state[key]["data"] != digest:
-                    raise ConfigError(f"{out_dir} holds answers to other {subject} questions than the data now has; "
-                                      "use a new run directory (hydra.run.dir=...)")
-                previous = state[key]
-                continue
-            generator = generator or make_api_generator(cfg, settings, seed=cfg.seed)
-            start = time.perf_counter()
-            if t == 0:
-                prompts, extra, samples = [[fmt.messages(r)] for r in task.rows], {}, cfg.num_repeats
-            else:
-                prompts, extra = round_prompts(task, fmt, previous, n_shots, cfg.num_repeats, (cfg.seed, s, t), key)
-                samples = 1
-            log.info("%s: %d questions, %d requests", key, len(prompts), sum(map(len, prompts)))
-            result = answer(generator, task, prompts, samples, (cfg.seed, s, t, 1))
-            result.update(extra, ids=ids, data=digest, correct=task.correct(result["answers"]),
-                          question_types=[r["question_type"] for r in task.rows], gold=[r["answer"] for r in task.rows])
-            state.finish(key, result, time.perf_counter() - start, sum(map(len, prompts)))
-            log.info("%s: accuracy %.4f", key, float(np.mean(result["correct"])))
-            previous = result
+        if any(state[name]["data"] != digest for name in stages if name in state):
+            raise ConfigError(f"{out_dir} holds answers to other {subject} questions than the data now has; "
+                              "use a new run directory (hydra.run.dir=...)")
+
+        annotate = partial(subject_fields, task, digest)
+        previous = answer_stage(state, load_generator, task, stages[0], partial(zero_shot_prompts, task, fmt),
+                                cfg.num_repeats, (cfg.seed, s, 0, 1), annotate)
+        for t, name in enumerate(stages[1:], 1):
+            build = partial(round_prompts, task, fmt, previous, n_shots, cfg.num_repeats, (cfg.seed, s, t), name)
+            previous = answer_stage(state, load_generator, task, name, build, 1, (cfg.seed, s, t, 1), annotate)
 
     results = summarize(cfg, state, subjects, n_shots)
     write_jsonl(out_dir / "answers.jsonl", [
@@ -389,6 +375,13 @@ def run_mmmu(cfg: DictConfig) -> dict:
     write_results(out_dir, results, mmmu_table)
     log.info("results in %s", out_dir)
     return results
+
+
+def subject_fields(task: MMMUTask, digest: str, stage: dict) -> dict:
+    """What answers.jsonl and the summary read of a subject's stage besides its answers; ``data`` tells a resumed
+    run whether the subject's questions are still the same."""
+    return {"ids": [r["id"] for r in task.rows], "data": digest, "correct": task.correct(stage["answers"]),
+            "question_types": [r["question_type"] for r in task.rows], "gold": [r["answer"] for r in task.rows]}
 
 
 def _per_question(stage: dict, q: int) -> dict:
@@ -412,7 +405,7 @@ def summarize(cfg: DictConfig, state: RunState, subjects: list[str], n_shots: in
         "num_test": sum(len(state[f"{s}/zero_shot"]["ids"]) for s in subjects),
         "num_subjects": len(subjects), "zero_shot": stage("zero_shot"), "supervised_icl": None, "rounds": rounds,
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
-        "settings": {"n_shots": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
+        "settings": {"N": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
                      "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "split": cfg.dataset.split,
                      "subjects": subjects, "template": resolved(cfg.template, "template")},

@@ -84,8 +84,8 @@ def token_forms(tokenizer, token_id: int) -> list[str]:
 
 
 class APIScorer:
-    """Label log-probabilities from a server's next-token ``top_logprobs``; the interface of
-    :class:`~joint_inference.scoring.Scorer` for ICL and UICL. Returns CPU tensors."""
+    """Label log-probabilities from a server's next-token ``top_logprobs``: the
+    :class:`~joint_inference.scoring.LabelScorer` of ``backend=openai``. Returns CPU tensors."""
 
     device = torch.device("cpu")
 
@@ -104,6 +104,7 @@ class APIScorer:
         self.mode = api_label_mode(label_mode, encoder, max_top_logprobs)
         self.columns, self.weights = label_weights(self.mode, encoder.label_ids)
         self.batch_size = None  # the server batches
+        self.show_progress = client.settings.show_progress  # the client draws the request bars
         self.floored = self.reads = 0
         self._lookup = self._build_lookup()
 
@@ -229,7 +230,6 @@ def load_api_scorer(cfg, data):
     m = cfg.model
     encoder, examples = text_prompts(cfg, load_tokenizer(m), data)
     client = make_client(cfg, count_text=lambda text: len(encoder.tokenizer(text)["input_ids"]))
-    scorer = APIScorer(client, encoder, cfg.label_mode, endpoint=m.get("endpoint") or "completions",
-                       prompt_format=m.get("prompt_format") or "tokens",
-                       max_top_logprobs=int(m.get("max_top_logprobs") or 20), tokens_as_ids=bool(m.get("tokens_as_ids")))
+    scorer = APIScorer(client, encoder, cfg.label_mode, endpoint=m.endpoint,
+                       prompt_format=m.prompt_format, max_top_logprobs=m.max_top_logprobs, tokens_as_ids=m.tokens_as_ids)
     return scorer, examples

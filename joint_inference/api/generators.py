@@ -4,7 +4,7 @@
 
 A prompt is a text (GSM8K, MMLU-Pro: sent to ``/completions`` as is, or with ``model.endpoint=chat`` as one user
 message) or a list of chat messages (MMMU: always ``/chat/completions``). Every response is cut with
-:func:`~joint_inference.generation.cut_at_stop` as the local backends cut theirs, so answer extraction sees
+:func:`~joint_inference.generators.cut_at_stop` as the local backends cut theirs, so answer extraction sees
 the same text: the template's ``stop`` strings also go to the server (at most ``model.max_stop_strings``; OpenAI
 takes 4), its ``stop_after`` strings ("answer is (C)", kept) are applied here only (servers drop a stop
 string from the text), so tokens after them are generated and paid for. Temperature 0 is greedy: one request
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ConfigError
-from ..generation import SamplingSettings, cut_at_stop
+from ..generators import SamplingSettings, cut_at_stop
 from .client import DRY_RUN, ENDPOINTS, APIClient, make_client
 
 log = logging.getLogger(__name__)
@@ -93,5 +93,4 @@ def count_text_of(cfg):
 def make_api_generator(cfg, settings: SamplingSettings, seed: int | None = None) -> APIGenerator:
     """The generator of ``backend=openai`` for ``cfg.model`` (``endpoint``, ``max_stop_strings``)."""
     client = make_client(cfg, count_text=count_text_of(cfg) if DRY_RUN else None)
-    return APIGenerator(client, settings, cfg.model.get("endpoint") or "completions",
-                        int(cfg.model.get("max_stop_strings", 4) or 0), seed)
+    return APIGenerator(client, settings, cfg.model.endpoint, cfg.model.max_stop_strings, seed)

@@ -11,7 +11,6 @@ where all samples of a prompt are the same text (generated once). Nothing else c
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -87,16 +86,10 @@ class HFGenerator:
 
 
 class VLLMGenerator:
-    """vLLM over all visible GPUs (tensor parallel); imported only when this backend is chosen."""
+    """A vLLM engine (:func:`~joint_inference.vllm_engine.build_vllm_engine`: tensor parallel over the GPUs)."""
 
-    def __init__(self, source: str, tokenizer: str | None, dtype: str, settings: SamplingSettings,
-                 seed: int = 0, show_progress: bool = True):
-        check_vllm()
-        from vllm import LLM
-
-        self.settings, self.show_progress = settings, show_progress
-        self.llm = LLM(model=source, tokenizer=tokenizer or source, dtype=dtype, seed=seed,
-                       tensor_parallel_size=torch.cuda.device_count())
+    def __init__(self, llm, settings: SamplingSettings, show_progress: bool = True):
+        self.llm, self.settings, self.show_progress = llm, settings, show_progress
 
     def generate(self, prompts: list[str], num_samples: int = 1, seed: int = 0) -> list[list[str]]:
         from vllm import SamplingParams
@@ -111,28 +104,17 @@ class VLLMGenerator:
         return [t * num_samples if s.greedy else t for t in texts]
 
 
-def check_vllm() -> None:
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("backend=vllm needs vLLM, which is not installed: pip install vllm "
-                          "(Linux with a CUDA GPU); or use the default backend=hf")
-    if not torch.cuda.is_available():
-        raise ConfigError("backend=vllm needs a CUDA GPU and none is visible; use backend=hf on this machine")
-
-
 def make_generator(cfg, settings: SamplingSettings):
     """The generator that ``cfg.backend`` names, with the model of ``cfg.model``."""
-    from .models import load_model, resolve_weights
+    from .models import load_model
 
     if cfg.backend == "hf":
         device = resolve_device(cfg.device)
         model, tokenizer = load_model(cfg.model, device)
-        batch_size = resolve_batch_size(cfg.batch_size, device, cpu_default=16)  # decoding gains from bigger batches
+        batch_size = resolve_batch_size(cfg.forward_batch_size, device, cpu_default=16)  # decoding gains from bigger batches
         return HFGenerator(model, tokenizer, settings, batch_size, cfg.progress)
     if cfg.backend == "vllm":
-        check_vllm()  # before any conversion of embedded weights
-        source, gguf_file = resolve_weights(cfg.model)
-        if gguf_file:
-            raise ConfigError("backend=vllm reads a model directory or hub id, not model.gguf_file; use backend=hf")
-        dtype = cfg.model.get("dtype", "auto")
-        return VLLMGenerator(source, cfg.model.get("tokenizer"), dtype, settings, cfg.seed, cfg.progress)
+        from .vllm_engine import build_vllm_engine
+
+        return VLLMGenerator(build_vllm_engine(cfg.model, seed=cfg.seed), settings, cfg.progress)
     raise ConfigError(f"unknown backend {cfg.backend!r}; use hf or vllm")

@@ -1,11 +1,12 @@
 """Unsupervised ICL for generative reasoning tasks (docs/protocol.md §6, paper Table 2): GSM8K, MMLU-Pro.
+The sibling of ``uicl.py`` (classification); the models that write the responses are in ``generators.py``.
 
 * Round 0: every question answered zero-shot with chain of thought, ``num_repeats`` samples each,
   majority vote over the extracted final answers.
 * Baseline: supervised few-shot prompts with written exemplars (reported, never used by the rounds):
   for GSM8K the published exemplars of the model family's prompt style (``prompt_style=``), in order;
-  for MMLU-Pro ``n_shots`` drawn at random per question from its category's validation examples.
-* Round t = 1..T: for each question, ``num_repeats`` prompts of ``n_shots`` demonstrations drawn
+  for MMLU-Pro ``N`` drawn at random per question from its category's validation examples.
+* Round t = 1..T: for each question, ``num_repeats`` prompts of ``N`` demonstrations drawn
   without replacement from the *other* questions with their round t-1 responses (unparseable ones,
   and choices read only from a last letter, are not in the pool; with a category field, only
   questions of the same category); majority vote; the winners become the next round's pool.
@@ -20,13 +21,16 @@ A GSM8K response is cut right after its first "The (final) answer is N" (as in t
 the cut text is what is scored, shown as a demonstration and written to answers.jsonl.
 
 Random draws are keyed by (seed, stage, question), so a question's demonstrations do not depend on
-the order of processing or on resumption. Each stage is saved when it finishes.
+the order of processing or on resumption. Each stage is saved when it finishes (``answer_stage``, which
+MMMU's runs use too).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +47,11 @@ from .answers import (
     original_parser_choice,
     original_parser_number,
     read_choice,
+    same_answer,
 )
 from .data import load_split
 from .errors import ConfigError
-from .generation import SamplingSettings, make_generator
-from .icl import PROTOCOLS
+from .generators import SamplingSettings, make_generator
 from .results import RunState, fingerprint_digest, write_jsonl, write_results
 from .utils import seed_everything
 
@@ -162,7 +166,7 @@ class GenerativeTask:
 
 def _with_options(row: dict, cfg) -> dict:
     """Choice tasks: the option list as lettered lines, ``{options_text}`` in templates."""
-    field = cfg.get("options_field")
+    field = cfg.options_field
     if not field:
         return row
     options = list(row[field])
@@ -197,20 +201,17 @@ def _exemplars(cfg) -> list[tuple[dict, str, str | None]] | None:
     if ex is None:
         return None
     if ex.source == "inline":
-        items = resolved(ex, "dataset.exemplars").get("items")
+        items = resolved(ex, "dataset.exemplars")["items"]
         if not items or not all(isinstance(i, dict) and isinstance(i.get("response"), str) for i in items):
             raise ConfigError("dataset.exemplars.items must list exemplars, each with the row's fields and a "
                               "response, e.g. items: ${prompt_style.exemplars}")
         return [({k: v for k, v in i.items() if k != "response"}, i["response"], None) for i in items]
-    if ex.source != "split":
-        raise ConfigError(f"dataset.exemplars.source must be inline (exemplars listed under items) or split "
-                          f"(another split's written chain of thought), got {ex.source!r}")
     try:
         rows = load_split(cfg, ex.split).to_list()
     except ConfigError as err:
         log.warning("no supervised baseline: the exemplar split %r is not available (%s)", ex.split, err)
         return None
-    remove, category = ex.get("remove") or "", cfg.get("category_field")
+    remove, category = ex.remove or "", cfg.category_field
     return [(_with_options(r, cfg), r[ex.response_field].replace(remove, ""),
              str(r[category]) if category else None) for r in rows]
 
@@ -228,11 +229,11 @@ def load_generative_task(cfg, protocol: str = "clean") -> GenerativeTask:
         sources += [f"{split}[{i}]" for i in range(len(part))]
     if not rows:
         raise ConfigError(f"dataset {cfg.name!r} has no rows in splits {list(cfg.source_splits)}")
-    if cfg.get("num_examples") is not None and cfg.num_examples < len(rows):
+    if cfg.num_examples is not None and cfg.num_examples < len(rows):
         keep = np.sort(np.random.default_rng(cfg.sample_seed).choice(len(rows), cfg.num_examples, replace=False))
         rows, sources = [rows[i] for i in keep], [sources[i] for i in keep]
     rows = [_with_options(r, cfg) for r in rows]
-    categories = [str(r[cfg.category_field]) for r in rows] if cfg.get("category_field") else None
+    categories = [str(r[cfg.category_field]) for r in rows] if cfg.category_field else None
     return GenerativeTask(rows=rows, sources=sources, gold=[_gold(r, cfg, s) for r, s in zip(rows, sources)],
                           answer_type=cfg.answer_type, categories=categories, exemplars=_exemplars(cfg),
                           draw_exemplars=cfg.exemplars is not None and cfg.exemplars.source == "split",
@@ -251,15 +252,6 @@ def draw(items: list, n: int, rng: np.random.Generator) -> list:
     """``n`` of ``items`` (all if fewer) at random, without replacement, in random order, as the original's
     ``np.random.choice(items, n, replace=False)`` (which fails where we take what there is)."""
     return [items[i] for i in rng.permutation(len(items))[:n]]
-
-
-def same_answer(a, b) -> bool:
-    """Whether two readings agree (numbers within tolerance; no answer agrees only with no answer)."""
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, str) or isinstance(b, str):
-        return a == b
-    return numbers_equal(a, b)
 
 
 def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_samples: int, key: tuple[int, ...]) -> dict:
@@ -282,6 +274,27 @@ def answer(generator, task: GenerativeTask, prompts: list[list[str]], num_sample
     return {"answers": answers, "responses": responses}
 
 
+def answer_stage(state: RunState, load_generator: Callable, task, name: str, build: Callable[[], tuple[list, dict]],
+                 num_samples: int, key: tuple[int, ...], annotate: Callable[[dict], dict] | None = None) -> dict:
+    """Stage ``name`` of a generation run (GSM8K, MMLU-Pro, an MMMU subject), as a previous start saved it, else
+    answered and saved, so an interrupted run redoes only its unfinished stages.
+
+    ``build()`` gives the prompts (see :func:`answer`) and fields to save beside the answers, ``annotate(result)``
+    more fields read from the answers. ``load_generator()`` is called only for a stage left to answer, so a run
+    with every stage saved loads no model.
+    """
+    if name not in state:
+        generator = load_generator()
+        start = time.perf_counter()
+        prompts, extra = build()
+        log.info("%s: %d questions, %d prompts", name, len(prompts), sum(map(len, prompts)))
+        result = {**answer(generator, task, prompts, num_samples, key), **extra}
+        result.update(annotate(result) if annotate else {})
+        state.finish(name, result, time.perf_counter() - start, sum(map(len, prompts)))
+    log.info("%s: accuracy %.4f", name, np.mean(task.correct(state[name]["answers"])))
+    return state[name]
+
+
 def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots: int, num_repeats: int,
                   key: tuple[int, ...], name: str) -> tuple[list[list[str]], dict]:
     """``num_repeats`` n-shot prompts per question from the other questions' responses that state an answer.
@@ -289,7 +302,7 @@ def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots:
     Each prompt draws its own demonstrations. Under ``protocol=original`` a question may be among its own,
     as in the original release, which draws from the whole pool.
 
-    Returns the prompts and ``{"pool_size": ...}``. Where fewer than ``n_shots`` demonstrations are
+    Returns the prompts and ``{"pool_size": ...}``. Where fewer than ``N`` demonstrations are
     available, the prompts use what there is and one warning says how many remain.
     """
     pool = [j for j, (a, response) in enumerate(zip(previous["answers"], previous["responses"]))
@@ -305,15 +318,15 @@ def round_prompts(task: GenerativeTask, fmt: CotFormat, previous: dict, n_shots:
                                                   for j in draw(candidates, n_shots, rng)])
                         for _ in range(num_repeats)])
     if short:
-        log.warning("%s: n_shots=%d, but only %s parseable responses of other questions remain for %d of %d "
+        log.warning("%s: N=%d, but only %s parseable responses of other questions remain for %d of %d "
                     "questions; their prompts use that many demonstrations", name, n_shots,
                     min(short) if min(short) == max(short) else f"{min(short)}-{max(short)}", len(short), len(prompts))
     return prompts, {"pool_size": len(pool)}
 
 
 def supervised_prompts(task: GenerativeTask, fmt: CotFormat, n_shots: int, key: tuple[int, ...]) -> list[list[str]]:
-    """One prompt per question: ``n_shots`` exemplars of the question's category, drawn at random for each
-    question where the exemplars are a pool (``task.draw_exemplars``), else the first ``n_shots`` in order."""
+    """One prompt per question: ``N`` exemplars of the question's category, drawn at random for each
+    question where the exemplars are a pool (``task.draw_exemplars``), else the first ``N`` in order."""
     prompts, fewest = [], n_shots
     for q, row in enumerate(task.rows):
         demos = [(r, resp) for r, resp, c in task.exemplars if task.categories is None or c == task.categories[q]]
@@ -321,7 +334,7 @@ def supervised_prompts(task: GenerativeTask, fmt: CotFormat, n_shots: int, key: 
         fewest = min(fewest, len(demos))
         prompts.append([fmt.few_shot_prompt(row, demos, supervised=True)])
     if fewest < n_shots:
-        log.warning("supervised baseline: n_shots=%d, but some questions have only %d exemplars", n_shots, fewest)
+        log.warning("supervised baseline: N=%d, but some questions have only %d exemplars", n_shots, fewest)
     return prompts
 
 
@@ -347,16 +360,14 @@ def summary(task: GenerativeTask, stage: dict) -> dict:
 
 def run_generation(cfg: DictConfig) -> dict:
     """Zero-shot, supervised few-shot and T rounds of unsupervised ICL; results in ``cfg.output_dir``."""
-    from .api.generation import make_api_generator as api_generator  # backend=openai
+    from .api.generators import make_api_generator as api_generator  # backend=openai
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
 
     # ---- data and prompts
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
     task = load_generative_task(cfg.dataset, cfg.protocol)
     fmt = CotFormat.from_cfg(cfg.template, cfg.protocol)
-    n_shots = cfg.n_shots if cfg.get("n_shots") is not None else cfg.dataset.n_shots
+    n_shots = cfg.N
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, fmt.stop, fmt.stop_after)
     template = resolved(cfg.template, "template")
     one_prompt_samples = 1 if cfg.protocol == "original" else cfg.num_repeats  # zero-shot's and the baseline's
@@ -365,41 +376,30 @@ def run_generation(cfg: DictConfig) -> dict:
 
     state = RunState(out_dir / "state.json", {
         "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
-        "template": template, "n_shots": n_shots, "num_repeats": cfg.num_repeats,
+        "template": template, "N": n_shots, "num_repeats": cfg.num_repeats,
         "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
         "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
     })
-    generator = None
-
-    def stage(name, key, build, num_samples):
-        """Answer the prompts ``build()`` makes, unless a previous start already finished this stage."""
-        nonlocal generator
-        if name not in state:
-            generator = generator or (api_generator(cfg, settings) if cfg.backend == "openai"  # behind an API
-                                      else make_generator(cfg, settings))  # the model loads only when needed
-            start = time.perf_counter()
-            prompts, extra = build()
-            result = {**answer(generator, task, prompts, num_samples, (cfg.seed, key)), **extra}
-            state.finish(name, result, time.perf_counter() - start, sum(map(len, prompts)))
-        log.info("%s: accuracy %.4f", name, summary(task, state[name])["test_accuracy"])
-        return state[name]
+    load_generator = cache(lambda: api_generator(cfg, settings) if cfg.backend == "openai"  # behind an API
+                           else make_generator(cfg, settings))
+    stage = partial(answer_stage, state, load_generator, task)
 
     # ---- round 0: zero-shot chain of thought
-    zero_shot = stage("zero_shot", 0, lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}),
-                      one_prompt_samples)
+    zero_shot = stage("zero_shot", lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}),
+                      one_prompt_samples, (cfg.seed, 0))
 
     # ---- baseline: supervised few-shot with written exemplars (never used by the rounds)
     supervised = None
     if cfg.supervised_icl and task.exemplars:
-        supervised = stage("supervised_icl", 1, lambda: (supervised_prompts(task, fmt, n_shots, (cfg.seed, 1)), {}),
-                           one_prompt_samples)
+        supervised = stage("supervised_icl", lambda: (supervised_prompts(task, fmt, n_shots, (cfg.seed, 1)), {}),
+                           one_prompt_samples, (cfg.seed, 1))
 
     # ---- unsupervised ICL: demonstrations are the other questions with the previous round's responses
     rounds, previous = [], zero_shot
     for t in range(1, cfg.T + 1):
-        name, key, prev = f"round_{t}", t + 1, previous
-        previous = stage(name, key, lambda: round_prompts(task, fmt, prev, n_shots, cfg.num_repeats,
-                                                          (cfg.seed, key), name), 1)
+        name, key = f"round_{t}", (cfg.seed, t + 1)
+        previous = stage(name, partial(round_prompts, task, fmt, previous, n_shots, cfg.num_repeats, key, name),
+                         1, key)
         rounds.append(previous)
 
     # ---- results
@@ -409,7 +409,7 @@ def run_generation(cfg: DictConfig) -> dict:
         "supervised_icl": summary(task, supervised) if supervised else None,
         "rounds": [{"round": t, **summary(task, r), "pool_size": r["pool_size"]} for t, r in enumerate(rounds, 1)],
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
-        "settings": {"n_shots": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
+        "settings": {"N": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
                      "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "prompt_style": OmegaConf.select(cfg, "prompt_style.name"), "template": template},

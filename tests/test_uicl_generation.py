@@ -15,8 +15,9 @@ from omegaconf import OmegaConf, open_dict
 
 from joint_inference.answers import extract_number, original_parser_number
 from joint_inference.errors import ConfigError
-from joint_inference.generation import HFGenerator, SamplingSettings, cut_at_stop
-from joint_inference.generative import CotFormat, GenerativeTask, _exemplars, answer, summary
+from joint_inference.generators import HFGenerator, SamplingSettings, cut_at_stop
+from joint_inference.settings import SCHEMAS, check_settings
+from joint_inference.uicl_generation import CotFormat, GenerativeTask, _exemplars, answer, summary
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, write_jsonl
 
 PRIMARY = "unsupervised_icl_llm"
@@ -34,8 +35,8 @@ def quoted(path) -> str:
 @pytest.mark.parametrize("name,n_shots", [("gsm8k", 8), ("mmlu_pro", 5)])
 def test_generation_dataset_configs_compose(name, n_shots):
     cfg = compose(PRIMARY, [f"dataset={name}"])
-    assert cfg.dataset.kind == "generation" and cfg.dataset.name == cfg.dataset.local_name == name
-    assert cfg.dataset.n_shots == n_shots and cfg.n_shots is None and cfg.dataset.num_examples is None
+    assert cfg.dataset.kind == "generation" and cfg.dataset.name == name
+    assert cfg.dataset.N == n_shots and cfg.N == n_shots and cfg.dataset.num_examples is None
     assert OmegaConf.to_container(cfg.template) == OmegaConf.to_container(
         OmegaConf.load(f"{CONFIG_DIR}/template/{name}.yaml"))
     assert cfg.labelset.names is None
@@ -152,8 +153,9 @@ def test_bad_prompt_configs_are_config_errors():
     dataset = compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.items=[{question: Q?, answer: 5}]"]).dataset
     with pytest.raises(ConfigError, match="each with the row's fields and a response"):
         _exemplars(dataset)
-    with pytest.raises(ConfigError, match="must be inline .* or split .*got 'gsm8k_cot'"):
-        _exemplars(compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.source=gsm8k_cot"]).dataset)
+    bad_source = compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.source=gsm8k_cot", "output_dir=/tmp/x"])
+    with pytest.raises(ConfigError, match="dataset.exemplars.source='gsm8k_cot' is not one of inline, split"):
+        check_settings(bad_source, SCHEMAS["unsupervised_icl_llm"])
 
 
 # ----------------------------------------------------------------------------- the rounds, scripted
@@ -204,15 +206,15 @@ def gsm8k_root(tmp_path):
 
 
 def scripted_config(root, out_dir, *extra):
-    return compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(root)}", "n_shots=3", "T=3",
+    return compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(root)}", "N=3", "T=3",
                              "num_repeats=3", "device=cpu", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
 
 
 def run_scripted(monkeypatch, cfg, generator):
-    import joint_inference.generative as generative
+    import joint_inference.uicl_generation as uicl_generation
     from joint_inference.runs import run_icl as run
 
-    monkeypatch.setattr(generative, "make_generator", lambda cfg, settings: generator)
+    monkeypatch.setattr(uicl_generation, "make_generator", lambda cfg, settings: generator)
     return run(cfg)
 
 
@@ -274,8 +276,6 @@ def test_protocol_original_lets_a_question_demonstrate_itself_and_samples_one_pr
     assert [r["test_accuracy"] for r in results["rounds"]] == pytest.approx([5 / 6] * 3)
     with pytest.raises(ConfigError, match="different configuration"):  # a run does not resume under another protocol
         run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run"), ScriptedGenerator(script))
-    with pytest.raises(ConfigError, match="unknown protocol 'sloppy'"):
-        run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run2", "protocol=sloppy"), gen)
 
 
 def test_rounds_are_deterministic_under_the_seed(gsm8k_root, tmp_path, monkeypatch):
@@ -289,11 +289,11 @@ def test_rounds_are_deterministic_under_the_seed(gsm8k_root, tmp_path, monkeypat
     assert prompts_of("c", 2) != first
 
 
-def test_n_shots_larger_than_the_pool_warns_and_continues(gsm8k_root, tmp_path, monkeypatch, caplog):
+def test_N_larger_than_the_pool_warns_and_continues(gsm8k_root, tmp_path, monkeypatch, caplog):
     gen = ScriptedGenerator(lambda stage, q, p: GOLD[q] if q < 3 else None)  # only q0..q2 ever parse
-    with caplog.at_level(logging.WARNING, logger="joint_inference.generative"):
-        results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "n_shots=8", "T=2"), gen)
-    warnings = [r.getMessage() for r in caplog.records if "n_shots=8" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="joint_inference.uicl_generation"):
+        results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "N=8", "T=2"), gen)
+    warnings = [r.getMessage() for r in caplog.records if "N=8" in r.getMessage()]
     assert len(warnings) == 2 and "only 2-3 parseable responses" in warnings[0] and "6 of 6 questions" in warnings[0]
     for p in gen.calls[2]:
         assert len(demos_of(p)) == (2 if query_of(p) < 3 else 3)
@@ -403,7 +403,7 @@ def test_mmlu_pro_categories_options_and_validation_exemplars(tmp_path, monkeypa
                 out.append([f" Thinking {i}. The answer is ({'ABCD'[i % 4] if i < 6 else 'D'})."] * num_samples)
             return out
 
-    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=1",
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "N=2", "T=1",
                             "num_repeats=2", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"])
     results = run_scripted(monkeypatch, cfg, Letters())
     zero_shot, supervised, round1 = prompts
@@ -436,7 +436,7 @@ def test_mmlu_pro_baseline_draws_its_exemplars_at_random_for_each_question(tmp_p
         gen.generate = lambda prompts, n=1, seed=0: gen.calls.append(prompts) or [[" The answer is (A)."] * n
                                                                                   for _ in prompts]
         run_scripted(monkeypatch, compose(PRIMARY, [
-            "dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=0", "num_repeats=1",
+            "dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "N=2", "T=0", "num_repeats=1",
             "progress=false", f"output_dir={quoted(tmp_path / name)}", *extra]), gen)
         return [tuple(int(n) for n in re.findall(r"Worked example (\d+)\?", p)) for p in gen.calls[1]]
 
@@ -474,7 +474,7 @@ def test_mmlu_pro_pool_and_reading_follow_the_protocol(tmp_path, monkeypatch, pr
             numbers = [int(re.findall(r"Question number (\d+)\?", p)[-1]) for p in batch]
             return [[f" Work {i}. " + texts[i % 4].format("ABCD"[i % 4])] * num_samples for i in numbers]
 
-    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=1",
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "N=2", "T=1",
                             "num_repeats=2", f"protocol={protocol}", "progress=false",
                             f"output_dir={quoted(tmp_path / 'run')}"])
     results = run_scripted(monkeypatch, cfg, Styles())
@@ -504,7 +504,7 @@ def test_mmlu_pro_last_letter_fallback_scores_but_never_demonstrates(tmp_path, m
                 out.append([text] * num_samples)
             return out
 
-    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "n_shots=2", "T=1",
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", f"dataset.data_root={quoted(tmp_path)}", "N=2", "T=1",
                             "num_repeats=1", "progress=false", f"output_dir={quoted(tmp_path / 'run')}"])
     results = run_scripted(monkeypatch, cfg, StatedOrNot())
     assert results["zero_shot"]["test_accuracy"] == 1.0 and results["zero_shot"]["answered"] == 8
@@ -532,7 +532,7 @@ def test_mmlu_pro_without_validation_split_skips_the_baseline(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING):
         results = run_scripted(monkeypatch, cfg, gen)
     assert results["supervised_icl"] is None and "no supervised baseline" in caplog.text
-    assert "n_shots=5" in caplog.text  # 4 questions per category: 3 others
+    assert "N=5" in caplog.text  # 4 questions per category: 3 others
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -555,19 +555,19 @@ def test_gold_answer_in_the_wrong_format_names_the_row(tmp_path, monkeypatch):
 
 
 def test_vllm_requested_but_missing_is_a_config_error(gsm8k_root, tmp_path, monkeypatch):
-    import joint_inference.generation as generation
+    import joint_inference.vllm_engine as vllm_engine
     from joint_inference.runs import run_icl as run
 
     cfg = scripted_config(gsm8k_root, tmp_path / "run", "backend=vllm", "model=tiny_random_llm")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(generation.importlib.util, "find_spec",
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec",
                         lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match="pip install vllm"):
         run(cfg)
     # installed, but no GPU
-    monkeypatch.setattr(generation.importlib.util, "find_spec",
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec",
                         lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
-    monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vllm_engine.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA"):
         run(cfg)
     with pytest.raises(ConfigError, match="unknown backend"):
@@ -660,13 +660,13 @@ needs_gsm8k = pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").exis
 def tiny_config(model_dir, out_dir, *extra):
     return compose(PRIMARY, [
         f"model.pretrained={quoted(model_dir)}", "model.embedded=null", "model.name=tiny_llama", "dataset=gsm8k",
-        f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=4", "n_shots=2", "T=2", "num_repeats=2",
-        "max_new_tokens=6", "device=cpu", "batch_size=3", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
+        f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=4", "N=2", "T=2", "num_repeats=2",
+        "max_new_tokens=6", "device=cpu", "forward_batch_size=3", "progress=false", f"output_dir={quoted(out_dir)}", *extra])
 
 
 @needs_gsm8k
 def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
-    import joint_inference.generation as generation
+    import joint_inference.generators as generators
     from joint_inference.runs import run_icl as run
 
     whole = run(tiny_config(tiny_llama_dir, tmp_path / "whole"))
@@ -684,7 +684,7 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
     assert len({r["source"] for r in rows}) == 4
 
     # interrupted during round 2, then started again in the same directory
-    real = generation.HFGenerator.generate
+    real = generators.HFGenerator.generate
     calls = []
 
     def interrupt_at_round_2(self, *a, **kw):
@@ -693,7 +693,7 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
             raise KeyboardInterrupt
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(generation.HFGenerator, "generate", interrupt_at_round_2)
+    monkeypatch.setattr(generators.HFGenerator, "generate", interrupt_at_round_2)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(tiny_llama_dir, tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "results.json").exists()
@@ -706,16 +706,16 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
     assert (tmp_path / "resumed" / "answers.jsonl").read_text() == (tmp_path / "whole" / "answers.jsonl").read_text()
 
     with pytest.raises(ConfigError, match="different configuration"):
-        run(tiny_config(tiny_llama_dir, tmp_path / "resumed", "n_shots=3"))
+        run(tiny_config(tiny_llama_dir, tmp_path / "resumed", "N=3"))
 
 
 @needs_gsm8k
 def test_tiny_model_run_with_the_qwen_math_prompts(tiny_llama_dir, tmp_path, monkeypatch):
-    import joint_inference.generation as generation
+    import joint_inference.generators as generators
     from joint_inference.runs import run_icl as run
 
-    prompts, real = [], generation.HFGenerator.generate
-    monkeypatch.setattr(generation.HFGenerator, "generate",
+    prompts, real = [], generators.HFGenerator.generate
+    monkeypatch.setattr(generators.HFGenerator, "generate",
                         lambda self, batch, *a, **kw: prompts.append(batch) or real(self, batch, *a, **kw))
     results = run(tiny_config(tiny_llama_dir, tmp_path, "prompt_style=qwen_math", "T=1", "dataset.num_examples=2"))
     zero_shot, supervised, round1 = prompts
@@ -729,7 +729,7 @@ def test_tiny_model_run_with_the_qwen_math_prompts(tiny_llama_dir, tmp_path, mon
 
 @needs_gsm8k
 def test_num_examples_is_a_seeded_subset():
-    from joint_inference.generative import load_generative_task
+    from joint_inference.uicl_generation import load_generative_task
 
     cfg = compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=5"])
     a, b = load_generative_task(cfg.dataset), load_generative_task(cfg.dataset)
@@ -753,7 +753,7 @@ def test_gemma_answers_real_gsm8k_questions(tmp_path):
     from joint_inference.runs import run_icl as run
 
     cfg = compose(PRIMARY, ["model=gemma3_270m", "dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}",
-                            "dataset.num_examples=2", "T=1", "num_repeats=1", "n_shots=1", "max_new_tokens=48",
+                            "dataset.num_examples=2", "T=1", "num_repeats=1", "N=1", "max_new_tokens=48",
                             "device=cpu", "progress=false", f"output_dir={quoted(tmp_path)}"])
     results = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
