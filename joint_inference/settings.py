@@ -1,4 +1,4 @@
-"""The settings of each entry script, typed, and checked once before any model loads.
+"""Typed settings: the keys of each entry script and of each kind of model and data set, checked once before any model loads.
 
 Hydra composes the YAML files; :func:`check_settings` then reads the composed configuration's own
 keys into the script's dataclass, and the ``model`` and ``dataset`` groups into theirs (one per kind of
