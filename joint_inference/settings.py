@@ -210,7 +210,7 @@ class VisionLMSettings:
     separator: str = key()
     lora_target_modules: list[str] = key()
     lora_exclude_modules: str | None = key()
-    image_features: ImageFeatures = field(default_factory=ImageFeatures)
+    image_features: ImageFeatures = group(ImageFeatures)
 
 
 @dataclass
