@@ -4,7 +4,7 @@
 
 ``hf`` (default) runs Hugging Face ``generate`` on CPU or GPU: prompts sorted by length, batched,
 left-padded, restored to their order; the batch halves on out-of-memory. ``vllm`` runs vLLM with
-tensor parallelism over the visible GPUs and is imported only when chosen. Both end each response
+tensor parallelism over ``model.tensor_parallel_size`` GPUs (default: all visible) and is imported only when chosen. Both end each response
 at the first stop string: before a ``stop`` string (where a next question starts), after a
 ``stop_after`` one (a final-answer statement, kept). Both treat temperature 0 as greedy decoding,
 where all samples of a prompt are the same text (generated once). Nothing else changes with the backend.
@@ -36,7 +36,6 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
 
     @property
     def stop_strings(self) -> list[str]:

@@ -365,8 +365,9 @@ SCHEMAS = {"unsupervised_icl_llm": TextICLSettings, "unsupervised_icl_vlm": ICLS
 
 
 def check_settings(cfg: DictConfig, schema: type) -> None:
-    """``cfg``'s own keys checked against the script's ``schema``, then its model and data set against
-    theirs: unknown keys, types, choices, ranges and keys the config lacks."""
+    """``cfg``'s own keys checked against the script's ``schema``, then that the model fits the backend
+    (behind an API exactly when ``backend=openai``), then the model and the data set against their
+    schemas: unknown keys, types, choices, ranges and keys the config lacks."""
     check_node(cfg, schema, "", skip=GROUPS)
     behind_api = model_schema(cfg.model) is APIModelSettings
     if (cfg.backend == "openai") != behind_api:
@@ -374,8 +375,7 @@ def check_settings(cfg: DictConfig, schema: type) -> None:
                           "backend=openai sends requests to a server: choose model=openai_compatible (with "
                           "model.name=... model.base_url=...) or model=gpt-4o-2024-08-06")
     for group, schema_of in (("model", model_schema), ("dataset", dataset_schema)):
-        if group in cfg:
-            check_node(cfg[group], schema_of(cfg[group]), f"{group}.")
+        check_node(cfg[group], schema_of(cfg[group]), f"{group}.")
 
 
 def check_node(node: DictConfig, schema: type, prefix: str, skip=()) -> None:

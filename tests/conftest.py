@@ -5,6 +5,7 @@ are used only by tests marked ``integration`` and skipped when absent.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,19 @@ def tiny_gpt2(tiny_gpt2_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     return model, AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread, restored after: the tiny models' matrices are too small to share out, and with
+    two threads a forward pass waits for the second OpenMP thread, which a busy 2-core machine may not
+    schedule for a while (seconds per test were lost that way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -34,7 +34,7 @@ from joint_inference.errors import ConfigError
 from joint_inference.generators import SamplingSettings
 from joint_inference.prompts import PromptEncoder, Template
 from joint_inference.scoring import Scorer
-from tests.conftest import REPO, compose, write_jsonl
+from tests.conftest import REPO, compose, one_torch_thread, write_jsonl
 from tests.openai_server import OpenAICompatibleServer
 from tests.test_vllm_scoring import prompts_with_demonstrations
 
@@ -48,13 +48,9 @@ def quoted(path) -> str:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model runs on one thread here: with two, a forward pass waits for the second OpenMP thread, which
-    a busy 2-core machine may not schedule for a while (seconds per test were lost that way); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def on_one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture()

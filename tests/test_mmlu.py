@@ -9,26 +9,21 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import torch
 
 from joint_inference.errors import ConfigError
 from joint_inference.scoring import Scorer
 from joint_inference.subjects import subject_config
 from joint_inference.tasks import load_data
-from tests.conftest import SHARED_DATA, WORDS, compose, write_jsonl
+from tests.conftest import SHARED_DATA, WORDS, compose, one_torch_thread, write_jsonl
 
 # subject: (test questions, validation questions); abstract_algebra's validation split is smaller than N
 SIZES = {"abstract_algebra": (6, 2), "anatomy": (9, 4), "virology": (5, 3)}
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small to share out: one thread is several times faster,
-    above all on a machine whose cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def on_one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture()
