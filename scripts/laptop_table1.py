@@ -7,7 +7,8 @@ Every job is one call of an entry script into its own run directory under ``--ro
 results.json exists is skipped and an interrupted one resumes (runs resume by stage), so the command
 can be stopped and started again at any time. Jobs run in an order that fills the table early: seed 0
 of unsupervised ICL on every task, fine-tuning, MMLU, the SmolLM2 negative control, then the other
-seeds. After each job the figures so far go to ``--out`` (JSON) and a Markdown table beside it.
+seeds, fine-tuning's first (it is the cheaper). After each job the figures so far go to ``--out``
+(JSON) and a Markdown table beside it.
 
 The settings (SETTINGS below) are sized for about two hours of a 2-core CPU, and they say so in the
 output. Demonstrations are shared by blocks of 8 queries (``support_sampling=shared``), which encodes
@@ -94,6 +95,7 @@ def all_jobs() -> list[Job]:
             + [Job("uft", "gemma3_270m", task, SEEDS[0]) for task in TASKS]
             + [Job("icl", "gemma3_270m", "mmlu", SEEDS[0])]
             + [Job("icl", "smollm2_135m", task, SEEDS[0]) for task in NEGATIVE_CONTROL_TASKS]
+            + [Job("uft", "gemma3_270m", task, seed) for seed in SEEDS[1:] for task in TASKS]
             + [Job("icl", "gemma3_270m", task, seed) for seed in SEEDS[1:] for task in TASKS]
             + [Job("icl", "gemma3_270m", "gsm8k", SEEDS[0])])
 
