@@ -22,26 +22,20 @@ from omegaconf import MISSING, Container, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from .errors import ConfigError
+from .estimators import ESTIMATORS
 
 GROUPS = ("model", "dataset", "template", "labelset", "estimator", "prompt_style", "hydra")  # not the script's own keys
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
 
 
-def choice(*options):
-    """A field whose value must be one of ``options``."""
-    return {"choices": options}
-
-
-def at_least(low, *, above: bool = False):
-    """A number field bounded below (strictly with ``above``)."""
-    return {"low": low, "above": above}
-
-
-def key(*options, low=None, above: bool = False, words: tuple[str, ...] = ()):
+def key(*options, low=None, above: bool = False, high=None, words: tuple[str, ...] = ()):
     """A key without a value of its own (the YAML gives it) that holds one of ``options``, or a number of
-    at least (``above``: more than) ``low``, or one of ``words`` in place of that number."""
-    meta = {**(choice(*options) if options else {}), **(at_least(low, above=above) if low is not None else {})}
+    at least (``above``: more than) ``low`` and at most ``high``, or one of ``words`` in place of that
+    number."""
+    meta = {"choices": options} if options else {}
+    if low is not None:
+        meta.update(low=low, above=above, high=high)
     return field(default=MISSING, metadata={**meta, **({"words": words} if words else {})})
 
 
@@ -123,7 +117,7 @@ class LoRA:
 
 @dataclass
 class EarlyStopping:
-    flip_rate_below: float | None = key(low=0.0)
+    flip_rate_below: float | None = key(low=0.0, above=True, high=1.0)  # null: no early stopping
     window: int = key(low=1)
 
 
@@ -132,7 +126,7 @@ class FTSettings(Settings):
     """unsupervised_ft_llm.py; with VisionFTSettings's keys, unsupervised_ft_vlm.py."""
 
     batch_size: int = key(low=1)
-    N: int = key(low=1)
+    N: int = key(low=2)  # joint inference labels at least two examples together
     num_iterations: int = key(low=1)
     gamma: float = key(low=0.0)
     max_norm: float = key(low=0.0, above=True)
@@ -147,6 +141,14 @@ class FTSettings(Settings):
     forward_batch_size: int = key(low=1)
     wandb: bool = key()
     wandb_project: str = key()
+
+
+@dataclass
+class EstimatorSettings:
+    """configs/estimator/*.yaml: the gradient estimator of fine-tuning."""
+
+    name: str = key(*ESTIMATORS)
+    baseline: bool = key()  # subtract the reward of the argmax labels
 
 
 @dataclass
@@ -366,16 +368,19 @@ SCHEMAS = {"unsupervised_icl_llm": TextICLSettings, "unsupervised_icl_vlm": ICLS
 
 def check_settings(cfg: DictConfig, schema: type) -> None:
     """``cfg``'s own keys checked against the script's ``schema``, then that the model fits the backend
-    (behind an API exactly when ``backend=openai``), then the model and the data set against their
-    schemas: unknown keys, types, choices, ranges and keys the config lacks."""
+    (behind an API exactly when ``backend=openai``), then the model, the data set and the estimator
+    against their schemas: unknown keys, types, choices, ranges and keys the config lacks."""
     check_node(cfg, schema, "", skip=GROUPS)
     behind_api = model_schema(cfg.model) is APIModelSettings
     if (cfg.backend == "openai") != behind_api:
         raise ConfigError(f"model={cfg.model.name} is behind an API: add backend=openai" if behind_api else
                           "backend=openai sends requests to a server: choose model=openai_compatible (with "
                           "model.name=... model.base_url=...) or model=gpt-4o-2024-08-06")
-    for group, schema_of in (("model", model_schema), ("dataset", dataset_schema)):
-        check_node(cfg[group], schema_of(cfg[group]), f"{group}.")
+    groups = {"model": model_schema(cfg.model), "dataset": dataset_schema(cfg.dataset)}
+    if "estimator" in cfg:  # fine-tuning alone has one
+        groups["estimator"] = EstimatorSettings
+    for group, group_schema in groups.items():
+        check_node(cfg[group], group_schema, f"{group}.")
 
 
 def check_node(node: DictConfig, schema: type, prefix: str, skip=()) -> None:
@@ -444,6 +449,8 @@ def check_values(settings: DictConfig, schema: type, prefix: str) -> None:
             if isinstance(value, (str, bool)):
                 raise ConfigError(f"{key}={value!r}: expected a number"
                                   + (f" or {', '.join(meta['words'])}" if meta.get("words") else ""))
-            if value < meta["low"] or (meta["above"] and value == meta["low"]):
+            too_high = meta["high"] is not None and value > meta["high"]
+            if value < meta["low"] or (meta["above"] and value == meta["low"]) or too_high:
                 bound = f"above {meta['low']}" if meta["above"] else f"at least {meta['low']}"
+                bound += f" and at most {meta['high']}" if meta["high"] is not None else ""
                 raise ConfigError(f"{key}={value!r} is out of range: it must be {bound}")
