@@ -154,10 +154,16 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def described(diagnostics: dict) -> str:
+    """A last round's label-free diagnostics: labels flipped, vote agreement, predicted class shares."""
+    classes = "/".join(f"{100 * share:.0f}" for share in diagnostics["class_distribution"])
+    return f"{100 * diagnostics['flip_fraction']:.0f}%, {100 * diagnostics['vote_agreement']:.0f}%, {classes}"
+
+
 def markdown(runs: dict) -> str:
     """Per (model, task): zero-shot, supervised ICL, best and final UICL round, UFT, last round's diagnostics."""
     lines = [("| model | task | test n | zero-shot | supervised ICL | UICL best round | UICL final round | "
-              "UFT final | UFT best by reward | last round: flipped, agreement, classes | seeds |"),
+              "UFT final | UFT best by reward | last round: flipped, agreement, classes (per seed) | seeds |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model, model_name in MODELS.items():
         for task in [*TASKS, "mmlu", "gsm8k"]:
@@ -166,18 +172,16 @@ def markdown(runs: dict) -> str:
             if not icl and not uft:
                 continue
             first = (icl or uft)[0]
-            diagnostics = ""
-            if icl and icl[0].get("last_round_diagnostics"):
-                d = icl[0]["last_round_diagnostics"]
-                classes = "/".join(f"{100 * s:.0f}" for s in d["class_distribution"])
-                diagnostics = f"{100 * d['flip_fraction']:.0f}%, {100 * d['vote_agreement']:.0f}%, {classes}"
+            diagnostics = "; ".join(described(r["last_round_diagnostics"]) for r in icl
+                                    if r.get("last_round_diagnostics"))
+            seeds = "; ".join(f"{kind} {','.join(str(r['seed']) for r in runs_of)}"
+                              for kind, runs_of in (("icl", icl), ("uft", uft)) if runs_of)
             lines.append("| " + " | ".join([
                 model_name, task + (f" ({first['subjects']} subjects)" if task == "mmlu" else ""),
                 str(first["num_test"]), spread([r["zero_shot"] for r in icl or uft]),
                 spread([r["supervised_icl"] for r in icl]), spread([max(r["rounds"]) for r in icl]),
                 spread([r["rounds"][-1] for r in icl]), spread([r["uft_final"] for r in uft]),
-                spread([r["uft_best_by_reward"] for r in uft]), diagnostics,
-                ",".join(str(r["seed"]) for r in icl or uft)]) + " |")
+                spread([r["uft_best_by_reward"] for r in uft]), diagnostics, seeds]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -85,7 +85,8 @@ def test_the_table_is_mean_and_std_over_seeds_and_the_reward_picks_the_step(tmp_
     assert cell["best"] == expect([90, 75])  # the best round of each seed, then over seeds
     assert cell["final"] == expect([80, 65])
     assert cell["uft"] == "90.0 (1 seed)" and cell["uft_best"] == "60.0 (1 seed)"
-    assert cell["diag"] == "25%, 50%, 40/60" and cell["seeds"] == "0,1" and cell["n"] == "100"
+    assert cell["diag"] == "25%, 50%, 40/60; 25%, 50%, 40/60" and cell["n"] == "100"
+    assert cell["seeds"] == "icl 0,1; uft 0"
 
     runner.write(runs, tmp_path / "table.json", started=0.0)
     report = json.loads((tmp_path / "table.json").read_text())
