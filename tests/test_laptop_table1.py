@@ -71,7 +71,7 @@ def test_the_table_is_mean_and_std_over_seeds_and_the_reward_picks_the_step(tmp_
                {"step": 40, "reward_argmax": -1.5, "test_accuracy": 0.9}]
     write_results(tmp_path, "uft/gemma3_270m/sst2/seed0",
                   {"zero_shot": {"test_accuracy": 0.5}, "final": {"test_accuracy": 0.9}, "history": history,
-                   "num_test": 100, "timing": {"seconds": 30.0}})
+                   "num_test": 100, "timing": {"seconds": 30.0, "train_seconds": 20.0}})
     runs = runner.collect(tmp_path)
     assert runs["uft/gemma3_270m/sst2/seed0"]["uft_best_by_reward"] == pytest.approx(60.0)
     assert runs["uft/gemma3_270m/sst2/seed0"]["uft_best_step"] == 20
@@ -91,4 +91,9 @@ def test_the_table_is_mean_and_std_over_seeds_and_the_reward_picks_the_step(tmp_
     runner.write(runs, tmp_path / "table.json", started=0.0)
     report = json.loads((tmp_path / "table.json").read_text())
     assert report["seconds_all_runs"] == pytest.approx(150.0) and report["jobs_done"] == 3
+
+    resumed = {"timing": {"seconds": 10.0, "train_seconds": 25.0}}  # its last invocation trained 5 of 25 s
+    uft = runner.Job("uft", "gemma3_270m", "sst2", 0)
+    assert runner.figures(uft, {**json.loads((tmp_path / uft.name / "results.json").read_text()),
+                                **resumed})["seconds"] == 25.0
     assert (tmp_path / "table.md").read_text() == runner.markdown(runs)
