@@ -12,9 +12,10 @@ seeds, fine-tuning's first (it is the cheaper). After each job the figures so fa
 
 The settings (SETTINGS below) are written into the output. On a quiet 2-core CPU a job takes 5 minutes
 (GSM8K, TREC) to about an hour (RTE and BoolQ ICL, whose inputs are long), and the whole table many
-hours, not the two first aimed at: the JSON's ``seconds_all_runs`` sums the jobs done. Demonstrations are shared by blocks of 8 queries (``support_sampling=shared``), which encodes
-each demonstration set once per block; per-query sampling, the original's, costs about four times as
-much on the long-input tasks. Seeds change the demonstration draws, the votes' tie-breaks and the
+hours, not the two first aimed at: the JSON's ``seconds_all_runs`` sums the jobs done.
+Demonstrations are shared by blocks of 8 queries (``support_sampling=shared``), which encodes each
+demonstration set once per block; per-query sampling, the original's, costs about four times as much
+on the long-input tasks. Seeds change the demonstration draws, the votes' tie-breaks and the
 fine-tuning samples; every seed sees the same examples (``dataset.sample_seed`` stays 42), so the
 spread is that of the method, not of the test set, whose size is printed beside each figure.
 """
