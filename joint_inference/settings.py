@@ -144,18 +144,18 @@ class FTSettings(Settings):
 
 
 @dataclass
+class VisionFTSettings(FTSettings):
+    """unsupervised_ft_vlm.py: an optimiser per task encoder, ``optimization`` the one in use."""
+
+    optimizers: dict[str, Optimization] = key()
+
+
+@dataclass
 class EstimatorSettings:
     """configs/estimator/*.yaml: the gradient estimator of fine-tuning."""
 
     name: str = key(*ESTIMATORS)
     baseline: bool = key()  # subtract the reward of the argmax labels
-
-
-@dataclass
-class VisionFTSettings(FTSettings):
-    """unsupervised_ft_vlm.py: an optimiser per task encoder, ``optimization`` the one in use."""
-
-    optimizers: dict[str, Optimization] = key()
 
 
 # ------------------------------------------------------------------------------------ model configs
