@@ -276,9 +276,11 @@ def _is_number(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def numbers_equal(a: float | None, b: float | None, rel_tol: float = 1e-6,
+def numbers_equal(a: float | None, b: float | None, rel_tol: float = 1e-9,
                   abs_tol: float = 1e-9) -> bool:
-    """Tolerant numeric equality; ``None`` (or NaN) is never equal to anything."""
+    """Numeric equality up to float rounding (18 == 18.0, 0.1 + 0.2 == 0.3), never up to a digit: the default
+    tolerance keeps 1000000 and 1000001 apart, as the original's exact comparison does. ``None`` (or NaN) is
+    never equal to anything."""
     if a is None or b is None:
         return False
     a, b = float(a), float(b)

@@ -136,6 +136,8 @@ def test_numbers_equal():
     assert numbers_equal(18, 18.0)
     assert numbers_equal(0.1 + 0.2, 0.3)
     assert numbers_equal(1e9, 1e9 + 1, rel_tol=1e-6)
+    assert not numbers_equal(1_000_000, 1_000_001)  # an off-by-one on a large GSM8K answer is wrong
+    assert not numbers_equal(2_880_000, 2_880_002)
     assert not numbers_equal(18, 19)
     assert not numbers_equal(0.3, 0.31)
     assert not numbers_equal(None, 1.0)
@@ -286,6 +288,7 @@ def test_majority_vote_basic():
     assert majority_vote(["C", "B", "C", None], rng) == "C"
     assert majority_vote([0.1 + 0.2, 0.3, 0.5], rng) == pytest.approx(0.3)
     assert majority_vote([7], rng) == 7
+    assert majority_vote([1_000_001, 1_000_000, 5, 5], rng) == 5  # near-misses are two votes, not one group
 
 
 def test_majority_vote_all_none():

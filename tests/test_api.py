@@ -28,7 +28,7 @@ pytest.importorskip("httpx")
 
 from joint_inference.api.client import APIClient, APIError, ClientSettings
 from joint_inference.api.generators import APIGenerator
-from joint_inference.api.mmmu import MMMUFormat, open_correct, original_reading, question_row, read_choice, read_open
+from joint_inference.api.mmmu import MC, OPEN, MMMUFormat, open_correct, original_reading, question_row, read_choice, read_open
 from joint_inference.api.scoring import APIScorer
 from joint_inference.errors import ConfigError
 from joint_inference.generators import SamplingSettings
@@ -471,6 +471,27 @@ def test_mmmu_answers_are_read_as_the_protocol_says():
     assert original_reading("The best answer is (B). Answer: C") == ("B", 1)
     assert original_reading("first answer: A then Answer: C\nanswer: D") == ("C", 2)
     assert original_reading("no statement, maybe A or B") == ("B", 3)
+
+
+def test_mmmu_demonstration_pool_follows_the_protocol():
+    """The original lets every open response demonstrate, read or not, and a multiple-choice one only where its
+    "answer:" pattern reads it; clean asks both for a stated final answer."""
+    from joint_inference.api.mmmu import MMMUTask, round_prompts
+
+    rows = [{"id": str(i), "question_type": kind, "question": f"q{i}", "options": ["x", "y"] if kind == MC else [],
+             "answer": "A" if kind == MC else "1", "image_urls": []}
+            for i, kind in enumerate([MC, MC, OPEN, OPEN])]
+    responses = ["so. Answer: B", "I think B", "The final answer is 3", "no idea"]
+    fmt = MMMUFormat({MC: "sys mc", OPEN: "sys open"}, {MC: "end mc", OPEN: "end open"})
+    pools = {}
+    for protocol in ("original", "clean"):
+        task = MMMUTask(rows, protocol)
+        answers = [task.read(q, r)[1] for q, r in enumerate(responses)]
+        previous = {"answers": answers, "responses": responses}
+        _, info = round_prompts(task, fmt, previous, n_shots=2, num_repeats=1, key=(0,), name="round_1")
+        pools[protocol] = info["pool_size"]
+        assert answers[3] is None  # the last response states nothing either way
+    assert pools == {"original": 3, "clean": 2}
 
 
 def mmmu_responder(messages):

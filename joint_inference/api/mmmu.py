@@ -304,8 +304,7 @@ def zero_shot_prompts(task: MMMUTask, fmt: MMMUFormat) -> tuple[list[list[list[d
 def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int, num_repeats: int,
                   key: tuple, name: str) -> tuple[list[list[list[dict]]], dict]:
     """``num_repeats`` prompts per question, each with its own demonstrations from the previous round."""
-    pool = [j for j, (a, r) in enumerate(zip(previous["answers"], previous["responses"]))
-            if a is not None and task.demonstrates(j, r)]
+    pool = [j for j, r in enumerate(previous["responses"]) if task.demonstrates(j, r)]
     prompts, chosen, short = [], [], []
     for q, row in enumerate(task.rows):
         rng = question_rng(key, q, 0)
