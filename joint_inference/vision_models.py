@@ -143,8 +143,9 @@ def image_fragments(model, processor, images: Sequence, batch_size: int = 32, pr
 
 
 def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int = 64, progress: bool = True):
-    """(images, dim) L2-normalised CLIP image embeddings (``cfg``: a model's ``image_features`` entry):
-    the fixed features of the linear task encoder."""
+    """(images, dim) CLIP image embeddings, as the projection gives them (``cfg``: a model's ``image_features``
+    entry): the fixed features of the linear task encoder. Not L2-normalised: the original's head reads the raw
+    embeddings (its ``emb_norm: false``), and its learning rate was chosen for their scale."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if cfg.random_init:
@@ -172,7 +173,7 @@ def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc="CLIP features", disable=not progress):
             pixels = processor(images=list(images[start:start + batch_size]), return_tensors="pt").pixel_values
-            out.append(torch.nn.functional.normalize(model(pixel_values=pixels.to(device)).image_embeds.float(), dim=-1).cpu())
+            out.append(model(pixel_values=pixels.to(device)).image_embeds.float().cpu())
     return torch.cat(out)
 
 
@@ -202,7 +203,7 @@ def vlm_image_features(cfg, model, processor, data: TaskData, device: torch.devi
 def clip_features(cfg, data: TaskData, device: torch.device) -> dict[str, torch.Tensor]:
     """{"train", "test"}: CLIP image embeddings of the task's images, from the cache or computed once."""
     spec = cfg.model.image_features
-    settings = {"model": spec.pretrained or dict(spec.random_init), "normalised": True,
+    settings = {"model": spec.pretrained or dict(spec.random_init), "normalised": False,
                 "images": data.images_digest}
     saved = cached_features("clip", spec.name, cfg.dataset, settings,
                             lambda: {"features": clip_embeddings(spec, data.images, device, progress=cfg.progress)})

@@ -217,9 +217,22 @@ def test_feature_cache_round_trip_and_stale_settings(image_root, monkeypatch):
     with pytest.raises(ConfigError, match=r"different settings \(preprocessing.image_mean"):
         vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
 
+    from transformers import CLIPVisionModelWithProjection
+
+    projected, forward = [], CLIPVisionModelWithProjection.forward
+
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        projected.append(out.image_embeds.detach().float())
+        return out
+
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "forward", recording)
     clip = vision.clip_features(cfg, data, torch.device("cpu"))
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "forward", forward)
     assert clip["train"].shape[0] == len(data.train) and clip["test"].shape[0] == len(data.test)
-    torch.testing.assert_close(clip["train"].norm(dim=-1), torch.ones(len(data.train)))
+    raw = torch.cat(projected)  # the original's head reads the projection's output as it is, not L2-normalised
+    torch.testing.assert_close(clip["train"], raw[[row["image"] for row in data.train]])
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(raw)))
     monkeypatch.setattr(vision, "clip_embeddings", must_not_run)
     torch.testing.assert_close(vision.clip_features(cfg, data, torch.device("cpu"))["test"], clip["test"])
 
