@@ -236,12 +236,15 @@ def check_label_set(names, cfg) -> None:
 
 
 def protocol_sample(
-    labels: np.ndarray, num_classes: int, num_examples: int, seed: int = 42
+    labels: np.ndarray, num_classes: int, num_examples: int, seed: int = 42, sampler: str = "stream"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the unlabelled pool and the test set.
 
     ``min(num_examples, available) // K`` examples per class without replacement, each class
     split 2/3 into the pool and 1/3 into the test set. A class with fewer rows gives all it has.
+    ``sampler="stream"`` draws every class from one generator seeded once; ``"original"`` draws the
+    original release's rows: pandas' ``DataFrame.sample(n, random_state=seed)`` on each class's rows,
+    i.e. the first n of ``RandomState(seed).permutation``, the generator restarted for every class.
     """
     per_class = min(num_examples, len(labels)) // num_classes
     if per_class < 2:
@@ -252,7 +255,11 @@ def protocol_sample(
         members = np.flatnonzero(labels == c)
         if len(members) < per_class:
             log.warning("class %d has %d rows, fewer than the %d per class asked for", c, len(members), per_class)
-        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        size = min(per_class, len(members))
+        if sampler == "original":
+            chosen = members[np.random.RandomState(seed).permutation(len(members))[:size]]
+        else:
+            chosen = rng.choice(members, size=size, replace=False)
         cut = len(chosen) * 2 // 3
         train.extend(chosen[:cut])
         test.extend(chosen[cut:])
@@ -285,7 +292,7 @@ def load_task(cfg, check: RowCheck | None = None) -> TaskData:
         return TaskData(train=rows, test=rows, train_labels=labels, test_labels=labels,
                         supervised_pool=demonstrations, supervised_labels=demonstration_labels,
                         skipped_rows=skipped + skipped_demonstrations)
-    train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed)
+    train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed, cfg.sampler)
     return TaskData(
         train=[rows[i] for i in train_idx],
         test=[rows[i] for i in test_idx],

@@ -264,6 +264,7 @@ class TextClassificationSettings(HubDatasetSettings):
     num_classes: int = key(low=2)
     filter: dict[str, Any] | None = key()
     transductive: bool = key()
+    sampler: str = key("stream", "original")
     on_bad_row: str = key("error", "skip")
 
 

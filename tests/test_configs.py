@@ -234,7 +234,7 @@ def test_table1_llama_preset():
     cfg = compose(PRIMARY, ["+experiment=table1_llama", "dataset=ag_news"])
     assert cfg.model.name == "llama3.1_8b" and cfg.model.pretrained == "meta-llama/Llama-3.1-8B"
     assert (cfg.N, cfg.T, cfg.num_repeats, cfg.seed) == (16, 8, 5, 20)
-    assert cfg.label_mode == "first"
+    assert (cfg.label_mode, cfg.protocol, cfg.dataset.sampler) == ("first", "original", "original")
     assert cfg.dataset.name == "ag_news" and cfg.dataset.num_examples == 3000
     assert list(cfg.labelset.names) == LABEL_SETS["ag_news"]
 
@@ -243,6 +243,7 @@ def test_table1_uft_llama_preset():
     """The original's text script clips at N (its config's 10 is unused); the base default stays 10."""
     cfg = compose("unsupervised_ft_llm", ["+experiment=table1_uft_llama", "dataset=sst2"])
     assert cfg.model.name == "llama3.1_8b" and cfg.max_norm == cfg.N == 16 and cfg.seed == 42
+    assert cfg.dataset.sampler == "original"
     assert (cfg.batch_size, cfg.num_iterations, cfg.gamma, cfg.lora.r, cfg.lora.alpha) == (8, 3000, 10.0, 16, 16)
     assert dict(cfg.optimization) == {"lr": 1e-5, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0}
     assert compose("unsupervised_ft_llm", ["+experiment=table1_uft_llama", "N=8"]).max_norm == 8

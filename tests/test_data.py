@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -86,6 +87,31 @@ def test_protocol_sample_small_class_gives_all_its_rows():
     assert np.bincount(labels[train]).tolist() == [100, 20]
     assert np.bincount(labels[test]).tolist() == [50, 10]
     assert set(np.flatnonzero(labels == 1).tolist()) == set(train.tolist() + test.tolist()) - set(range(1000))
+
+
+def original_release_sample(labels: np.ndarray, num_examples: int, seed: int = 42) -> tuple[list[int], list[int]]:
+    """The original release's get_dataset, run with pandas as it is written: each class's rows sampled with
+    ``DataFrame.sample(random_state=seed)``, concatenated, then the first 2/3 of each class to train."""
+    frame = pd.DataFrame({"label": labels, "row": np.arange(len(labels))})
+    counts = frame["label"].value_counts().sort_index()
+    per_class = min(num_examples, len(frame)) // len(counts)
+    sampled = pd.concat([frame[frame["label"] == c].sample(min(n, per_class), random_state=seed)
+                         for c, n in counts.items()]).reset_index(drop=True)
+    counts = sampled["label"].value_counts().sort_index()
+    train = pd.concat([sampled[sampled["label"] == c].iloc[:int(n * 2 / 3)] for c, n in counts.items()])
+    test = pd.concat([sampled[sampled["label"] == c].iloc[int(n * 2 / 3):] for c, n in counts.items()])
+    return train["row"].tolist(), test["row"].tolist()
+
+
+@pytest.mark.parametrize("num_examples", [300, 3000])
+def test_protocol_sample_original_draws_the_rows_pandas_draws(num_examples):
+    labels = np.repeat([0, 1, 2], [900, 40, 700])  # class 1 is short of its quota at 3000
+    np.random.default_rng(0).shuffle(labels)
+    train, test = protocol_sample(labels, 3, num_examples, seed=42, sampler="original")
+    want_train, want_test = original_release_sample(labels, num_examples)
+    assert sorted(train.tolist()) == sorted(want_train) and sorted(test.tolist()) == sorted(want_test)
+    stream = protocol_sample(labels, 3, num_examples, seed=42)
+    assert sorted(stream[1].tolist()) != sorted(want_test)  # the default draws other rows (same counts)
 
 
 def test_protocol_sample_needs_two_per_class():
@@ -273,6 +299,21 @@ def test_real_sst2():
     assert not {r["idx"] for r in task.train} & {r["idx"] for r in task.test}
     assert Template(cfg.template.text).render(task.test[0], "positive").endswith(
         "\nThe sentiment of the sentence is positive.")
+
+
+@needs_shared
+@pytest.mark.parametrize("task", ["sst2", "trec", "rte", "subj"])
+def test_real_tasks_draw_the_original_releases_rows(task):
+    """dataset.sampler=original gives the original's very pool and test set (as multisets of rows: SST-2 repeats
+    sentences), not only their class counts."""
+    cfg, data, labels = real([f"dataset={task}", "dataset.sampler=original"])
+    rows, _ = load_rows(cfg.dataset)
+    want_train, want_test = original_release_sample(labels, cfg.dataset.num_examples, cfg.dataset.sample_seed)
+    def as_text(chosen):
+        return Counter(json.dumps(r, sort_keys=True, default=str) for r in chosen)
+
+    assert as_text(data.train) == as_text(rows[i] for i in want_train)
+    assert as_text(data.test) == as_text(rows[i] for i in want_test)
 
 
 @needs_shared
