@@ -369,6 +369,16 @@ def test_label_sets_match_the_hub_class_counts():
     assert sizes == {"cifar10": 10, "cifar100": 100, "food101": 101}
 
 
+def test_label_sets_are_the_originals_where_it_renamed_or_chose_classes():
+    """The prompts name the classes as the original release's label sets do: COCO-QA's ten colours and ten
+    numbers in its order (its misc/vqa_datasets.py), CIFAR-100's class 76 "high-rise" instead of "skyscraper"."""
+    names = {name: list(OmegaConf.load(f"{CONFIG_DIR}/labelset/{name}.yaml").names) for name in IMAGE_DATASETS}
+    assert names["cocoqa_color"] == ["brown", "purple", "black", "red", "orange", "yellow", "white", "gray", "blue",
+                                     "green"]
+    assert names["cocoqa_number"] == ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    assert names["cifar100"][75:78] == ["skunk", "high-rise", "snail"]
+
+
 def test_vision_fine_tuning_defaults_follow_the_task_encoder():
     lora = compose("unsupervised_ft_vlm", ["dataset=cifar100"])
     assert (lora.batch_size, lora.N, lora.num_iterations, lora.max_norm) == (32, 16, 3000, 10.0)
