@@ -70,6 +70,15 @@ def balanced_support(
     return chosen
 
 
+def class_weighted_support(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` demonstrations drawn independently, with replacement, each example weighted by one over
+    the size of its class in ``labels``: a class present uniformly, then one of its examples. This is the
+    original's vision script (a ``WeightedRandomSampler``): no quotas, so a prompt may miss classes present, and
+    classes absent from the pseudo-labels get no slots."""
+    weights = 1.0 / np.bincount(labels)[labels]
+    return rng.choice(len(labels), size=n, replace=True, p=weights / weights.sum())
+
+
 def majority_vote(votes: np.ndarray, num_classes: int, rng: np.random.Generator, protocol: str = "clean") -> int:
     """Most frequent class among ``votes``. Ties: broken at random (``clean``), or won by the
     smallest label as ``scipy.stats.mode`` does in the original (``original``)."""
@@ -107,6 +116,7 @@ def icl_predict(
     support_sampling: str = "per_query",
     block_size: int = 32,
     protocol: str = "clean",
+    class_weighted: bool = False,
     desc: str | None = None,
 ) -> ICLPredictions:
     """Majority-vote predictions of ``num_repeats`` n-shot prompts per query, with each vote and the
@@ -117,16 +127,21 @@ def icl_predict(
     ``clean`` protocol, never among its own demonstrations (see :func:`balanced_support`).
     ``support_sampling="per_query"`` (the original's) draws a demonstration set per query and
     repeat; ``"shared"`` draws one per block of ``block_size`` queries and repeat and encodes it
-    once for the whole block.
+    once for the whole block. ``class_weighted``: each demonstration a class-weighted draw instead
+    (:func:`class_weighted_support`, the original's vision script).
     """
     check_support_sampling(support_sampling, block_size)
     step = 1 if support_sampling == "per_query" else block_size
     blocks = [range(start, min(start + step, len(queries))) for start in range(0, len(queries), step)]
     num_classes = scorer.encoder.num_labels
     rngs = [np.random.default_rng([*rng_key, block[0]]) for block in blocks]
-    draws = [[balanced_support(pool_labels, n, num_classes, rng, exclude=block if queries_are_pool else (),
-                               protocol=protocol)
-              for _ in range(num_repeats)] for block, rng in zip(blocks, rngs)]
+    def draw(block, rng):
+        if class_weighted:
+            return class_weighted_support(pool_labels, n, rng)
+        return balanced_support(pool_labels, n, num_classes, rng, exclude=block if queries_are_pool else (),
+                                protocol=protocol)
+
+    draws = [[draw(block, rng) for _ in range(num_repeats)] for block, rng in zip(blocks, rngs)]
     if support_sampling == "per_query":
         prompts = [[pool[d] for d in demos] + [queries[b[0]]] for b, ds in zip(blocks, draws) for demos in ds]
         labels = [pool_labels[demos].tolist() for ds in draws for demos in ds]

@@ -27,7 +27,7 @@ from .own_data import labelled as has_labels
 from .prompts import Template
 from .results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
 from .scoring import LabelScorer, Scorer
-from .tasks import load_data, load_prompts, load_vllm_scorer
+from .tasks import load_data, load_prompts, load_vllm_scorer, modality
 from .utils import resolve_batch_size, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
                           "lower N (or block_size) or raise dataset.num_examples")
     gold = {"test": data.test_labels, "train": data.train_labels}
     splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
+    # The original's vision script draws demonstrations unlike its text scripts (class-weighted, no quotas) and
+    # relabels the unlabelled pool with one prompt per example, not a vote.
+    vision_original = cfg.protocol == "original" and modality(cfg) == "image"
+    repeats = {"test": cfg.num_repeats, "train": 1 if vision_original else cfg.num_repeats}  # prompts per query
 
     # ---- model and scorer (dry_run=true: the prompts and tokens are counted, and nothing else runs)
     device = resolve_device(cfg.device)
@@ -87,7 +91,7 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
                                                              if labelled else [None, None]), data.supervised_pool]),
     })
 
-    def stage(name, stage_splits, predict, prompts_per_query):
+    def stage(name, stage_splits, predict, prompts_per_query: dict):
         """``predict(split)`` for each split of stage ``name`` and its test accuracy on the console.
 
         Each split is saved when it finishes (``round_1/test`` before ``round_1/train``), so a restart
@@ -99,7 +103,8 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
             key = f"{name}/{split}"
             if key not in state:
                 start = time.perf_counter()
-                state.finish(key, predict(split), time.perf_counter() - start, len(encoded[split]) * prompts_per_query)
+                state.finish(key, predict(split), time.perf_counter() - start,
+                             len(encoded[split]) * prompts_per_query[split])
             out.update(state[key])
         if labelled:
             log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
@@ -110,10 +115,10 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
         ``<split>_votes``) with demonstrations from ``pool`` labelled by ``pool_labels``."""
         def predict(split):
             predicted = icl_predict(
-                scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=cfg.num_repeats,
+                scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=repeats[split],
                 rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
                 support_sampling=cfg.support_sampling, block_size=cfg.block_size, protocol=protocol,
-                desc=f"{desc} [{split}]")
+                class_weighted=vision_original, desc=f"{desc} [{split}]")
             return {split: predicted.majority.tolist(), f"{split}_votes": predicted.votes.tolist(),
                     f"{split}_label_logprob": predicted.label_logprob.round(6).tolist()}
 
@@ -129,7 +134,8 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
 
     # ---- round 0: zero-shot
     zero_shot = stage("zero_shot", splits, lambda split: {
-        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()}, 1)
+        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()},
+        dict.fromkeys(SPLITS, 1))
 
     # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
     supervised = None
@@ -145,13 +151,13 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
         # drawn from with replacement, as the original does
         supervised_protocol = cfg.protocol if len(demonstrations) >= cfg.N else "original"
         supervised = stage("supervised_icl", ("test",), icl(demonstrations, demonstration_labels, 0, "supervised ICL",
-                                                            protocol=supervised_protocol), cfg.num_repeats)
+                                                            protocol=supervised_protocol), repeats)
 
     # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
     rounds, diagnostics, pseudo, stopped_after = [], [], zero_shot, None
     for t in range(1, cfg.T + 1):
         labels = np.asarray(pseudo[pool_split], dtype=np.int64)
-        pseudo = stage(f"round_{t}", splits, icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), cfg.num_repeats)
+        pseudo = stage(f"round_{t}", splits, icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), repeats)
         rounds.append(pseudo)
         diagnostics.append(label_free_diagnostics(pseudo[pool_split], labels, pseudo[f"{pool_split}_votes"],
                                                   pseudo.get(f"{pool_split}_label_logprob"), scorer.encoder.num_labels))

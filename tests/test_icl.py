@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from joint_inference.errors import ConfigError
-from joint_inference.icl import balanced_support, majority_vote
+from joint_inference.icl import balanced_support, class_weighted_support, majority_vote
 from tests.conftest import REPO, compose, torchrun_two
 
 # ----------------------------------------------------------------------------- sampling and voting
@@ -353,3 +353,25 @@ def test_two_processes_shard_queries_with_the_same_predictions(tiny_llama_dir, t
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == one
     rows = [json.loads(line) for line in one.splitlines()]
     assert len({r["zero_shot"] for r in rows}) == 2 and len({tuple(r["rounds"]) for r in rows}) > 1  # not constant
+
+
+def test_class_weighted_support_draws_as_the_originals_weighted_random_sampler():
+    """Each demonstration: a class present in the pseudo-labels uniformly, then one of its examples; the
+    frequencies of 60,000 draws match the exact probabilities and those of torch's WeightedRandomSampler with
+    the original's weights (1 / class count), the sampler its vision script uses."""
+    import torch
+    from torch.utils.data import WeightedRandomSampler
+
+    labels = np.array([0] * 6 + [2] * 2 + [3] * 1)  # classes 1 and 4 are absent
+    exact = 1 / 3 / np.bincount(labels)[labels]
+    assert exact.sum() == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    ours = np.bincount(np.concatenate([class_weighted_support(labels, 6, rng) for _ in range(10_000)]),
+                       minlength=len(labels)) / 60_000
+    torch.manual_seed(0)
+    theirs = np.bincount(list(WeightedRandomSampler((1.0 / np.bincount(labels)[labels]).tolist(), 60_000)),
+                         minlength=len(labels)) / 60_000
+    se = np.sqrt(exact * (1 - exact) / 60_000)
+    assert np.all(np.abs(ours - exact) < 5 * se) and np.all(np.abs(theirs - exact) < 5 * se)
+    counts = [len(set(labels[class_weighted_support(labels, 3, rng)])) for _ in range(2000)]
+    assert min(counts) == 1  # no quotas: a prompt of 3 can miss classes present

@@ -270,6 +270,24 @@ def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
     assert saved["settings"]["label_mode"] == "bot_minimal"
 
 
+def test_vision_protocol_original_draws_by_class_weight_and_relabels_the_pool_with_one_prompt(
+        image_root, tmp_path, monkeypatch):
+    """The original's vision script: each demonstration a class-weighted draw (no quotas), the pool relabelled
+    by one prompt per image; the test set still gets num_repeats prompts. Text tasks keep the quotas."""
+    import joint_inference.icl as icl
+    from joint_inference.runs import run_icl as run
+
+    weighted, quotas = [], []
+    for name, calls in (("class_weighted_support", weighted), ("balanced_support", quotas)):
+        monkeypatch.setattr(icl, name, lambda *a, _f=getattr(icl, name), _c=calls, **k: _c.append(1) or _f(*a, **k))
+    run(image_cfg(image_root, "N=2", "T=1", "num_repeats=3", "device=cpu", "progress=false", "protocol=original",
+                  "supervised_icl=false", f"output_dir={tmp_path / 'run'}"))
+    stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
+    assert np.array(stages["round_1/test"]["test_votes"]).shape == (20, 3)
+    assert np.array(stages["round_1/train"]["train_votes"]).shape == (40, 1)
+    assert (len(weighted), len(quotas)) == (20 * 3 + 40, 0)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "test.parquet").exists(), reason="needs ../shared/data")
 def test_the_documented_smoke_command_runs_on_real_cifar10(tmp_path):
