@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import TaskData, class_ids, load_split, protocol_sample
+from .data import TaskData, capped_subset, class_ids, load_split, protocol_sample
 from .errors import ConfigError
 from .features import images_digest
 
@@ -46,18 +46,16 @@ def _resolve_paths(ds, column: str, root: Path):
     return ds.map(lambda row: {column: str(root / row[column]) if row[column] else row[column]})
 
 
-def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
-    """The protocol's sample of an image task; the images of the sampled rows decoded.
+def labelled_rows(cfg, splits: Sequence[str], label_names: Sequence[str]):
+    """(rows with undecoded images, each row's index in ``splits`` concatenated, labels) of an image task.
 
-    Labels are read first and the sample drawn on them, so only sampled images are decoded. With
-    ``cfg.labels_are_names`` (COCO-QA's free-text answers) a row's label is its answer's position in
-    the label set, and rows whose answer is not in the set are dropped. An image that cannot be
-    decoded stops the run (``cfg.on_bad_image=stop``) or is dropped with a warning (``skip``).
+    With ``cfg.labels_are_names`` (COCO-QA's free-text answers) a row's label is its answer's position in
+    the label set, and rows whose answer is not in the set are dropped.
     """
     import datasets
 
     parts = []
-    for split in cfg.source_splits:
+    for split in splits:
         part = load_split(cfg, split)
         if cfg.image_column not in part.features:
             raise ConfigError(f"{cfg.name!r} split {split!r} has no image column {cfg.image_column!r}; "
@@ -69,7 +67,7 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
         parts.append(part)
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     raw = ds[cfg.label_column]
-    source_rows = np.arange(len(ds))  # a row's index in the source splits, kept through filtering
+    source_rows = np.arange(len(ds))  # a row's index in the splits, kept through filtering
     if cfg.labels_are_names:
         position = {name: k for k, name in enumerate(label_names)}
         known = [i for i, answer in enumerate(raw) if str(answer).strip().lower() in position]
@@ -80,25 +78,45 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
         labels = np.asarray([position[str(a).strip().lower()] for a in ds[cfg.label_column]], dtype=np.int64)
     else:
         labels = class_ids(raw, cfg)
-    train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed)
+    return ds, source_rows, labels
+
+
+def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
+    """The unlabelled pool and test set of an image task, their images decoded.
+
+    ``cfg.test_split`` null: the protocol's sample of ``cfg.source_splits`` (2/3 pool, 1/3 test). A split
+    name: the original's vision protocol, every row of ``source_splits`` the pool and every row of that split
+    the test set (the same rows twice when it is a source split, as its COCO-QA runs), each capped at a
+    seeded ``num_examples`` when set. Labels are read first, so only the chosen images are decoded. An image
+    that cannot be decoded stops the run (``cfg.on_bad_image=stop``) or is dropped with a warning (``skip``).
+    """
+    ds, source_rows, labels = labelled_rows(cfg, cfg.source_splits, label_names)
+    if cfg.test_split is None:
+        train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed)
+        chosen = {"train": (ds, source_rows, labels, train_idx), "test": (ds, source_rows, labels, test_idx)}
+    else:
+        test_ds, test_rows, test_labels = labelled_rows(cfg, [cfg.test_split], label_names)
+        chosen = {"train": (ds, source_rows, labels, capped_subset(len(labels), cfg.num_examples, cfg.sample_seed)),
+                  "test": (test_ds, test_rows, test_labels,
+                           capped_subset(len(test_labels), cfg.num_examples, cfg.sample_seed))}
 
     images, splits = [], {}
-    for split, indices in (("train", train_idx), ("test", test_idx)):
+    for split, (table, table_rows, table_labels, indices) in chosen.items():
         rows, kept = [], []
         for i in indices.tolist():
-            row = ds[i]
+            row = table[i]
             try:
-                image = decode_image(row.pop(cfg.image_column), f"row {source_rows[i]} of {cfg.name!r} ({split} sample)")
+                image = decode_image(row.pop(cfg.image_column), f"row {table_rows[i]} of {cfg.name!r} ({split} sample)")
             except ConfigError as err:
                 if cfg.on_bad_image == "stop":
                     raise ConfigError(f"{err}; set dataset.on_bad_image=skip to leave such rows out") from None
                 log.warning("%s; skipped (dataset.on_bad_image=skip)", err)
                 continue
             rows.append({**{k: v for k, v in row.items() if isinstance(v, (str, int, float))},
-                         "row": int(source_rows[i]), "image": len(images)})
+                         "row": int(table_rows[i]), "image": len(images)})
             images.append(image)
             kept.append(i)
-        splits[split] = (rows, labels[kept])
+        splits[split] = (rows, table_labels[kept])
     (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
     return TaskData(train=train, test=test, train_labels=train_labels, test_labels=test_labels, images=images,
                     images_digest=images_digest(images, train, test))

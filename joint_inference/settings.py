@@ -278,9 +278,19 @@ class MMLUSettings(TextClassificationSettings):
 
 
 @dataclass
+class ImageSplits:
+    """Where the original release took an image task's pool and test set (the table3 presets apply it)."""
+
+    source_splits: list[str] = key()
+    test_split: str = key()
+
+
+@dataclass
 class ImageClassificationSettings(HubDatasetSettings):
     """configs/dataset/_image_classification.yaml."""
 
+    test_split: str | None = key()
+    original_splits: ImageSplits = group(ImageSplits)
     image_column: str = key()
     label_column: str = key()
     label_map: Any = key()

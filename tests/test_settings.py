@@ -14,7 +14,8 @@ from joint_inference.settings import (SCHEMAS, CausalLMSettings, ImageClassifica
                                       config_option, dataset_schema, model_schema, options)
 from tests.conftest import REPO, compose, write_jsonl
 
-EXPERIMENTS = {name: "unsupervised_ft_llm" if "uft" in name else "unsupervised_icl_llm" for name in options("experiment")}
+EXPERIMENTS = {name: f"unsupervised_{'ft' if 'uft' in name else 'icl'}_{'vlm' if name.startswith('table3') else 'llm'}"
+               for name in options("experiment")}
 PRESETS = [("unsupervised_icl_llm", []), ("unsupervised_icl_vlm", []), ("unsupervised_ft_llm", []),
            ("unsupervised_ft_vlm", []), ("unsupervised_ft_vlm", ["task_encoder=linear"]),
            *[(script, [f"+experiment={name}"]) for name, script in EXPERIMENTS.items()]]
@@ -46,7 +47,7 @@ def test_every_preset_holds_only_what_differs_from_the_script(name):
         assert OmegaConf.select(OmegaConf.create(base), key) != value, f"{name} repeats {key}={value!r}"
 
 
-CLASSIFICATION_PRESETS = [n for n in sorted(EXPERIMENTS) if config_option(
+CLASSIFICATION_PRESETS = [n for n in sorted(EXPERIMENTS) if EXPERIMENTS[n].endswith("llm") and config_option(
     "dataset", dict(g.split("=") for g in preset_groups(n)).get("dataset", "sst2")).kind == "classification"]
 
 

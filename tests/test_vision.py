@@ -156,6 +156,31 @@ def test_image_task_sample_follows_the_protocol(image_root):
     assert data.train_labels.tolist() == [r["row"] % 10 for r in data.train]  # label i % 10 was written at row i
 
 
+def test_the_originals_splits_take_every_row_of_the_pool_and_test_splits(image_root):
+    """dataset.test_split: every row of source_splits is the pool and every row of test_split the test set
+    (the original's vision protocol, +experiment=table3_*); the same split for both (its COCO-QA runs) gives the
+    same rows twice, labelled separately; num_examples caps each at a seeded subset."""
+    pixels = synthetic_images(25, seed=1)
+    write_image_parquet(image_root / "cifar10" / "train.parquet", pixels, [(i * 3) % 10 for i in range(25)])
+    cfg = compose("unsupervised_icl_vlm", ["+experiment=table3_openflamingo", "model=tiny_random_vlm",
+                                           f"dataset.data_root={image_root}"])
+    assert (list(cfg.dataset.source_splits), cfg.dataset.test_split, cfg.dataset.num_examples) == (["train"], "test",
+                                                                                                    None)
+    data = load_image_task(cfg.dataset, list(cfg.labelset.names))
+    assert [r["row"] for r in data.train] == list(range(25)) and [r["row"] for r in data.test] == list(range(60))
+    assert data.train_labels.tolist() == [(i * 3) % 10 for i in range(25)]
+    assert data.test_labels.tolist() == [i % 10 for i in range(60)]
+    assert np.array_equal(np.asarray(data.images[data.train[7]["image"]]), np.asarray(pixels[7]))
+    same = load_image_task(image_cfg(image_root, "dataset.source_splits=[test]", "dataset.test_split=test",
+                                     "dataset.num_examples=null").dataset, list(cfg.labelset.names))
+    assert [r["row"] for r in same.train] == [r["row"] for r in same.test] == list(range(60))
+    assert same.train is not same.test  # two splits of the run, each labelled on its own
+    capped = load_image_task(image_cfg(image_root, "dataset.source_splits=[train]", "dataset.test_split=test",
+                                       "dataset.num_examples=10").dataset, list(cfg.labelset.names))
+    assert (len(capped.train), len(capped.test)) == (10, 10)
+    assert {r["row"] for r in capped.test} <= set(range(60)) and len({r["row"] for r in capped.test}) == 10
+
+
 def test_an_undecodable_image_stops_or_is_skipped(tmp_path):
     images = synthetic_images(30)
     blobs = [png(im) for im in images]
