@@ -28,7 +28,8 @@ pytest.importorskip("httpx")
 
 from joint_inference.api.client import APIClient, APIError, ClientSettings
 from joint_inference.api.generators import APIGenerator
-from joint_inference.api.mmmu import MC, OPEN, MMMUFormat, open_correct, original_reading, question_row, read_choice, read_open
+from joint_inference.api.mmmu import (MC, OPEN, MMMUFormat, open_correct, original_reading, question_row, read_choice,
+                                      read_open)
 from joint_inference.api.scoring import APIScorer
 from joint_inference.errors import ConfigError
 from joint_inference.generators import SamplingSettings
