@@ -35,8 +35,9 @@ def images_digest(images, train: list[dict], test: list[dict]) -> str:
 
 
 def cache_path(kind: str, model_name: str, dataset_cfg) -> Path:
-    keys = ("source_splits", "test_split", "num_examples", "sample_seed", "hub_id", "hub_config",  # those it has:
-            "filter", "path", "image_field", "transductive", "on_bad_row")  # dataset=local, one cache per file and image column
+    # the keys that choose the rows, those the data set has (path, image_field: dataset=local, a cache per file)
+    keys = ("source_splits", "test_split", "num_examples", "sample_seed", "hub_id", "hub_config", "filter",
+            "path", "image_field", "transductive", "on_bad_row")
     sample = fingerprint_digest({k: str(Path(dataset_cfg.path).expanduser().absolute()) if k == "path" else
                                  dataset_cfg[k] for k in keys if k in dataset_cfg})
     return cache_dir() / "features" / kind / model_name / f"{dataset_cfg.name}-{sample}.pt"
