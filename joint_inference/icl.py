@@ -135,6 +135,7 @@ def icl_predict(
     blocks = [range(start, min(start + step, len(queries))) for start in range(0, len(queries), step)]
     num_classes = scorer.encoder.num_labels
     rngs = [np.random.default_rng([*rng_key, block[0]]) for block in blocks]
+
     def draw(block, rng):
         if class_weighted:
             return class_weighted_support(pool_labels, n, rng)
