@@ -236,17 +236,18 @@ def check_label_set(names, cfg) -> None:
 
 
 def protocol_sample(
-    labels: np.ndarray, num_classes: int, num_examples: int, seed: int = 42, sampler: str = "stream"
+    labels: np.ndarray, num_classes: int, num_examples: int | None, seed: int = 42, sampler: str = "stream"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the unlabelled pool and the test set.
 
-    ``min(num_examples, available) // K`` examples per class without replacement, each class
-    split 2/3 into the pool and 1/3 into the test set. A class with fewer rows gives all it has.
+    ``min(num_examples, available) // K`` examples per class without replacement (``num_examples=None``:
+    ``available // K``), each class split 2/3 into the pool and 1/3 into the test set. A class with fewer
+    rows gives all it has.
     ``sampler="stream"`` draws every class from one generator seeded once; ``"original"`` draws the
     original release's rows: pandas' ``DataFrame.sample(n, random_state=seed)`` on each class's rows,
     i.e. the first n of ``RandomState(seed).permutation``, the generator restarted for every class.
     """
-    per_class = min(num_examples, len(labels)) // num_classes
+    per_class = (len(labels) if num_examples is None else min(num_examples, len(labels))) // num_classes
     if per_class < 2:
         raise ConfigError(f"{len(labels)} rows / num_examples={num_examples} leave fewer than 2 examples per class")
     rng = np.random.default_rng(seed)

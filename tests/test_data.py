@@ -70,6 +70,13 @@ def test_protocol_sample_caps_at_available_rows():
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(90))
 
 
+def test_protocol_sample_without_a_size_takes_every_class_up_to_the_smallest_share():
+    labels = np.arange(90) % 3
+    train, test = protocol_sample(labels, num_classes=3, num_examples=None, seed=1)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(90))
+    assert np.bincount(labels[train]).tolist() == [20, 20, 20]
+
+
 def test_protocol_sample_is_seeded():
     labels = np.arange(2000) % 4
     a = protocol_sample(labels, 4, 600, seed=42)
