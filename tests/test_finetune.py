@@ -225,6 +225,38 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_llama_dir, tiny_s
     assert training(tmp_path / "resumed") == training(tmp_path / "straight")
 
 
+def test_a_cosine_run_interrupted_mid_schedule_resumes_to_the_uninterrupted_weights(
+        tmp_path, tiny_llama_dir, tiny_sst2_root, monkeypatch):
+    """The scheduler's place in a warm-up + cosine schedule is restored with the weights and the optimizer: a run
+    killed after step 4 of 6 and started again ends with the weights of a run never stopped."""
+    import joint_inference.finetune as finetune
+
+    settings = ["num_iterations=6", "ckpt_freq=2", "optimization.schedule=cosine", "optimization.warmup_steps=2",
+                "optimization.lr=1e-3", "optimization.min_lr=1e-5"]
+    step, calls = finetune.train_step, []
+
+    def killed_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose("unsupervised_ft_llm", overrides(tmp_path / "resumed", tiny_llama_dir, tiny_sst2_root, *settings)))
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["state"]["step"] == 4
+    monkeypatch.setattr(finetune, "train_step", step)
+    for name in ("resumed", "straight"):
+        run(compose("unsupervised_ft_llm", overrides(tmp_path / name, tiny_llama_dir, tiny_sst2_root, *settings)))
+    resumed, straight = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("resumed", "straight"))
+    assert resumed["state"]["step"] == straight["state"]["step"] == 6
+    for name, value in straight["trainable"].items():
+        assert torch.equal(resumed["trainable"][name], value), name
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    assert [m["lr"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == lrs
+    assert lrs[1] == pytest.approx(1e-3) and lrs[-1] < lrs[2] < lrs[1]  # warm-up, then the cosine decay
+
+
 def test_checkpoint_of_another_config_is_an_error(tmp_path, tiny_llama_dir, tiny_sst2_root):
     run(compose("unsupervised_ft_llm", overrides(tmp_path, tiny_llama_dir, tiny_sst2_root, "num_iterations=2")))
     with pytest.raises(ConfigError, match="gamma"):
