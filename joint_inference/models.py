@@ -148,12 +148,33 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
+def quantization(cfg, device: torch.device):
+    """``model.load_in_4bit``: bitsandbytes' NF4 4-bit weights with double quantization, computing in
+    ``model.dtype`` (QLoRA's recipe, what the original fine-tunes Llama-3.1-8B with); None otherwise."""
+    if not cfg.load_in_4bit:
+        return None
+    if device.type != "cuda":
+        raise ConfigError("model.load_in_4bit=true needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
+                          f"this run is on {device.type}: drop model.load_in_4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError('model.load_in_4bit=true needs bitsandbytes: pip install -e ".[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype, device))
+
+
 def load_model(cfg, device: torch.device):
     """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
     from transformers import AutoModelForCausalLM
 
+    quantized = quantization(cfg, device)
     if cfg.random_init:  # a tiny random model built in memory: smoke tests, no download
         from .tiny import tiny_causal_lm
+
+        if quantized is not None:
+            raise ConfigError("model.load_in_4bit=true quantizes pretrained weights; model.random_init builds "
+                              "a tiny model in memory: drop one of them")
 
         model, tokenizer = tiny_causal_lm(**cfg.random_init)
         model.to(device=device, dtype=resolve_dtype(cfg.dtype, device)).eval().requires_grad_(False)
@@ -161,6 +182,8 @@ def load_model(cfg, device: torch.device):
     tokenizer = load_tokenizer(cfg)
     source, gguf_file = resolve_weights(cfg)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if quantized is not None:  # bitsandbytes places the 4-bit weights itself; they cannot be moved after
+        kwargs.update(quantization_config=quantized, device_map={"": device.index or 0})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -170,5 +193,7 @@ def load_model(cfg, device: torch.device):
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"could not load model {source!r}: {err}\n{OFFLINE_HINT}") from None
-    model.to(device).eval().requires_grad_(False)
+    if quantized is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model, tokenizer

@@ -171,6 +171,7 @@ class CausalLMSettings:
     dtype: str = key("auto", "float32", "bfloat16", "float16")
     attn_implementation: str = key("auto", "eager", "sdpa", "flash_attention_2")
     random_init: Any = key()
+    load_in_4bit: bool = key()
     tensor_parallel_size: int | None = key(low=1)
 
 

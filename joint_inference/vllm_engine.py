@@ -45,6 +45,8 @@ def build_vllm_engine(model_cfg, *, seed: int = 0, min_version: str | None = Non
     if min_version is not None and Version(vllm.__version__) < Version(min_version):
         raise ConfigError(f"this use of backend=vllm needs vLLM >= {min_version}, found {vllm.__version__}: "
                           "pip install -U vllm")
+    if model_cfg.load_in_4bit:  # vLLM's in-flight bitsandbytes 4-bit quantization
+        engine_args = {"quantization": "bitsandbytes", **engine_args}
     return vllm.LLM(model=source, tokenizer=model_cfg.tokenizer or source, dtype=model_cfg.dtype,
                     seed=seed, tensor_parallel_size=model_cfg.tensor_parallel_size or torch.cuda.device_count(),
                     **engine_args)

@@ -10,6 +10,7 @@ runs them on the CPU on fewer prompts (all but the out-of-memory check), to chec
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -214,6 +215,25 @@ def test_fine_tuning_on_the_device_checkpoints_and_resumes(tiny_llama_dir, tiny_
         torch.testing.assert_close(resumed["trainable"][name], value, atol=1e-6, rtol=1e-5)
     assert resumed_results["final"] == straight_results["final"]
     assert (tmp_path / "straight" / "adapter").is_dir()
+
+
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the [qlora] extra)")
+def test_fine_tuning_a_4bit_model_trains_its_adapters(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    """model.load_in_4bit: the frozen weights in NF4, the LoRA adapters (the only trainable weights) move, the
+    losses stay finite, and the adapter is saved."""
+    from joint_inference.uft import run_finetuning as run
+    from tests.test_finetune import overrides
+
+    results = run(compose("unsupervised_ft_llm", overrides(tmp_path, tiny_llama_dir, tiny_sst2_root, "num_iterations=2",
+                                                           f"device={DEVICE}", "model.load_in_4bit=true",
+                                                           "model.dtype=bfloat16")))
+    losses = [m["loss"] for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["trainable"]
+    assert trained and all("lora" in name for name in trained)
+    assert any(value.abs().sum() > 0 for name, value in trained.items() if "lora_B" in name)  # B starts at zero
+    assert results["settings"]["device"].startswith("cuda") and (tmp_path / "adapter").is_dir()
 
 
 # ----------------------------------------------------------------------------------------- OpenFlamingo

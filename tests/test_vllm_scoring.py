@@ -193,6 +193,9 @@ def test_engine_factory_passes_the_model_config_to_vllm(tiny_llama_dir, fake_vll
     assert (llm.tokenizer, llm.dtype, llm.tensor_parallel_size) == (str(tiny_llama_dir), "float32", 4)
     with pytest.raises(ConfigError, match=r"vLLM >= 0\.12.*0\.11\.0"):
         build_vllm_engine(model_cfg(tiny_llama_dir), min_version="0.12")
+    assert "quantization" not in llm.engine_args
+    assert build_vllm_engine(model_cfg(tiny_llama_dir, load_in_4bit=True)).engine_args == {
+        "quantization": "bitsandbytes"}  # vLLM's in-flight 4-bit
 
 
 @pytest.mark.parametrize("support_sampling", ["per_query", "shared"])
