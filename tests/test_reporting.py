@@ -54,10 +54,12 @@ def test_every_key_of_a_primary_config_says_what_it_means(name):
 @pytest.mark.parametrize("name,present,absent", [
     ("unsupervised_icl_llm", ["gemma3_270m*", "gsm8k", "qwen_math", "+experiment: quickstart, table1_llama"],
      ["openflamingo_4b", "cifar10", "estimator", "table1_uft_llama"]),
-    ("unsupervised_icl_vlm", ["openflamingo_4b*", "cifar100"], ["gemma3_270m", "sst2", "estimator", "experiment"]),
+    ("unsupervised_icl_vlm", ["openflamingo_4b*", "cifar100", "+experiment: table3_openflamingo\n"],
+     ["gemma3_270m", "sst2", "estimator", "table1_llama", "table3_uft"]),
     ("unsupervised_ft_llm", ["estimator: naive, rao, rao_marginalized*", "trec_corrected", "table1_uft_llama"],
-     ["gsm8k", "prompt_style", "openflamingo_4b", "quickstart"]),
-    ("unsupervised_ft_vlm", ["estimator:", "tiny_random_vlm"], ["gemma3_270m", "sst2", "trec"]),
+     ["gsm8k", "prompt_style", "openflamingo_4b", "quickstart", "table3"]),
+    ("unsupervised_ft_vlm", ["estimator:", "tiny_random_vlm", "+experiment: table3_uft_openflamingo\n"],
+     ["gemma3_270m", "sst2", "trec", "table1"]),
 ])
 def test_help_lists_the_scripts_keys_and_the_options_that_apply_to_it(name, present, absent):
     done = subprocess.run([sys.executable, str(REPO / f"{name}.py"), "--help"], capture_output=True, text=True,
