@@ -297,20 +297,26 @@ def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
 
 def test_vision_protocol_original_draws_by_class_weight_and_relabels_the_pool_with_one_prompt(
         image_root, tmp_path, monkeypatch):
-    """The original's vision script: each demonstration a class-weighted draw (no quotas), the pool relabelled
-    by one prompt per image; the test set still gets num_repeats prompts. Text tasks keep the quotas."""
+    """The original's vision script, run by its preset (+experiment=table3_openflamingo, here on a tiny random
+    VLM): every train image the pool, every test image a query; each demonstration a class-weighted draw (no
+    quotas), the pool relabelled by one prompt per image, the test set by num_repeats prompts and their vote."""
     import joint_inference.icl as icl
     from joint_inference.runs import run_icl as run
 
+    write_image_parquet(image_root / "cifar10" / "train.parquet", synthetic_images(30, seed=2),
+                        [i % 10 for i in range(30)])
     weighted, quotas = [], []
     for name, calls in (("class_weighted_support", weighted), ("balanced_support", quotas)):
         monkeypatch.setattr(icl, name, lambda *a, _f=getattr(icl, name), _c=calls, **k: _c.append(1) or _f(*a, **k))
-    run(image_cfg(image_root, "N=2", "T=1", "num_repeats=3", "device=cpu", "progress=false", "protocol=original",
-                  "supervised_icl=false", f"output_dir={tmp_path / 'run'}"))
+    results = run(compose("unsupervised_icl_vlm", [
+        "+experiment=table3_openflamingo", "model=tiny_random_vlm", f"dataset.data_root={image_root}", "N=2", "T=1",
+        "num_repeats=3", "device=cpu", "progress=false", "supervised_icl=false", f"output_dir={tmp_path / 'run'}"]))
+    assert (results["num_train"], results["num_test"]) == (30, 60)
+    assert (results["settings"]["protocol"], results["settings"]["seed"]) == ("original", 42)
     stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
-    assert np.array(stages["round_1/test"]["test_votes"]).shape == (20, 3)
-    assert np.array(stages["round_1/train"]["train_votes"]).shape == (40, 1)
-    assert (len(weighted), len(quotas)) == (20 * 3 + 40, 0)
+    assert np.array(stages["round_1/test"]["test_votes"]).shape == (60, 3)
+    assert np.array(stages["round_1/train"]["train_votes"]).shape == (30, 1)
+    assert (len(weighted), len(quotas)) == (60 * 3 + 30, 0)
 
 
 @pytest.mark.slow
