@@ -214,6 +214,20 @@ def test_bad_set_ups_are_config_errors(tiny_llama, tiny_llama_dir, tiny_sst2_roo
         run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "x", "null"))
 
 
+def test_extra_body_typed_on_the_command_line_reaches_every_request_body():
+    """The README's example, as a user types it (the key's default is null, so a dict replaces it)."""
+    from joint_inference.api.client import settings_from_config
+
+    cfg = compose(PRIMARY, ["backend=openai", "model=openai_compatible", "model.base_url=http://127.0.0.1:1/v1",
+                            "model.extra_body={include_stop_str_in_output:true}", "output_dir=/tmp/x"])
+    settings = settings_from_config(cfg)
+    assert settings.extra_body == {"include_stop_str_in_output": True}
+    assert APIClient(settings).body({"prompt": "x"})["include_stop_str_in_output"] is True
+    assert settings_from_config(compose(PRIMARY, ["backend=openai", "model=openai_compatible",
+                                                  "model.base_url=http://127.0.0.1:1/v1", "output_dir=/tmp/x"])
+                                ).extra_body == {}
+
+
 def test_429_and_5xx_are_retried_with_backoff(tiny_llama, server):
     _, tokenizer = tiny_llama
     encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
