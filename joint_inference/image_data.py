@@ -90,31 +90,36 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
     seeded ``num_examples`` when set. Labels are read first, so only the chosen images are decoded. An image
     that cannot be decoded stops the run (``cfg.on_bad_image=stop``) or is dropped with a warning (``skip``).
     """
-    ds, source_rows, labels = labelled_rows(cfg, cfg.source_splits, label_names)
+    pool = labelled_rows(cfg, cfg.source_splits, label_names)
     if cfg.test_split is None:
-        train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed)
-        chosen = {"train": (ds, source_rows, labels, train_idx), "test": (ds, source_rows, labels, test_idx)}
-    else:
-        test_ds, test_rows, test_labels = labelled_rows(cfg, [cfg.test_split], label_names)
-        chosen = {"train": (ds, source_rows, labels, capped_subset(len(labels), cfg.num_examples, cfg.sample_seed)),
-                  "test": (test_ds, test_rows, test_labels,
-                           capped_subset(len(test_labels), cfg.num_examples, cfg.sample_seed))}
+        train_idx, test_idx = protocol_sample(pool[2], cfg.num_classes, cfg.num_examples, cfg.sample_seed)
+        chosen = {"train": (*pool, train_idx), "test": (*pool, test_idx)}
+    else:  # the test split is read again only when it is not the pool's own (COCO-QA's is)
+        held_out = pool if [cfg.test_split] == list(cfg.source_splits) else labelled_rows(cfg, [cfg.test_split],
+                                                                                          label_names)
+        chosen = {split: (*table, capped_subset(len(table[2]), cfg.num_examples, cfg.sample_seed))
+                  for split, table in (("train", pool), ("test", held_out))}
 
     images, splits = [], {}
+    decoded = {}  # (table, row) -> its image's index in ``images``, or None where it cannot be decoded: once each
     for split, (table, table_rows, table_labels, indices) in chosen.items():
         rows, kept = [], []
         for i in indices.tolist():
             row = table[i]
-            try:
-                image = decode_image(row.pop(cfg.image_column), f"row {table_rows[i]} of {cfg.name!r} ({split} sample)")
-            except ConfigError as err:
-                if cfg.on_bad_image == "stop":
-                    raise ConfigError(f"{err}; set dataset.on_bad_image=skip to leave such rows out") from None
-                log.warning("%s; skipped (dataset.on_bad_image=skip)", err)
+            cell = row.pop(cfg.image_column)
+            if (id(table), i) not in decoded:
+                try:
+                    images.append(decode_image(cell, f"row {table_rows[i]} of {cfg.name!r} ({split} sample)"))
+                    decoded[id(table), i] = len(images) - 1
+                except ConfigError as err:
+                    if cfg.on_bad_image == "stop":
+                        raise ConfigError(f"{err}; set dataset.on_bad_image=skip to leave such rows out") from None
+                    log.warning("%s; skipped (dataset.on_bad_image=skip)", err)
+                    decoded[id(table), i] = None
+            if decoded[id(table), i] is None:
                 continue
             rows.append({**{k: v for k, v in row.items() if isinstance(v, (str, int, float))},
-                         "row": int(table_rows[i]), "image": len(images)})
-            images.append(image)
+                         "row": int(table_rows[i]), "image": decoded[id(table), i]})
             kept.append(i)
         splits[split] = (rows, table_labels[kept])
     (train, train_labels), (test, test_labels) = splits["train"], splits["test"]

@@ -175,6 +175,8 @@ def test_the_originals_splits_take_every_row_of_the_pool_and_test_splits(image_r
                                      "dataset.num_examples=null").dataset, list(cfg.labelset.names))
     assert [r["row"] for r in same.train] == [r["row"] for r in same.test] == list(range(60))
     assert same.train is not same.test  # two splits of the run, each labelled on its own
+    assert [r["image"] for r in same.train] == [r["image"] for r in same.test]  # each image decoded once
+    assert len(same.images) == 60
     capped = load_image_task(image_cfg(image_root, "dataset.source_splits=[train]", "dataset.test_split=test",
                                        "dataset.num_examples=10").dataset, list(cfg.labelset.names))
     assert (len(capped.train), len(capped.test)) == (10, 10)
