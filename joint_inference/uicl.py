@@ -66,10 +66,12 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
                           "lower N (or block_size) or raise dataset.num_examples")
     gold = {"test": data.test_labels, "train": data.train_labels}
     splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
-    # The original's vision script draws demonstrations unlike its text scripts (class-weighted, no quotas) and
-    # relabels the unlabelled pool with one prompt per example, not a vote.
+    # The original's vision script draws demonstrations unlike its text scripts (class-weighted, no quotas),
+    # relabels the unlabelled pool with one prompt per example, not a vote, and not after the last round: no
+    # round reads those labels (the last round then has no pool diagnostics), unless they are the product (own data).
     vision_original = cfg.protocol == "original" and modality(cfg) == "image"
     repeats = {"test": cfg.num_repeats, "train": 1 if vision_original else cfg.num_repeats}  # prompts per query
+    last_round_splits = ("test",) if vision_original and not isinstance(data, FileData) else splits
 
     # ---- model and scorer (dry_run=true: the prompts and tokens are counted, and nothing else runs)
     device = resolve_device(cfg.device)
@@ -157,8 +159,12 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
     rounds, diagnostics, pseudo, stopped_after = [], [], zero_shot, None
     for t in range(1, cfg.T + 1):
         labels = np.asarray(pseudo[pool_split], dtype=np.int64)
-        pseudo = stage(f"round_{t}", splits, icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), repeats)
+        pseudo = stage(f"round_{t}", last_round_splits if t == cfg.T else splits,
+                       icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), repeats)
         rounds.append(pseudo)
+        if pool_split not in pseudo:  # the original's vision script: the last round leaves the pool as it was
+            diagnostics.append(None)
+            continue
         diagnostics.append(label_free_diagnostics(pseudo[pool_split], labels, pseudo[f"{pool_split}_votes"],
                                                   pseudo.get(f"{pool_split}_label_logprob"), scorer.encoder.num_labels))
         log.info("round %d: %.1f%% of the unlabelled pool's labels flipped, vote agreement %.1f%%", t,
@@ -176,7 +182,8 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
         "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits} if labelled else {},
         "supervised_icl": {**scores(supervised, ("test",)), "pool_size": len(demonstrations),
                            "protocol": supervised_protocol} if supervised else None,
-        "rounds": [{"round": t, **scores(r), "diagnostics": d} for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
+        "rounds": [{"round": t, **scores(r, tuple(s for s in splits if s in r)), "diagnostics": d}
+                   for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
         "stopped_after_round": stopped_after,
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
@@ -191,7 +198,7 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
         fields = Template(cfg.template.text).fields
         write_jsonl(out_dir / "predictions.jsonl", [
             {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
-             "rounds": [r[s][i] for r in rounds]}
+             "rounds": [r[s][i] if s in r else None for r in rounds]}
             for s in splits for i, row in enumerate(data.test if s == "test" else data.train)])
     if labelled:
         write_results(out_dir, results)

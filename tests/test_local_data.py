@@ -431,3 +431,28 @@ def test_image_file_runs_through_the_vlm_script(tmp_path):
             "labelset.names=[cat,dog]", "template.text='<image>An image of {y}.<|endofchunk|>'",
             f"output_dir={tmp_path / 'bad'}"]))
     assert nothing_written(tmp_path / "bad")
+
+
+def test_own_images_split_into_pool_and_test_keep_their_last_pool_labels_under_the_original_protocol(tmp_path):
+    """protocol=original leaves a data set's pool unlabelled after the last round, as the original's vision script;
+    your own file's pool is labelled to the end (its predictions are what the run is for)."""
+    from PIL import Image
+
+    from joint_inference.uicl import run_classification
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "pics").mkdir()
+    for i in range(18):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "pics" / f"{i}.png")
+    path = write_csv(tmp_path / "photos.csv", ["file", "label"], [[f"pics/{i}.png", ["cat", "dog"][i % 2]]
+                                                                 for i in range(18)])
+    out = tmp_path / "run"
+    results = run_classification(compose("unsupervised_icl_vlm", [
+        "model=tiny_random_vlm", "dataset=local", f"dataset.path={path}", "dataset.image_field=file",
+        "dataset.label_field=label", "dataset.transductive=false", "labelset.names=[cat,dog]",
+        "template.text='<image>An image of {y}.<|endofchunk|>'", "protocol=original", "N=2", "T=2", "num_repeats=2",
+        "device=cpu", "progress=false", f"output_dir={out}"]))
+    assert all("train_accuracy" in r and r["diagnostics"] for r in results["rounds"])
+    columns, rows = read_predictions(out)
+    assert "round_2_label" in columns and len(rows) == 18
+    assert all(r["round_2_label"] in ("cat", "dog") for r in rows)

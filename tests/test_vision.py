@@ -301,7 +301,8 @@ def test_vision_protocol_original_draws_by_class_weight_and_relabels_the_pool_wi
         image_root, tmp_path, monkeypatch):
     """The original's vision script, run by its preset (+experiment=table3_openflamingo, here on a tiny random
     VLM): every train image the pool, every test image a query; each demonstration a class-weighted draw (no
-    quotas), the pool relabelled by one prompt per image, the test set by num_repeats prompts and their vote."""
+    quotas), the pool relabelled by one prompt per image, the test set by num_repeats prompts and their vote;
+    after the last round the pool is not relabelled."""
     import joint_inference.icl as icl
     from joint_inference.runs import run_icl as run
 
@@ -311,14 +312,23 @@ def test_vision_protocol_original_draws_by_class_weight_and_relabels_the_pool_wi
     for name, calls in (("class_weighted_support", weighted), ("balanced_support", quotas)):
         monkeypatch.setattr(icl, name, lambda *a, _f=getattr(icl, name), _c=calls, **k: _c.append(1) or _f(*a, **k))
     results = run(compose("unsupervised_icl_vlm", [
-        "+experiment=table3_openflamingo", "model=tiny_random_vlm", f"dataset.data_root={image_root}", "N=2", "T=1",
-        "num_repeats=3", "device=cpu", "progress=false", "supervised_icl=false", f"output_dir={tmp_path / 'run'}"]))
+        "+experiment=table3_openflamingo", "model=tiny_random_vlm", f"dataset.data_root={image_root}", "N=2", "T=2",
+        "num_repeats=3", "device=cpu", "progress=false", "supervised_icl=false", "save_predictions=true",
+        f"output_dir={tmp_path / 'run'}"]))
     assert (results["num_train"], results["num_test"]) == (30, 60)
     assert (results["settings"]["protocol"], results["settings"]["seed"]) == ("original", 42)
     stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
+    assert sorted(stages) == ["round_1/test", "round_1/train", "round_2/test", "zero_shot/test", "zero_shot/train"]
     assert np.array(stages["round_1/test"]["test_votes"]).shape == (60, 3)
     assert np.array(stages["round_1/train"]["train_votes"]).shape == (30, 1)
-    assert (len(weighted), len(quotas)) == (60 * 3 + 30, 0)
+    assert (len(weighted), len(quotas)) == (2 * 60 * 3 + 30, 0)
+    first, last = results["rounds"]
+    assert "train_accuracy" in first and first["diagnostics"]["flip_fraction"] is not None
+    assert "train_accuracy" not in last and last["diagnostics"] is None and "test_accuracy" in last
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["split"]: p["rounds"][1] is None for p in predictions} == {"train": True, "test": False}
+    assert "## Label-free diagnostics" in (tmp_path / "run" / "results.md").read_text()
+    assert results["timing"]["prompts_scored"] == 90 + 2 * 60 * 3 + 30  # zero-shot, the rounds' votes, one relabel
 
 
 @pytest.mark.slow
