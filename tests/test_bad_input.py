@@ -141,7 +141,9 @@ def hold_directory(args) -> None:
 def second_run_while_one_holds_the_directory(attempt):
     log = attempt.run_dir.parent / "holder.log"
     with log.open("w") as out:
-        holder = attempt.start("unsupervised_icl_llm", "T=1000", "num_repeats=3", stdout=out, stderr=out)
+        # the finished run's settings but many more rounds (T is not in a run's fingerprint): a run that goes on
+        # holding the directory, where a change of the fingerprint's keys would soon be refused and end it
+        holder = attempt.start("unsupervised_icl_llm", "T=100000", stdout=out, stderr=out)
     try:
         lock = attempt.run_dir / ".run" / "lock"
         for _ in range(600):
@@ -153,6 +155,7 @@ def second_run_while_one_holds_the_directory(attempt):
             pytest.fail(f"the first run never took the lock: {log.read_text()[-3000:]}")
         attempt.cli("unsupervised_icl_llm", "seed=3")
         assert f"pid {holder.pid} on " in attempt.stderr
+        assert holder.poll() is None, log.read_text()[-3000:]  # it held the directory all along
     finally:
         holder.kill()
         holder.wait()
