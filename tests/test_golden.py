@@ -38,8 +38,8 @@ WORDS = ["the", "a", "movie", "film", "was", "is", "good", "bad", "great", "awfu
 # keys whose values are measurements of the machine (wall clock, memory) or depend on them
 MEASURED = re.compile(r"second|timing|elapsed|per_hour|wall|throughput|memory")
 DURATION = re.compile(r"\b\d[\d.,]*\s?(s|min|h|hours?|minutes?|seconds?)\b")
-OUTPUTS = ("results.json", "results.md", "predictions.jsonl", "predictions.csv", "metrics.jsonl", "api_usage.json",
-           "summary.json")
+OUTPUTS = ("results.json", "results.md", "predictions.jsonl", "predictions.csv", "answers.jsonl", "metrics.jsonl",
+           "api_usage.json")
 
 TINY = ["model=tiny_random_llm", "device=cpu", "progress=false"]
 ICL = [*TINY, "forward_batch_size=4", "dataset.num_examples=24", "N=2", "T=2", "num_repeats=2"]
