@@ -17,8 +17,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.cli import launch, run_script
-from joint_inference.runs import run_icl as run
+from joint_inference.runs.cli import launch, run_script
+from joint_inference.runs.root import run_icl as run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_llm")

@@ -3,7 +3,7 @@
     python unsupervised_icl_vlm.py dataset=cifar100 model=openflamingo_4b
     python unsupervised_icl_vlm.py model=tiny_random_vlm dataset=cifar10 dataset.num_examples=60 N=2 T=1 num_repeats=1 device=cpu
 
-The rounds are the text ones (joint_inference.uicl); only the prompts hold images. Writes
+The rounds are the text ones (joint_inference.methods.uicl); only the prompts hold images. Writes
 results.json, results.md and rounds.png to the run directory; the same ``hydra.run.dir`` resumes.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.cli import launch, run_script
-from joint_inference.uicl import run_classification as run
+from joint_inference.runs.cli import launch, run_script
+from joint_inference.methods.uicl import run_classification as run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_icl_vlm")

@@ -12,7 +12,7 @@ reused through its key/value cache). The script checks that all three predict th
 and prints/writes the figures as JSON, with a paper round's seconds extrapolated from them, the
 matrix-product FLOPs each way does and its model FLOP utilisation (MFU) against a bf16 (fp32 for fp32
 models) matrix-product peak measured in the same run. ``--shape`` builds a random model of a real
-model's shape on the device (joint_inference/shapes.py): a GPU benchmark with no weights to download.
+model's shape on the device (joint_inference/models/shapes.py): a GPU benchmark with no weights to download.
 """
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
-from joint_inference.icl import balanced_support
-from joint_inference.models import load_model, resolve_dtype
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import Scorer, label_weights, split_body_head
-from joint_inference.settings import config_option
-from joint_inference.shapes import SHAPES, random_lm
-from joint_inference.tiny import synthetic_sentences
-from joint_inference.utils import report_figures, resolve_batch_size, resolve_device
+from joint_inference.methods.icl import balanced_support
+from joint_inference.models.language import load_model, resolve_dtype
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import Scorer, label_weights, split_body_head
+from joint_inference.core.settings import config_option
+from joint_inference.models.shapes import SHAPES, random_lm
+from joint_inference.models.tiny import synthetic_sentences
+from joint_inference.core.utils import report_figures, resolve_batch_size, resolve_device
 
 
 def load_sentences(n: int, words: int) -> tuple[list[dict], np.ndarray, str]:

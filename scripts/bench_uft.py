@@ -7,7 +7,7 @@
 ($DATA_ROOT, or the hub) in a temporary run directory, with evaluation pushed past the end. Extra
 Hydra overrides can follow ``--``.
 
-``--shape``: a random model of a real model's shape, built on the device (joint_inference/shapes.py),
+``--shape``: a random model of a real model's shape, built on the device (joint_inference/models/shapes.py),
 trains on synthetic SST-2-length sentences through the loop's own step (``finetune.train_step``, with
 the run's LoRA, estimator and optimiser settings) in four designs: our one copy of the weights (LoRA on
 for the task encoder, off for the reward) and a two-copy design (a second frozen copy loaded for the
@@ -51,13 +51,13 @@ def shape_figures(args) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from joint_inference.finetune import LMReward, LoraTaskEncoder, add_lora, make_optimizer, train_step
-    from joint_inference.models import resolve_dtype
-    from joint_inference.prompts import PromptEncoder, Template
-    from joint_inference.scoring import Scorer
-    from joint_inference.shapes import model_bytes, random_lm
-    from joint_inference.tiny import synthetic_sentences
-    from joint_inference.utils import atomic_write_json, resolve_device
+    from joint_inference.methods.finetune import LMReward, LoraTaskEncoder, add_lora, make_optimizer, train_step
+    from joint_inference.models.language import resolve_dtype
+    from joint_inference.prompts.templates import PromptEncoder, Template
+    from joint_inference.scoring.scorer import Scorer
+    from joint_inference.models.shapes import model_bytes, random_lm
+    from joint_inference.models.tiny import synthetic_sentences
+    from joint_inference.core.utils import atomic_write_json, resolve_device
 
     cfg = OmegaConf.load(REPO / "configs" / "unsupervised_ft_llm.yaml")
     estimator = OmegaConf.load(REPO / "configs" / "estimator" / "rao_marginalized.yaml")
@@ -146,7 +146,7 @@ def main() -> None:
 
     import transformers
 
-    from joint_inference.utils import report_figures
+    from joint_inference.core.utils import report_figures
 
     figures = shape_figures(args) if args.shape else run_figures(args)
     report_figures({**figures, "transformers": transformers.__version__}, args.out)

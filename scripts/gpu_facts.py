@@ -22,7 +22,7 @@ PACKAGES = ("torch", "torchvision", "transformers", "tokenizers", "huggingface_h
             "open_flamingo", "einops", "einops-exts", "timm", "ftfy", "numpy", "pandas", "pyarrow", "fsspec", "xxhash",
             "dill", "multiprocess", "pytest", "pytest-timeout", "flash-attn", "vllm")
 MODULES = ("hydra", "omegaconf", "datasets", "gguf", "transformers", "peft", "open_clip", "open_flamingo", "einops_exts",
-           "joint_inference.uicl", "joint_inference.uft", "joint_inference.openflamingo")
+           "joint_inference.methods.uicl", "joint_inference.methods.uft", "joint_inference.models.openflamingo")
 
 
 def versions() -> dict:

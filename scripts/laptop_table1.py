@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-from joint_inference.utils import atomic_write_json, atomic_write_text
+from joint_inference.core.utils import atomic_write_json, atomic_write_text
 
 TASKS = ["sst2", "subj", "trec", "ag_news", "rte", "boolq", "mnli"]
 # the splits ../shared/data holds for each task (the configs name the hub's training splits)

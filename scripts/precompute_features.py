@@ -1,4 +1,4 @@
-"""Compute the image features of a task once and cache them on disk (joint_inference.features).
+"""Compute the image features of a task once and cache them on disk (joint_inference.data.features).
 
     python scripts/precompute_features.py dataset=cifar100 model=openflamingo_4b
     python scripts/precompute_features.py dataset=cifar10 model=tiny_random_vlm dataset.num_examples=60 device=cpu
@@ -14,10 +14,10 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.cli import run_script
-from joint_inference.tasks import load_data, load_prompts
-from joint_inference.utils import resolve_device
-from joint_inference.vision_models import clip_features
+from joint_inference.runs.cli import run_script
+from joint_inference.data.tasks import load_data, load_prompts
+from joint_inference.core.utils import resolve_device
+from joint_inference.models.vision import clip_features
 
 log = logging.getLogger("precompute_features")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from joint_inference.tiny import WORDS, tiny_causal_lm, train_tokenizer  # noqa: F401
+from joint_inference.models.tiny import WORDS, tiny_causal_lm, train_tokenizer  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))

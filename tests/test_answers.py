@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from joint_inference.answers import (
+from joint_inference.methods.answers import (
     cut_after_answer,
     extract_choice,
     extract_number,

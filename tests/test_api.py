@@ -27,14 +27,14 @@ from omegaconf import OmegaConf
 pytest.importorskip("httpx")
 
 from joint_inference.api.client import APIClient, APIError, ClientSettings
-from joint_inference.api.generators import APIGenerator
-from joint_inference.api.mmmu import (MC, OPEN, MMMUFormat, open_correct, original_reading, question_row, read_choice,
+from joint_inference.scoring.api_generators import APIGenerator
+from joint_inference.methods.mmmu import (MC, OPEN, MMMUFormat, open_correct, original_reading, question_row, read_choice,
                                       read_open)
-from joint_inference.api.scoring import APIScorer
-from joint_inference.errors import ConfigError
-from joint_inference.generators import SamplingSettings
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import Scorer
+from joint_inference.scoring.api import APIScorer
+from joint_inference.core.errors import ConfigError
+from joint_inference.scoring.generators import SamplingSettings
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import Scorer
 from tests.conftest import REPO, compose, one_torch_thread, write_jsonl
 from tests.openai_server import OpenAICompatibleServer
 from tests.test_vllm_scoring import prompts_with_demonstrations
@@ -110,7 +110,7 @@ def posts(srv) -> list[dict]:
 # ------------------------------------------------------------------------------ classification
 def test_uicl_through_the_api_equals_backend_hf_and_a_second_run_is_answered_from_the_cache(
         tiny_llama_dir, tiny_sst2_root, tmp_path, server):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     want = run(hf_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "hf"))
     got = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "api", server.url))
@@ -208,7 +208,7 @@ def test_bad_set_ups_are_config_errors(tiny_llama, tiny_llama_dir, tiny_sst2_roo
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=5) as srv:
         with pytest.raises(APIError, match=r"refused the log-probs request \(logprobs=20\).*max_top_logprobs"):
             APIScorer(client(srv.url), encoder, "first").label_logprobs(prompts, labels)
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     with pytest.raises(ConfigError, match="needs the server's address"):
         run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "x", "null"))
@@ -247,7 +247,7 @@ def test_429_and_5xx_are_retried_with_backoff(tiny_llama, server):
 
 def test_a_server_stopped_mid_run_is_a_clear_error_and_the_rerun_resumes_from_the_cache(
         tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     model, tokenizer = tiny_llama
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as whole:
@@ -275,7 +275,7 @@ def key_leaks(directory: Path) -> list[str]:
 def test_the_key_is_sent_but_never_written(tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch, capsys):
     """$OPENAI_API_KEY set: every request carries it, no file of the run directory (results, state, cache, usage)
     holds it, and a refused key's error names the variable, not the key."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     model, tokenizer = tiny_llama
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -315,7 +315,7 @@ def test_the_key_never_reaches_hydras_files_or_the_console(tiny_llama, tiny_llam
 # ---------------------------------------------------------------------------------- dry run
 def test_dry_run_counts_requests_tokens_and_cost_and_sends_nothing(tiny_llama_dir, tiny_sst2_root, tmp_path,
                                                                    server, capsys):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     prices = ["model.price_per_million_input_tokens=2.5", "model.price_per_million_output_tokens=10"]
     summary = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", server.url, "dry_run=true", *prices,
@@ -338,7 +338,7 @@ QUESTIONS = [f"What is {i} plus {i + 1}?" for i in range(5)]
 
 
 def test_gsm8k_through_the_api_equals_backend_hf(tiny_llama_dir, tmp_path, server):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl",
                 [{"question": q, "answer": f"Add them.\n#### {2 * i + 1}"} for i, q in enumerate(QUESTIONS)])
@@ -439,7 +439,7 @@ def decoded(url: str):
 
 
 def test_mmmu_prompts_follow_the_original(mmmu_root):
-    from joint_inference.api.mmmu import load_subject
+    from joint_inference.methods.mmmu import load_subject
 
     cfg = compose(PRIMARY, ["+experiment=mmmu_gpt4o", f"dataset.data_root={quoted(mmmu_root)}"])
     assert (cfg.backend, cfg.model.name, cfg.model.endpoint, cfg.dataset.name) == ("openai", "gpt-4o-2024-08-06",
@@ -491,7 +491,7 @@ def test_mmmu_answers_are_read_as_the_protocol_says():
 def test_mmmu_demonstration_pool_follows_the_protocol():
     """The original lets every open response demonstrate, read or not, and a multiple-choice one only where its
     "answer:" pattern reads it; clean asks both for a stated final answer."""
-    from joint_inference.api.mmmu import MMMUTask, round_prompts
+    from joint_inference.methods.mmmu import MMMUTask, round_prompts
 
     rows = [{"id": str(i), "question_type": kind, "question": f"q{i}", "options": ["x", "y"] if kind == MC else [],
              "answer": "A" if kind == MC else "1", "image_urls": []}
@@ -526,7 +526,7 @@ def mmmu_responder(messages):
 
 
 def test_mmmu_rounds_through_the_api(mmmu_root, tiny_llama, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     model, tokenizer = tiny_llama
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, chat_responder=mmmu_responder) as srv:
@@ -567,7 +567,7 @@ def test_mmmu_rounds_through_the_api(mmmu_root, tiny_llama, tmp_path):
 
 
 def test_mmmu_pro_and_resume(mmmu_root, tiny_llama, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     model, tokenizer = tiny_llama
     cfg = ["+experiment=mmmu_gpt4o", "dataset=mmmu_pro", f"dataset.data_root={quoted(mmmu_root)}",

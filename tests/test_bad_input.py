@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from joint_inference.cli import check_command_line
-from joint_inference.errors import exit_on_config_error
-from joint_inference.rundir import run_directory
-from joint_inference.tiny import WORDS
+from joint_inference.runs.cli import check_command_line
+from joint_inference.core.errors import exit_on_config_error
+from joint_inference.runs.rundir import run_directory
+from joint_inference.models.tiny import WORDS
 from tests.conftest import CONFIG_DIR, REPO, compose, write_jsonl
 
 ICL = ["model.embedded=null", "model.name=tiny", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=1",
@@ -56,7 +56,7 @@ def finished(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
         "unsupervised_icl_llm", tiny_llama_dir, root / "data", root / "icl")], check=False, capture_output=True,
         text=True, cwd=root, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from joint_inference.uft import run_finetuning as run
+    from joint_inference.methods.uft import run_finetuning as run
 
     run(compose("unsupervised_ft_llm", [f"model.pretrained={tiny_llama_dir}", f"dataset.data_root={root / 'data'}",
                                         *FT, f"output_dir={root / 'ft'}"]))
@@ -94,14 +94,14 @@ class Attempt:
         self.code, self.stderr = stop.value.code, self.capsys.readouterr().err
 
     def icl(self, *overrides: str) -> None:
-        from joint_inference.runs import run_icl as run
+        from joint_inference.runs.root import run_icl as run
 
         self.call(run, compose("unsupervised_icl_llm", [f"model.pretrained={self.model_dir}",
                                                         f"dataset.data_root={self.data_root}", *ICL,
                                                         f"output_dir={self.run_dir}", *overrides]))
 
     def ft(self, *overrides: str) -> None:
-        from joint_inference.uft import run_finetuning as run
+        from joint_inference.methods.uft import run_finetuning as run
 
         self.call(run, compose("unsupervised_ft_llm", [f"model.pretrained={self.model_dir}",
                                                        f"dataset.data_root={self.data_root}", *FT,
@@ -321,7 +321,7 @@ def test_bad_input_is_refused_and_changes_nothing(name, finished, tiny_llama_dir
 
 def test_rows_that_cannot_be_scored_are_left_out_and_counted(finished, tiny_llama_dir, tmp_path):
     """dataset.on_bad_row=skip: the run samples among the good rows and results.json says how many it left out."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     rows = sst2_rows()
     rows[5]["sentence"] = None

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from joint_inference.icl import icl_predict, label_free_diagnostics
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import Scorer
+from joint_inference.methods.icl import icl_predict, label_free_diagnostics
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import Scorer
 from tests.test_icl import icl_config
 
 
@@ -56,7 +56,7 @@ def test_label_logprob_is_the_majority_labels_log_prob_averaged_over_votes(tiny_
 
 
 def test_a_run_records_each_rounds_diagnostics_and_can_stop_on_them(tiny_llama_dir, tiny_sst2_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "T=3"))
     stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from joint_inference.estimators import ESTIMATORS, batch_entropy, surrogate_loss
+from joint_inference.methods.estimators import ESTIMATORS, batch_entropy, surrogate_loss
 
 N = 3
 SAMPLES = 200_000

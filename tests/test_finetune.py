@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from joint_inference.errors import ConfigError
-from joint_inference.finetune import (
+from joint_inference.core.errors import ConfigError
+from joint_inference.methods.finetune import (
     CalibratedTaskEncoder,
     LinearTaskEncoder,
     LMReward,
@@ -23,12 +23,12 @@ from joint_inference.finetune import (
     make_optimizer,
     train_step,
 )
-from joint_inference.icl import zero_shot_logprobs
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.results import wilson_interval
-from joint_inference.scoring import Scorer
-from joint_inference.tasks import load_data, text_prompts
-from joint_inference.uft import run_finetuning as run
+from joint_inference.methods.icl import zero_shot_logprobs
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.reporting.results import wilson_interval
+from joint_inference.scoring.scorer import Scorer
+from joint_inference.data.tasks import load_data, text_prompts
+from joint_inference.methods.uft import run_finetuning as run
 from tests.conftest import SHARED_DATA, WORDS, compose
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
@@ -229,7 +229,7 @@ def test_a_cosine_run_interrupted_mid_schedule_resumes_to_the_uninterrupted_weig
         tmp_path, tiny_llama_dir, tiny_sst2_root, monkeypatch):
     """The scheduler's place in a warm-up + cosine schedule is restored with the weights and the optimizer: a run
     killed after step 4 of 6 and started again ends with the weights of a run never stopped."""
-    import joint_inference.finetune as finetune
+    import joint_inference.methods.finetune as finetune
 
     settings = ["num_iterations=6", "ckpt_freq=2", "optimization.schedule=cosine", "optimization.warmup_steps=2",
                 "optimization.lr=1e-3", "optimization.min_lr=1e-5"]
@@ -300,7 +300,7 @@ def test_calibrated_task_encoder_divides_out_the_frozen_models_prior(tmp_path, t
                                                                      monkeypatch):
     """The task encoder that fit trains and evaluates: log q(y|x) minus the log of the frozen model's mean
     zero-shot label probabilities over the unlabelled pool (the calibrated reward's prior)."""
-    from joint_inference import uft
+    from joint_inference.methods import uft
 
     trained = []
     monkeypatch.setattr(uft, "fit", lambda encoder, *args, fit=uft.fit, **kwargs: trained.append(encoder)

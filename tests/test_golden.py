@@ -211,7 +211,7 @@ def same(got, want, where: str = "") -> list[str]:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, request) -> dict[str, dict]:
     """The outputs of every case selected (``-k``), two runs at a time (one torch thread each)."""
-    from joint_inference.tiny import tiny_causal_lm
+    from joint_inference.models.tiny import tiny_causal_lm
     from tests.openai_server import OpenAICompatibleServer
 
     root = tmp_path_factory.mktemp("golden")

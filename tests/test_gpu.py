@@ -4,7 +4,7 @@ fp32 scores on the GPU equal the CPU's; bf16 stays within a stated tolerance and
 shared demonstrations equal whole prompts; a real out-of-memory halves the batch without changing a
 prediction; UICL and fine-tuning runs resume; OpenFlamingo, built by its own package, runs a UICL round
 and a UFT step, and its cached CLIP tokens score as its pixels do. Models are random, of real shapes
-where the shape matters (joint_inference/shapes.py). Skipped without CUDA; ``GPU_TESTS_DEVICE=cpu``
+where the shape matters (joint_inference/models/shapes.py). Skipped without CUDA; ``GPU_TESTS_DEVICE=cpu``
 runs them on the CPU on fewer prompts (all but the out-of-memory check), to check the checks.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from joint_inference.prompts import PromptEncoder
-from joint_inference.scoring import Scorer
-from joint_inference.shapes import random_lm
-from joint_inference.tiny import synthetic_sentences, train_tokenizer
+from joint_inference.prompts.templates import PromptEncoder
+from joint_inference.scoring.scorer import Scorer
+from joint_inference.models.shapes import random_lm
+from joint_inference.models.tiny import synthetic_sentences, train_tokenizer
 from tests.conftest import compose
 from tests.test_scoring import MULTI, SINGLE, TEMPLATE, make_prompts
 
@@ -119,8 +119,8 @@ def test_shared_demonstrations_equal_whole_prompts(request, model_name, dtype):
 def test_out_of_memory_halves_the_batch_and_keeps_the_predictions(gemma_shaped, tiny_sst2_root, tmp_path, caplog):
     """A UICL run at batch 4, then the same run at batch 64 in a memory budget (set_per_process_memory_fraction)
     of 3 batches of 4: real CUDA out-of-memory errors halve the batch, and the predictions do not change."""
-    from joint_inference.tasks import load_data, text_prompts
-    from joint_inference.uicl import run_classification
+    from joint_inference.data.tasks import load_data, text_prompts
+    from joint_inference.methods.uicl import run_classification
 
     model, tokenizer = gemma_shaped
 
@@ -159,7 +159,7 @@ def test_uicl_run_on_the_device_resumes_and_predicts_as_on_the_cpu(tiny_llama_di
                                                                      monkeypatch):
     """Three rounds on the device; the same run interrupted two thirds of the way through and started again
     ends with the same results; the CPU predicts the same."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
     from tests.test_icl import icl_config
 
     def config(name, device=DEVICE):
@@ -198,7 +198,7 @@ def test_uicl_run_on_the_device_resumes_and_predicts_as_on_the_cpu(tiny_llama_di
 def test_fine_tuning_on_the_device_checkpoints_and_resumes(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """LoRA on the one model copy (the reward is the same weights with the adapters off), a checkpoint
     every 2 steps; a run stopped at step 3 and resumed to 6 ends where a straight run to 6 does."""
-    from joint_inference.uft import run_finetuning as run
+    from joint_inference.methods.uft import run_finetuning as run
     from tests.test_finetune import overrides
 
     def train(name, steps):
@@ -222,7 +222,7 @@ def test_fine_tuning_on_the_device_checkpoints_and_resumes(tiny_llama_dir, tiny_
 def test_fine_tuning_a_4bit_model_trains_its_adapters(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """model.load_in_4bit: the frozen weights in NF4, the LoRA adapters (the only trainable weights) move, the
     losses stay finite, and the adapter is saved."""
-    from joint_inference.uft import run_finetuning as run
+    from joint_inference.methods.uft import run_finetuning as run
     from tests.test_finetune import overrides
 
     results = run(compose("unsupervised_ft_llm", overrides(tmp_path, tiny_llama_dir, tiny_sst2_root, "num_iterations=2",
@@ -295,9 +295,9 @@ def test_openflamingo_cached_clip_tokens_score_as_pixels(tiny_openflamingo, open
     conditioned on its own images) against OpenFlamingo's own forward from pixels, fp32."""
     import open_flamingo
 
-    from joint_inference.openflamingo import load_openflamingo_prompts
-    from joint_inference.scoring import minimal_prefix_lengths
-    from joint_inference.tasks import load_data
+    from joint_inference.models.openflamingo import load_openflamingo_prompts
+    from joint_inference.scoring.scorer import minimal_prefix_lengths
+    from joint_inference.data.tasks import load_data
 
     root, _ = tiny_openflamingo
     cfg = compose("unsupervised_icl_vlm", [*openflamingo_overrides, "model.dtype=float32"])
@@ -331,8 +331,8 @@ def test_openflamingo_cached_clip_tokens_score_as_pixels(tiny_openflamingo, open
 
 def test_openflamingo_runs_a_uicl_round_and_a_fine_tuning_step(openflamingo_overrides, tmp_path):
     """On the device in the model's default dtype (bf16 on GPUs that support it)."""
-    from joint_inference.runs import run_icl as uicl
-    from joint_inference.uft import run_finetuning as fine_tune
+    from joint_inference.runs.root import run_icl as uicl
+    from joint_inference.methods.uft import run_finetuning as fine_tune
 
     icl = uicl(compose("unsupervised_icl_vlm", [*openflamingo_overrides, "N=2", "T=1", "num_repeats=1",
                                                 f"output_dir={tmp_path / 'uicl'}"]))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from joint_inference.models import cache_dir
-from joint_inference.shapes import SHAPES
+from joint_inference.models.language import cache_dir
+from joint_inference.models.shapes import SHAPES
 from tests.conftest import REPO
 
 
@@ -34,7 +34,7 @@ def test_kit_runs_the_benchmarks_on_a_tiny_shape_and_records_each_stage(tmp_path
     assert all(s["exit"] == 0 and s["seconds"] <= s["limit"] for s in stages.values())
     facts = json.loads((tmp_path / "out" / "facts.json").read_text())
     assert facts["machine"]["cuda_available"] is False
-    assert facts["after_install"]["import_errors"]["joint_inference.uicl"] is None
+    assert facts["after_install"]["import_errors"]["joint_inference.methods.uicl"] is None
 
     scoring = json.loads((tmp_path / "out" / "gpu_scoring_tiny.json").read_text())
     assert scoring["predictions_agree"] and scoring["shared_predictions_agree"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from joint_inference.errors import ConfigError
-from joint_inference.icl import balanced_support, class_weighted_support, majority_vote
+from joint_inference.core.errors import ConfigError
+from joint_inference.methods.icl import balanced_support, class_weighted_support, majority_vote
 from tests.conftest import REPO, compose, torchrun_two
 
 # ----------------------------------------------------------------------------- sampling and voting
@@ -124,7 +124,7 @@ def icl_config(model_dir, data_root, out_dir, *extra):
 
 
 def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "save_predictions=true"))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -148,7 +148,7 @@ def test_run_writes_results_and_predictions(tiny_llama_dir, tiny_sst2_root, tmp_
 def test_original_protocol_is_one_setting_away_and_recorded(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """protocol=original runs (N may exceed the pool: draws are with replacement) and says which
     protocol ran, in results.json and in the run's fingerprint."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     clean = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "clean"))
     original = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "original", "protocol=original"))
@@ -165,8 +165,8 @@ def test_original_protocol_is_one_setting_away_and_recorded(tiny_llama_dir, tiny
 def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
     """Same seed -> same predictions; scrambling the gold labels of the same sample changes the
     accuracies and the supervised baseline, never a zero-shot or unsupervised prediction."""
-    import joint_inference.uicl as uicl
-    from joint_inference.runs import run_icl as run
+    import joint_inference.methods.uicl as uicl
+    from joint_inference.runs.root import run_icl as run
 
     def predictions(name):
         results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "save_predictions=true"))
@@ -196,8 +196,8 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
 def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
     """Every prompt's demonstration labels equal the current pseudo-labels (or, for the
     supervised baseline only, the gold labels) -- recorded at the scorer boundary."""
-    import joint_inference.icl as icl
-    from joint_inference.runs import run_icl as run
+    import joint_inference.methods.icl as icl
+    from joint_inference.runs.root import run_icl as run
 
     calls = []
     original = icl.icl_predict
@@ -206,7 +206,7 @@ def test_gold_labels_never_reach_a_prompt(tiny_llama_dir, tiny_sst2_root, tmp_pa
         calls.append((kw["rng_key"], np.array(pool_labels)))
         return original(scorer, pool, pool_labels, queries, **kw)
 
-    monkeypatch.setattr("joint_inference.uicl.icl_predict", spy)
+    monkeypatch.setattr("joint_inference.methods.uicl.icl_predict", spy)
     run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "save_predictions=true"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
@@ -225,9 +225,9 @@ def test_a_run_interrupted_inside_a_stage_redoes_only_the_unfinished_split(tiny_
                                                                          monkeypatch):
     """Round 2 stops after scoring its test prompts: the restart scores round 2's unlabelled pool and
     nothing else, and the results equal an uninterrupted run's."""
-    import joint_inference.uicl as uicl
-    from joint_inference.runs import run_icl as run
-    from joint_inference.scoring import Scorer
+    import joint_inference.methods.uicl as uicl
+    from joint_inference.runs.root import run_icl as run
+    from joint_inference.scoring.scorer import Scorer
 
     full = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "full"))
     original_predict, original_score = uicl.icl_predict, Scorer.label_logprobs
@@ -262,7 +262,7 @@ def test_a_run_interrupted_inside_a_stage_redoes_only_the_unfinished_split(tiny_
 
 
 def test_bad_input_errors(tiny_llama_dir, tiny_sst2_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     with pytest.raises(ConfigError, match="larger than the unlabelled pool"):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "a", "N=16"))
@@ -298,7 +298,7 @@ def test_cli_exit_codes_and_multirun(tiny_llama_dir, tiny_sst2_root, tmp_path):
 def test_shared_support_with_blocks_of_one_equals_per_query(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """Blocks of one query draw exactly the per-query demonstrations; the key/value-cached
     scoring must then reproduce every prediction."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     def predictions(name, *extra):
         results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, "save_predictions=true", *extra))
@@ -324,7 +324,7 @@ def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
     script.write_text(
         "import json\n"
         "import torch\n"
-        "from joint_inference.distributed import process_state, shard_map\n"
+        "from joint_inference.core.distributed import process_state, shard_map\n"
         "rank = process_state().process_index\n"
         "out = shard_map(lambda idx: [torch.tensor([i, rank]) for i in idx], 7)\n"
         "open(f'rank{rank}.json', 'w').write(json.dumps([t.tolist() for t in out]))\n")
@@ -339,7 +339,7 @@ def test_shard_map_splits_work_over_processes_and_gathers_in_order(tmp_path):
 def test_two_processes_shard_queries_with_the_same_predictions(tiny_llama_dir, tiny_sst2_root, tmp_path, sampling):
     """Two CPU processes (torchrun; `accelerate launch` sets up GPU processes the same way) split
     the prompts and gather the scores: the predictions equal one process's under the same seed."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     args = [f"model.pretrained={tiny_llama_dir}", "model.embedded=null", "model.name=tiny",
             f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",

@@ -23,14 +23,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gemma():
-    from joint_inference.models import load_model
+    from joint_inference.models.language import load_model
 
     return load_model(compose("unsupervised_icl_llm", ["model=gemma3_270m"]).model, torch.device("cpu"))
 
 
 def test_real_model_scorer_matches_full_logits(gemma):
-    from joint_inference.prompts import PromptEncoder, Template
-    from joint_inference.scoring import Scorer
+    from joint_inference.prompts.templates import PromptEncoder, Template
+    from joint_inference.scoring.scorer import Scorer
 
     model, tokenizer = gemma
     encoder = PromptEncoder(tokenizer, Template("{sentence}\nThe sentiment of the sentence is {y}."),
@@ -51,7 +51,7 @@ def test_real_model_scorer_matches_full_logits(gemma):
 
 @pytest.mark.slow
 def test_real_model_unsupervised_icl_run(tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     cfg = compose("unsupervised_icl_llm", [
         "model=gemma3_270m", "dataset=sst2", f"dataset.data_root={SHARED_DATA}", "dataset.num_examples=90",

@@ -16,8 +16,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import FOLDING_MODES, label_weights, resolve_label_mode
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import FOLDING_MODES, label_weights, resolve_label_mode
 from tests.conftest import CONFIG_DIR, compose
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def tokenizers(request):
     """(our tokenizer, a copy with the original's marker token added)."""
     if importlib.util.find_spec(MODELS[request.param]) is None:
         pytest.skip(f"embedded {request.param} absent")
-    from joint_inference.models import load_tokenizer
+    from joint_inference.models.language import load_tokenizer
 
     tokenizer = load_tokenizer(compose("unsupervised_icl_llm", [f"model={request.param}"]).model)
     marked = copy.deepcopy(tokenizer)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from joint_inference.errors import ConfigError
-from joint_inference.tiny import WORDS
+from joint_inference.core.errors import ConfigError
+from joint_inference.models.tiny import WORDS
 from tests.conftest import REPO, compose
 
 NAMES = ["negative", "positive"]
@@ -53,7 +53,7 @@ def local_config(model_dir, path, out_dir, *extra, script="unsupervised_icl_llm"
 
 
 def run_icl(cfg):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     return run(cfg)
 
@@ -70,7 +70,7 @@ def nothing_written(out: Path) -> bool:
 
 # ----------------------------------------------------------------------------------- predict-only
 def test_predict_only_run_writes_every_rounds_labels_and_no_accuracy(tiny_llama_dir, tmp_path, monkeypatch):
-    from joint_inference import scoring
+    from joint_inference.scoring import scorer as scoring
 
     scored_tokens = []
     assemble = scoring.assemble_prompts
@@ -161,7 +161,7 @@ def test_csv_jsonl_json_and_parquet_read_the_same_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from joint_inference.own_data import read_table
+    from joint_inference.data.files import read_table
 
     rows = [{"text": "a, quoted\nline", "n": "1"}, {"text": 'say "hi"', "n": "2"}]
     write_csv(tmp_path / "t.csv", ["text", "n"], [[r["text"], r["n"]] for r in rows])
@@ -193,7 +193,7 @@ def lowercasing_model_dir(tmp_path_factory):
     """A tiny Llama whose tokenizer lower-cases its input: "Good" and "good" are the same tokens."""
     from tokenizers import normalizers
 
-    from joint_inference.tiny import tiny_causal_lm
+    from joint_inference.models.tiny import tiny_causal_lm
 
     directory = tmp_path_factory.mktemp("lowercasing")
     model, tokenizer = tiny_causal_lm("llama")
@@ -289,7 +289,7 @@ def test_command_line_error_exits_2_and_the_typed_template_needs_no_hydra_quotes
 
 
 def test_quote_typed_templates():
-    from joint_inference.cli import quote_typed_templates
+    from joint_inference.runs.cli import quote_typed_templates
 
     assert quote_typed_templates(["N=2", "template.text={text}\\nIt's {y}."]) == [
         "N=2", "template.text='{text}\\nIt\\'s {y}.'"]
@@ -329,7 +329,7 @@ def test_dry_run_counts_equal_a_direct_count_and_write_nothing(tiny_llama_dir, t
 
 
 def test_estimate_uses_the_benchmark_nearest_in_n(tmp_path):
-    from joint_inference.dry_run import throughput
+    from joint_inference.runs.planning import throughput
 
     got = throughput("gemma3_270m", "cpu", "float32", 8)
     figures = json.loads((REPO / "benchmarks" / "cpu_gemma3_270m_N8.json").read_text())
@@ -339,7 +339,7 @@ def test_estimate_uses_the_benchmark_nearest_in_n(tmp_path):
 
 
 def test_a_long_cpu_run_stops_with_the_estimate_unless_allowed(tiny_llama_dir, tmp_path, monkeypatch):
-    from joint_inference import dry_run
+    from joint_inference.runs import planning as dry_run
 
     slow = {"tokens_per_s": 1.0, "benchmark": "benchmarks/slow.json", "N": 2, "dtype": "float32", "cpu_count": 2,
             "gpu": None}
@@ -357,7 +357,7 @@ def test_a_long_cpu_run_stops_with_the_estimate_unless_allowed(tiny_llama_dir, t
 
 # ------------------------------------------------------------------------------------- fine-tuning
 def test_finetuning_without_labels_writes_the_pools_labels(tiny_llama_dir, tmp_path):
-    from joint_inference.uft import run_finetuning
+    from joint_inference.methods.uft import run_finetuning
 
     out = tmp_path / "run"
     results = run_finetuning(local_config(tiny_llama_dir, reviews(tmp_path), out, script="unsupervised_ft_llm"))
@@ -382,7 +382,7 @@ def test_finetuning_without_labels_writes_the_pools_labels(tiny_llama_dir, tmp_p
 
 
 def test_finetuning_dry_run(tiny_llama_dir, tmp_path):
-    from joint_inference.uft import run_finetuning
+    from joint_inference.methods.uft import run_finetuning
 
     out = tmp_path / "run"
     plan = run_finetuning(local_config(tiny_llama_dir, reviews(tmp_path), out, "dry_run=true",
@@ -409,7 +409,7 @@ def test_image_file_runs_through_the_vlm_script(tmp_path):
     """dataset.image_field: a column of image paths, relative to the file's folder."""
     from PIL import Image
 
-    from joint_inference.uicl import run_classification
+    from joint_inference.methods.uicl import run_classification
 
     rng = np.random.default_rng(0)
     (tmp_path / "pics").mkdir()
@@ -438,7 +438,7 @@ def test_own_images_split_into_pool_and_test_keep_their_last_pool_labels_under_t
     your own file's pool is labelled to the end (its predictions are what the run is for)."""
     from PIL import Image
 
-    from joint_inference.uicl import run_classification
+    from joint_inference.methods.uicl import run_classification
 
     rng = np.random.default_rng(0)
     (tmp_path / "pics").mkdir()

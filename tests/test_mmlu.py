@@ -10,10 +10,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from joint_inference.errors import ConfigError
-from joint_inference.scoring import Scorer
-from joint_inference.subjects import subject_config
-from joint_inference.tasks import load_data
+from joint_inference.core.errors import ConfigError
+from joint_inference.scoring.scorer import Scorer
+from joint_inference.methods.subjects import subject_config
+from joint_inference.data.tasks import load_data
 from tests.conftest import SHARED_DATA, WORDS, compose, one_torch_thread, write_jsonl
 
 # subject: (test questions, validation questions); abstract_algebra's validation split is smaller than N
@@ -67,7 +67,7 @@ def scored(monkeypatch):
 @pytest.fixture()
 def model_loads(monkeypatch):
     """How many times a run loads the model."""
-    import joint_inference.tasks as tasks
+    import joint_inference.data.tasks as tasks
 
     loads, original = [], tasks.load_model
     monkeypatch.setattr(tasks, "load_model", lambda *a, **kw: loads.append(1) or original(*a, **kw))
@@ -79,7 +79,7 @@ def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_
     """At the scorer boundary: every query is a test question; supervised demonstrations are validation
     questions of the query's subject, unsupervised ones other test questions of that subject. The
     template keeps the subject's underscores."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     calls, seen = scored
     results = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run"))
@@ -115,7 +115,7 @@ def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_
 
 
 def test_macro_and_micro_averages_equal_the_per_subject_results(tiny_llama_dir, mmlu_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     results = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run", "save_predictions=true"))
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -148,8 +148,8 @@ def test_macro_and_micro_averages_equal_the_per_subject_results(tiny_llama_dir, 
 
 def test_interrupted_run_resumes_at_the_subject_and_stage_where_it_stopped(tiny_llama_dir, mmlu_root, tmp_path,
                                                                           monkeypatch, scored, model_loads):
-    import joint_inference.uicl as uicl
-    from joint_inference.runs import run_icl as run
+    import joint_inference.methods.uicl as uicl
+    from joint_inference.runs.root import run_icl as run
 
     calls, _ = scored
     full = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "full"))
@@ -185,7 +185,7 @@ def test_interrupted_run_resumes_at_the_subject_and_stage_where_it_stopped(tiny_
 
 
 def test_one_subject_runs_transductively_or_by_the_sampled_protocol(tiny_llama_dir, mmlu_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     one = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "one", "dataset.subject=anatomy"))
     assert (tmp_path / "one" / "results.json").exists() and not (tmp_path / "one" / "subjects").exists()
@@ -210,7 +210,7 @@ def test_num_examples_caps_each_subject_with_a_seeded_subset(tiny_llama_dir, mml
 
 
 def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     cfg = compose("unsupervised_icl_llm", ["dataset=mmlu", f"dataset.data_root={mmlu_root}", "dataset.subject=astrology",
                                            f"output_dir={tmp_path}"])
@@ -226,7 +226,7 @@ def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_pat
 @pytest.mark.skipif(not (SHARED_DATA / "mmlu" / "test.jsonl").exists(), reason="needs ../shared/data/mmlu")
 def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads):
     """The whole command on the real files: 57 subjects, 4 questions each, one model load."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     cfg = compose("unsupervised_icl_llm", [
         "dataset=mmlu", "model=tiny_random_llm", "+model.random_init.max_position_embeddings=16384",

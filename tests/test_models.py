@@ -9,9 +9,9 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-import joint_inference.models as models
-from joint_inference.errors import ConfigError
-from joint_inference.settings import config_option
+import joint_inference.models.language as models
+from joint_inference.core.errors import ConfigError
+from joint_inference.core.settings import config_option
 
 
 def test_load_in_4bit_asks_transformers_for_nf4_weights_placed_on_the_gpu(monkeypatch):

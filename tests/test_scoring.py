@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from joint_inference.errors import ConfigError
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import Scorer, minimal_prefix_lengths, resolve_label_mode
+from joint_inference.core.errors import ConfigError
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths, resolve_label_mode
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
 SENTENCES = ["the movie was good", "awful boring plot", "a great story and fun actors", "not very good",
@@ -117,7 +117,7 @@ def test_softcapped_logits_match_reference():
     """Gemma-style final-logit soft-capping is applied on the label columns too."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from joint_inference.tiny import train_tokenizer
+    from joint_inference.models.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(add_bos=True)
     config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
@@ -232,7 +232,7 @@ def test_template_errors():
 def tiny_gemma3(sliding_window: int):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from joint_inference.tiny import train_tokenizer
+    from joint_inference.models.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(add_bos=True)
     config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,

@@ -1,4 +1,4 @@
-"""Every backend's scorer implements :class:`~joint_inference.scoring.LabelScorer`, the one interface that
+"""Every backend's scorer implements :class:`~joint_inference.scoring.scorer.LabelScorer`, the one interface that
 zero-shot, ICL and UICL call: each protocol method exists and can be called as the protocol's (the same
 parameters, kinds and defaults; more only with defaults), and each data member is set on an instance.
 The vLLM scorer is checked without vLLM installed: its module imports vLLM only when an engine is built."""
@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 from joint_inference.api.client import ClientSettings
-from joint_inference.api.scoring import APIScorer
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import LabelScorer, Scorer
-from joint_inference.vllm_scoring import VLLMScorer
+from joint_inference.scoring.api import APIScorer
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import LabelScorer, Scorer
+from joint_inference.scoring.vllm import VLLMScorer
 
 SCORERS = [Scorer, VLLMScorer, APIScorer]
 OPTIONAL = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from joint_inference.errors import ConfigError
+from joint_inference.core.errors import ConfigError
 from omegaconf import OmegaConf
 
-from joint_inference.settings import (SCHEMAS, CausalLMSettings, ImageClassificationSettings, LocalDataSettings,
+from joint_inference.core.settings import (SCHEMAS, CausalLMSettings, ImageClassificationSettings, LocalDataSettings,
                                       MMLUSettings, OpenFlamingoSettings, TextClassificationSettings, check_settings,
                                       config_option, dataset_schema, model_schema, options)
 from tests.conftest import REPO, compose, write_jsonl
@@ -55,8 +55,8 @@ CLASSIFICATION_PRESETS = [n for n in sorted(EXPERIMENTS) if EXPERIMENTS[n].endsw
 def test_every_classification_preset_dry_runs(name, tmp_path, capsys):
     """The preset's settings, counted on 300 SST-2-like rows with a tiny model's tokenizer (its own cannot be
     downloaded here): the plan has the preset's rounds (or steps) and nothing is written."""
-    from joint_inference.runs import run_icl
-    from joint_inference.uft import run_finetuning
+    from joint_inference.runs.root import run_icl
+    from joint_inference.methods.uft import run_finetuning
 
     script = EXPERIMENTS[name]
     rows = [{"idx": i, "sentence": f"a film number {i} of the year", "label": i % 2} for i in range(300)]

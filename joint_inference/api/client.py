@@ -32,8 +32,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..utils import atomic_write_json
+from ..core.errors import ConfigError
+from ..core.utils import atomic_write_json
 from .cache import RequestCache, request_key
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ class DryRunClient(APIClient):
 
 
 def make_client(cfg, count_text: Callable[[str], int] | None = None) -> APIClient:
-    """The client of a run (a :class:`DryRunClient` while :func:`~joint_inference.api.dry_run.dry_run` runs)."""
+    """The client of a run (a :class:`DryRunClient` while :func:`~joint_inference.runs.api_dry_run.dry_run` runs)."""
     settings = settings_from_config(cfg)
     if DRY_RUN:
         return DryRunClient(settings, DRY_RUN["tally"], DRY_RUN["output_tokens"], count_text,

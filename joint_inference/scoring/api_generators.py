@@ -1,0 +1,96 @@
+"""Generation through an OpenAI-compatible server, the interface of the local generators:
+
+    generator.generate(prompts, num_samples, seed=0) -> list[list[str]]   # num_samples texts per prompt
+
+A prompt is a text (GSM8K, MMLU-Pro: sent to ``/completions`` as is, or with ``model.endpoint=chat`` as one user
+message) or a list of chat messages (MMMU: always ``/chat/completions``). Every response is cut with
+:func:`~joint_inference.scoring.generators.cut_at_stop` as the local backends cut theirs, so answer extraction sees
+the same text: the template's ``stop`` strings also go to the server (at most ``model.max_stop_strings``; OpenAI
+takes 4), its ``stop_after`` strings ("answer is (C)", kept) are applied here only (servers drop a stop
+string from the text), so tokens after them are generated and paid for. Temperature 0 is greedy: one request
+per prompt, its text repeated for the samples; otherwise one request asks ``n=num_samples`` with a seed.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..core.errors import ConfigError
+from .generators import SamplingSettings, cut_at_stop
+from ..api.client import DRY_RUN, ENDPOINTS, APIClient, make_client
+
+log = logging.getLogger(__name__)
+
+
+def stand_in_response(tokens: int) -> str:
+    """A dry run's response: about ``tokens`` tokens ending in statements every task reads (GSM8K's number,
+    MMLU-Pro's "answer is (A)", MMMU's "Answer: A"), so the rounds have a pool of demonstrations."""
+    return "x " * max(0, tokens - 16) + "The answer is 0. So the answer is (A).\nAnswer: A"
+
+
+class APIGenerator:
+    def __init__(self, client: APIClient, settings: SamplingSettings, endpoint: str = "completions",
+                 max_stop_strings: int = 4, seed: int | None = None):
+        if endpoint not in ENDPOINTS:
+            raise ConfigError(f"model.endpoint must be one of {list(ENDPOINTS)}, got {endpoint!r}")
+        self.client, self.settings, self.endpoint = client, settings, endpoint
+        self.stop = list(settings.stop)[:max_stop_strings] if max_stop_strings else []
+        if len(settings.stop) > len(self.stop):
+            log.info("sending %d of the %d stop strings to the server (model.max_stop_strings); all of them cut the "
+                     "responses here", len(self.stop), len(settings.stop))
+        self.seed = seed  # sent with greedy requests too when set (the original MMMU script sends seed=0)
+
+    def body(self, prompt, n: int, seed: int) -> tuple[str, dict]:
+        s = self.settings
+        fields: dict = {"max_tokens": s.max_new_tokens, "temperature": s.temperature}
+        if not s.greedy:
+            fields.update(top_p=s.top_p, n=n, seed=seed)
+        elif self.seed is not None:
+            fields["seed"] = self.seed
+        if self.stop:
+            fields["stop"] = self.stop
+        if isinstance(prompt, list):
+            return ENDPOINTS["chat"], self.client.body({"messages": prompt, **fields})
+        if self.endpoint == "chat":
+            return ENDPOINTS["chat"], self.client.body({"messages": [{"role": "user", "content": prompt}], **fields})
+        return ENDPOINTS["completions"], self.client.body({"prompt": prompt, **fields})
+
+    def generate(self, prompts: list, num_samples: int = 1, seed: int = 0, desc: str = "generating") -> list[list[str]]:
+        s = self.settings
+        n = 1 if s.greedy else num_samples
+        requests = [self.body(p, n, seed * 1_000_003 + i) for i, p in enumerate(prompts)]
+        answers: list = [None] * len(prompts)
+        for path in {p for p, _ in requests}:  # completions and chat prompts never mix in practice
+            idx = [i for i, (p, _) in enumerate(requests) if p == path]
+            for i, a in zip(idx, self.client.post_many(path, [requests[i][1] for i in idx], desc)):
+                answers[i] = a
+        texts = []
+        for answer in answers:
+            if answer is None:  # dry run
+                text = stand_in_response(min(s.max_new_tokens, DRY_RUN.get("output_tokens", 300)))
+                texts.append([cut_at_stop(text, s.stop, s.stop_after)] * n)
+                continue
+            choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
+            raw = [(c.get("message") or {}).get("content") if "message" in c else c.get("text") for c in choices]
+            got = [cut_at_stop(t or "", s.stop, s.stop_after) for t in raw]
+            if len(got) < n:
+                raise ConfigError(f"the server answered {len(got)} choices where n={n} were asked; it may not support "
+                                  "n: use temperature=0 or num_repeats=1")
+            texts.append(got[:n])
+        return [t * num_samples if s.greedy else t for t in texts]
+
+
+def count_text_of(cfg):
+    """A token counter for dry runs: the model's tokenizer where it loads, else None (about 4 characters a token)."""
+    from ..models.language import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except Exception:  # no local tokenizer for a hosted model: estimate
+        return None
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
+def make_api_generator(cfg, settings: SamplingSettings, seed: int | None = None) -> APIGenerator:
+    """The generator of ``backend=openai`` for ``cfg.model`` (``endpoint``, ``max_stop_strings``)."""
+    client = make_client(cfg, count_text=count_text_of(cfg) if DRY_RUN else None)
+    return APIGenerator(client, settings, cfg.model.endpoint, cfg.model.max_stop_strings, seed)
