@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from joint_inference.runs.cli import launch, run_script
-from joint_inference.methods.uft import run_finetuning as run
+from joint_inference.runs.root import run_finetuning as run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="unsupervised_ft_vlm")

@@ -41,7 +41,7 @@ def main() -> None:
     from joint_inference.scoring.api import APIScorer
     from joint_inference.models.language import load_model
     from joint_inference.prompts.templates import PromptEncoder, Template
-    from joint_inference.core.settings import config_option
+    from joint_inference.runs.config import config_option
     from joint_inference.models.tiny import synthetic_sentences
     from tests.openai_server import OpenAICompatibleServer
 

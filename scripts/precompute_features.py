@@ -14,20 +14,22 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from joint_inference.runs.cli import run_script
-from joint_inference.data.tasks import load_data, load_prompts
-from joint_inference.core.utils import resolve_device
 from joint_inference.models.vision import clip_features
+from joint_inference.runs.cli import run_script
+from joint_inference.runs.config import read_settings
+from joint_inference.runs.root import Parts
 
 log = logging.getLogger("precompute_features")
 
 
 def run(cfg: DictConfig) -> None:
-    device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    load_prompts(cfg, device, data)  # the VLM's image embeddings: computed and cached when missing
-    clip = clip_features(cfg, data, device)
-    log.info("%s: features of %d images cached (CLIP dim %d)", cfg.dataset.name, len(data.images), clip["train"].shape[1])
+    settings = read_settings(cfg)
+    parts = Parts(settings)
+    data = parts.data()
+    parts.model_and_encoder(data)  # the VLM's image embeddings: computed and cached when missing
+    clip = clip_features(settings.model, settings.dataset, data, parts.device, settings.progress)
+    log.info("%s: features of %d images cached (CLIP dim %d)", settings.dataset.name, len(data.images),
+             clip["train"].shape[1])
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="unsupervised_icl_vlm")

@@ -96,6 +96,26 @@ def torchrun_two() -> list[str]:
             "--master_port", str(port)]
 
 
+def settings_of(cfg):
+    """The typed settings the composition root reads from a composed ``cfg`` (where no ``output_dir`` was set,
+    a folder that is never written: outside a Hydra run its default cannot be read)."""
+    from omegaconf import OmegaConf
+
+    from joint_inference.runs.config import read_settings
+
+    if OmegaConf.is_interpolation(cfg, "output_dir"):
+        cfg = cfg.copy()
+        cfg.output_dir = "/nonexistent/output_dir"
+    return read_settings(cfg)
+
+
+def task_data(cfg):
+    """The sample of the task a run of the composed ``cfg`` reads, as the composition root loads it."""
+    from joint_inference.runs.root import Parts
+
+    return Parts(settings_of(cfg)).data()
+
+
 def compose(config_name: str, overrides: list[str]):
     """The config a command line with ``overrides`` would give, with the run dir resolved."""
     from hydra import compose as hydra_compose

@@ -35,7 +35,7 @@ from joint_inference.core.errors import ConfigError
 from joint_inference.scoring.generators import SamplingSettings
 from joint_inference.prompts.templates import PromptEncoder, Template
 from joint_inference.scoring.scorer import Scorer
-from tests.conftest import REPO, compose, one_torch_thread, write_jsonl
+from tests.conftest import REPO, compose, one_torch_thread, settings_of, write_jsonl
 from tests.openai_server import OpenAICompatibleServer
 from tests.test_vllm_scoring import prompts_with_demonstrations
 
@@ -216,7 +216,11 @@ def test_bad_set_ups_are_config_errors(tiny_llama, tiny_llama_dir, tiny_sst2_roo
 
 def test_extra_body_typed_on_the_command_line_reaches_every_request_body():
     """The README's example, as a user types it (the key's default is null, so a dict replaces it)."""
-    from joint_inference.api.client import settings_from_config
+    from joint_inference.api.client import client_settings
+
+    def settings_from_config(cfg):
+        s = settings_of(cfg)
+        return client_settings(s.model, s.api, s.output_dir, s.progress)
 
     cfg = compose(PRIMARY, ["backend=openai", "model=openai_compatible", "model.base_url=http://127.0.0.1:1/v1",
                             "model.extra_body={include_stop_str_in_output:true}", "output_dir=/tmp/x"])
@@ -446,8 +450,8 @@ def test_mmmu_prompts_follow_the_original(mmmu_root):
                                                                                    "chat", "mmmu")
     assert (cfg.T, cfg.num_repeats, cfg.N, cfg.temperature, cfg.max_new_tokens, cfg.seed) == (3, 1, 8, 0.0, 4000, 0)
     assert len(cfg.dataset.subjects) == 30
-    fmt = MMMUFormat.from_cfg(cfg.template)
-    rows = load_subject(cfg.dataset, "Art")
+    fmt = MMMUFormat.from_template(settings_of(cfg).template)
+    rows = load_subject(settings_of(cfg).dataset, "Art")
     assert [r["question_type"] for r in rows] == ["multiple-choice"] * 4 + ["open"] and len(rows[1]["image_urls"]) == 2
     messages = fmt.messages(rows[1], [(rows[0], "Because. Answer: A")])
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
@@ -466,9 +470,9 @@ def test_mmmu_prompts_follow_the_original(mmmu_root):
     assert fmt.messages(rows[4])[0]["content"][0]["text"].startswith("Answer the following open-ended question.")
     pro = compose(PRIMARY, ["+experiment=mmmu_gpt4o", "dataset=mmmu_pro", f"dataset.data_root={quoted(mmmu_root)}"])
     assert pro.dataset.name == "mmmu_pro" and pro.template.system == cfg.template.system
-    pro_rows = load_subject(pro.dataset, "Math")
+    pro_rows = load_subject(settings_of(pro).dataset, "Math")
     assert len(pro_rows) == 5 and all(r["subject"] == "Math" and len(r["options"]) == 10 for r in pro_rows)
-    assert "J. choice 9 of q0" in MMMUFormat.from_cfg(pro.template).question_text(pro_rows[0])
+    assert "J. choice 9 of q0" in MMMUFormat.from_template(settings_of(pro).template).question_text(pro_rows[0])
     with pytest.raises(ConfigError, match="not one of the 4 options' letters"):
         question_row({**mmmu_rows("Art")[0], "answer": "E"}, "Art", "row")
 

@@ -56,7 +56,7 @@ def finished(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
         "unsupervised_icl_llm", tiny_llama_dir, root / "data", root / "icl")], check=False, capture_output=True,
         text=True, cwd=root, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from joint_inference.methods.uft import run_finetuning as run
+    from joint_inference.runs.root import run_finetuning as run
 
     run(compose("unsupervised_ft_llm", [f"model.pretrained={tiny_llama_dir}", f"dataset.data_root={root / 'data'}",
                                         *FT, f"output_dir={root / 'ft'}"]))
@@ -101,7 +101,7 @@ class Attempt:
                                                         f"output_dir={self.run_dir}", *overrides]))
 
     def ft(self, *overrides: str) -> None:
-        from joint_inference.methods.uft import run_finetuning as run
+        from joint_inference.runs.root import run_finetuning as run
 
         self.call(run, compose("unsupervised_ft_llm", [f"model.pretrained={self.model_dir}",
                                                        f"dataset.data_root={self.data_root}", *FT,

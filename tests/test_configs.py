@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from joint_inference.data.hub import load_rows
 from joint_inference.prompts.templates import Template
-from joint_inference.core.settings import config_option, options
+from joint_inference.runs.config import config_option, options
 from tests.conftest import CONFIG_DIR, compose
 
 PRIMARY = "unsupervised_icl_llm"

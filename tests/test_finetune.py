@@ -27,9 +27,9 @@ from joint_inference.methods.icl import zero_shot_logprobs
 from joint_inference.prompts.templates import PromptEncoder, Template
 from joint_inference.reporting.results import wilson_interval
 from joint_inference.scoring.scorer import Scorer
-from joint_inference.data.tasks import load_data, text_prompts
-from joint_inference.methods.uft import run_finetuning as run
-from tests.conftest import SHARED_DATA, WORDS, compose
+from joint_inference.runs.root import run_finetuning as run
+from joint_inference.runs.root import prompt_encoder
+from tests.conftest import SHARED_DATA, WORDS, compose, settings_of, task_data
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -309,9 +309,10 @@ def test_calibrated_task_encoder_divides_out_the_frozen_models_prior(tmp_path, t
                                                    "calibrate=true", "calibrate_task_encoder=true"))
     run(cfg)
 
-    data = load_data(cfg)
+    data = task_data(cfg)
     model, tokenizer = fresh_model(tiny_llama_dir)
-    encoder, examples = text_prompts(cfg, tokenizer, data)
+    encoder = prompt_encoder(settings_of(cfg), tokenizer)
+    examples = encoder.encode_splits(data)
     scorer = Scorer(model, encoder, cfg.label_mode, batch_size=8, show_progress=False)
     with torch.no_grad():
         probs = {split: scorer.label_logprobs([[ex] for ex in rows], [[] for _ in rows]).exp()

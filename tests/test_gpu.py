@@ -23,7 +23,7 @@ from joint_inference.prompts.templates import PromptEncoder
 from joint_inference.scoring.scorer import Scorer
 from joint_inference.models.shapes import random_lm
 from joint_inference.models.tiny import synthetic_sentences, train_tokenizer
-from tests.conftest import compose
+from tests.conftest import compose, settings_of, task_data
 from tests.test_scoring import MULTI, SINGLE, TEMPLATE, make_prompts
 
 DEVICE = torch.device(os.environ.get("GPU_TESTS_DEVICE", "cuda"))
@@ -119,8 +119,8 @@ def test_shared_demonstrations_equal_whole_prompts(request, model_name, dtype):
 def test_out_of_memory_halves_the_batch_and_keeps_the_predictions(gemma_shaped, tiny_sst2_root, tmp_path, caplog):
     """A UICL run at batch 4, then the same run at batch 64 in a memory budget (set_per_process_memory_fraction)
     of 3 batches of 4: real CUDA out-of-memory errors halve the batch, and the predictions do not change."""
-    from joint_inference.data.tasks import load_data, text_prompts
     from joint_inference.methods.uicl import run_classification
+    from joint_inference.runs.root import prompt_encoder
 
     model, tokenizer = gemma_shaped
 
@@ -129,9 +129,9 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_predictions(gemma_shaped, 
             "model=tiny_random_llm", "dataset=sst2", f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=24",
             "N=8", "T=1", "num_repeats=2", "device=cuda", "progress=false", "save_predictions=true",
             f"output_dir={tmp_path / name}"])
-        encoder, _ = text_prompts(cfg, tokenizer, load_data(cfg))
-        scorer = Scorer(model, encoder, cfg.label_mode, batch_size, show_progress=False)
-        results = run_classification(cfg, scorer)
+        settings, data = settings_of(cfg), task_data(cfg)
+        scorer = Scorer(model, prompt_encoder(settings, tokenizer), cfg.label_mode, batch_size, show_progress=False)
+        results = run_classification(settings, data, scorer)
         return scorer, results, (tmp_path / name / "predictions.jsonl").read_text()
 
     torch.cuda.empty_cache()
@@ -198,7 +198,7 @@ def test_uicl_run_on_the_device_resumes_and_predicts_as_on_the_cpu(tiny_llama_di
 def test_fine_tuning_on_the_device_checkpoints_and_resumes(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """LoRA on the one model copy (the reward is the same weights with the adapters off), a checkpoint
     every 2 steps; a run stopped at step 3 and resumed to 6 ends where a straight run to 6 does."""
-    from joint_inference.methods.uft import run_finetuning as run
+    from joint_inference.runs.root import run_finetuning as run
     from tests.test_finetune import overrides
 
     def train(name, steps):
@@ -222,7 +222,7 @@ def test_fine_tuning_on_the_device_checkpoints_and_resumes(tiny_llama_dir, tiny_
 def test_fine_tuning_a_4bit_model_trains_its_adapters(tiny_llama_dir, tiny_sst2_root, tmp_path):
     """model.load_in_4bit: the frozen weights in NF4, the LoRA adapters (the only trainable weights) move, the
     losses stay finite, and the adapter is saved."""
-    from joint_inference.methods.uft import run_finetuning as run
+    from joint_inference.runs.root import run_finetuning as run
     from tests.test_finetune import overrides
 
     results = run(compose("unsupervised_ft_llm", overrides(tmp_path, tiny_llama_dir, tiny_sst2_root, "num_iterations=2",
@@ -295,14 +295,17 @@ def test_openflamingo_cached_clip_tokens_score_as_pixels(tiny_openflamingo, open
     conditioned on its own images) against OpenFlamingo's own forward from pixels, fp32."""
     import open_flamingo
 
-    from joint_inference.models.openflamingo import load_openflamingo_prompts
+    from joint_inference.models.openflamingo import load_openflamingo
+    from joint_inference.prompts.encoders import build_prompt_encoder
     from joint_inference.scoring.scorer import minimal_prefix_lengths
-    from joint_inference.data.tasks import load_data
 
     root, _ = tiny_openflamingo
     cfg = compose("unsupervised_icl_vlm", [*openflamingo_overrides, "model.dtype=float32"])
-    data = load_data(cfg)
-    model, encoder, examples = load_openflamingo_prompts(cfg, DEVICE, data)
+    settings, data = settings_of(cfg), task_data(cfg)
+    model, tokenizer, images = load_openflamingo(settings.model, settings.dataset, DEVICE, data)
+    encoder = build_prompt_encoder(tokenizer, settings.template.text, settings.labelset.names, "bot_minimal", images,
+                                   settings.model)
+    examples = encoder.encode_splits(data)
     scorer = Scorer(model, encoder, "bot_minimal", 3, show_progress=False)
     rng = np.random.default_rng(0)
     chosen = [rng.choice(len(data.train), size, replace=False).tolist() for size in (1, 2, 3, 3)]
@@ -332,7 +335,7 @@ def test_openflamingo_cached_clip_tokens_score_as_pixels(tiny_openflamingo, open
 def test_openflamingo_runs_a_uicl_round_and_a_fine_tuning_step(openflamingo_overrides, tmp_path):
     """On the device in the model's default dtype (bf16 on GPUs that support it)."""
     from joint_inference.runs.root import run_icl as uicl
-    from joint_inference.methods.uft import run_finetuning as fine_tune
+    from joint_inference.runs.root import run_finetuning as fine_tune
 
     icl = uicl(compose("unsupervised_icl_vlm", [*openflamingo_overrides, "N=2", "T=1", "num_repeats=1",
                                                 f"output_dir={tmp_path / 'uicl'}"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from joint_inference.models.language import cache_dir
+from joint_inference.core.utils import cache_dir
 from joint_inference.models.shapes import SHAPES
 from tests.conftest import REPO
 

@@ -165,7 +165,7 @@ def test_original_protocol_is_one_setting_away_and_recorded(tiny_llama_dir, tiny
 def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
     """Same seed -> same predictions; scrambling the gold labels of the same sample changes the
     accuracies and the supervised baseline, never a zero-shot or unsupervised prediction."""
-    import joint_inference.methods.uicl as uicl
+    import joint_inference.runs.root as root
     from joint_inference.runs.root import run_icl as run
 
     def predictions(name):
@@ -178,16 +178,16 @@ def test_run_is_reproducible_and_ignores_gold_labels(tiny_llama_dir, tiny_sst2_r
     assert first_preds == again_preds and first == {**again, "timing": first["timing"]}
     assert len({p[2] for p in first_preds}) == 2 and len({tuple(p[3]) for p in first_preds}) > 1  # not constant
 
-    real_load = uicl.load_data
+    real_load = root.load_data
 
-    def scrambled(cfg):
-        data = real_load(cfg)
+    def scrambled(*args, **kwargs):
+        data = real_load(*args, **kwargs)
         rng = np.random.default_rng(123)
         data.train_labels = rng.integers(0, 2, len(data.train_labels))
         data.test_labels = rng.integers(0, 2, len(data.test_labels))
         return data
 
-    monkeypatch.setattr(uicl, "load_data", scrambled)
+    monkeypatch.setattr(root, "load_data", scrambled)
     _, scrambled_preds, scrambled_gold = predictions("c")
     assert scrambled_gold != first_gold
     assert scrambled_preds == first_preds
@@ -270,7 +270,7 @@ def test_bad_input_errors(tiny_llama_dir, tiny_sst2_root, tmp_path):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "b", "labelset=trec"))
     with pytest.raises(ConfigError, match="needs field"):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "c", "template=ag_news"))
-    with pytest.raises(ConfigError, match="unknown label_mode"):
+    with pytest.raises(ConfigError, match="label_mode='bag' is not one of auto, first"):
         run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "d", "label_mode=bag"))
     with pytest.raises(ConfigError, match="could not load model"):
         run(icl_config(tmp_path / "no_such_model", tiny_sst2_root, tmp_path / "e"))

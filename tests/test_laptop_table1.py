@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from joint_inference.core.settings import SCHEMAS, check_settings
+from joint_inference.runs.config import SCHEMAS, check_settings
 from tests.conftest import REPO, compose
 
 

@@ -357,7 +357,7 @@ def test_a_long_cpu_run_stops_with_the_estimate_unless_allowed(tiny_llama_dir, t
 
 # ------------------------------------------------------------------------------------- fine-tuning
 def test_finetuning_without_labels_writes_the_pools_labels(tiny_llama_dir, tmp_path):
-    from joint_inference.methods.uft import run_finetuning
+    from joint_inference.runs.root import run_finetuning
 
     out = tmp_path / "run"
     results = run_finetuning(local_config(tiny_llama_dir, reviews(tmp_path), out, script="unsupervised_ft_llm"))
@@ -382,7 +382,7 @@ def test_finetuning_without_labels_writes_the_pools_labels(tiny_llama_dir, tmp_p
 
 
 def test_finetuning_dry_run(tiny_llama_dir, tmp_path):
-    from joint_inference.methods.uft import run_finetuning
+    from joint_inference.runs.root import run_finetuning
 
     out = tmp_path / "run"
     plan = run_finetuning(local_config(tiny_llama_dir, reviews(tmp_path), out, "dry_run=true",
@@ -409,7 +409,7 @@ def test_image_file_runs_through_the_vlm_script(tmp_path):
     """dataset.image_field: a column of image paths, relative to the file's folder."""
     from PIL import Image
 
-    from joint_inference.methods.uicl import run_classification
+    from joint_inference.runs.root import run_icl as run_classification
 
     rng = np.random.default_rng(0)
     (tmp_path / "pics").mkdir()
@@ -438,7 +438,7 @@ def test_own_images_split_into_pool_and_test_keep_their_last_pool_labels_under_t
     your own file's pool is labelled to the end (its predictions are what the run is for)."""
     from PIL import Image
 
-    from joint_inference.methods.uicl import run_classification
+    from joint_inference.runs.root import run_icl as run_classification
 
     rng = np.random.default_rng(0)
     (tmp_path / "pics").mkdir()

@@ -12,9 +12,7 @@ import pytest
 
 from joint_inference.core.errors import ConfigError
 from joint_inference.scoring.scorer import Scorer
-from joint_inference.methods.subjects import subject_config
-from joint_inference.data.tasks import load_data
-from tests.conftest import SHARED_DATA, WORDS, compose, one_torch_thread, write_jsonl
+from tests.conftest import SHARED_DATA, WORDS, compose, one_torch_thread, task_data, write_jsonl
 
 # subject: (test questions, validation questions); abstract_algebra's validation split is smaller than N
 SIZES = {"abstract_algebra": (6, 2), "anatomy": (9, 4), "virology": (5, 3)}
@@ -67,10 +65,10 @@ def scored(monkeypatch):
 @pytest.fixture()
 def model_loads(monkeypatch):
     """How many times a run loads the model."""
-    import joint_inference.data.tasks as tasks
+    import joint_inference.runs.root as root
 
-    loads, original = [], tasks.load_model
-    monkeypatch.setattr(tasks, "load_model", lambda *a, **kw: loads.append(1) or original(*a, **kw))
+    loads, original = [], root.load_model
+    monkeypatch.setattr(root, "load_model", lambda *a, **kw: loads.append(1) or original(*a, **kw))
     return loads
 
 
@@ -107,7 +105,7 @@ def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_
     algebra_query = next(iter(queries["abstract_algebra", "zero-shot"]))
     assert "questions (with answers) about abstract_algebra.\n" in encoder.tokenizer.decode(algebra_query.prefix)
 
-    data = load_data(subject_config(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run"), "anatomy"))
+    data = task_data(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run", "dataset.subject=anatomy"))
     assert data.transductive and data.train is data.test
     assert data.test == [r for r in rows["test"] if r["subject"] == "anatomy"]
     assert data.supervised_pool == [r for r in rows["validation"] if r["subject"] == "anatomy"]
@@ -199,13 +197,13 @@ def test_one_subject_runs_transductively_or_by_the_sampled_protocol(tiny_llama_d
 
 
 def test_num_examples_caps_each_subject_with_a_seeded_subset(tiny_llama_dir, mmlu_root, tmp_path):
-    cfg = subject_config(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path, "dataset.num_examples=4"), "anatomy")
+    cfg = mmlu_config(tiny_llama_dir, mmlu_root, tmp_path, "dataset.num_examples=4", "dataset.subject=anatomy")
     anatomy = [r for r in read_rows(mmlu_root, "test") if r["subject"] == "anatomy"]
-    first, again = load_data(cfg), load_data(cfg)
+    first, again = task_data(cfg), task_data(cfg)
     assert len(first.test) == 4 and first.test == again.test
     assert first.test == [r for r in anatomy if r in first.test]  # a subset, in the file's order
     cfg.dataset.sample_seed = 7
-    assert load_data(cfg).test != first.test
+    assert task_data(cfg).test != first.test
     assert len(first.supervised_pool) == 4  # the validation split is not capped
 
 
@@ -218,7 +216,7 @@ def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_pat
         run(cfg)
     cfg.dataset.subject = "all"  # only the ICL entry point runs every subject; a plain load names one
     with pytest.raises(ConfigError, match="subject=all .*unsupervised_icl_llm.py"):
-        load_data(cfg)
+        task_data(cfg)
 
 
 @pytest.mark.slow

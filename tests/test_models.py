@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import joint_inference.models.language as models
 from joint_inference.core.errors import ConfigError
-from joint_inference.core.settings import config_option
+from joint_inference.runs.config import config_option
 
 
 def test_load_in_4bit_asks_transformers_for_nf4_weights_placed_on_the_gpu(monkeypatch):

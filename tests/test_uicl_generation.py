@@ -16,9 +16,9 @@ from omegaconf import OmegaConf, open_dict
 from joint_inference.methods.answers import extract_number, original_parser_number
 from joint_inference.core.errors import ConfigError
 from joint_inference.scoring.generators import HFGenerator, SamplingSettings, cut_at_stop
-from joint_inference.core.settings import SCHEMAS, check_settings
+from joint_inference.runs.config import SCHEMAS, check_settings
 from joint_inference.methods.generation import CotFormat, GenerativeTask, _exemplars, answer, summary
-from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, write_jsonl
+from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, settings_of, write_jsonl
 
 PRIMARY = "unsupervised_icl_llm"
 QUESTIONS = [f"What is {i} plus {i + 1}?" for i in range(6)]
@@ -32,6 +32,11 @@ def quoted(path) -> str:
 # ----------------------------------------------------------------------------- configs
 
 
+def template_of(*overrides):
+    """The template settings of the text ICL script composed with ``overrides``."""
+    return settings_of(compose(PRIMARY, [*overrides, "output_dir=/tmp/x"])).template
+
+
 @pytest.mark.parametrize("name,n_shots", [("gsm8k", 8), ("mmlu_pro", 5)])
 def test_generation_dataset_configs_compose(name, n_shots):
     cfg = compose(PRIMARY, [f"dataset={name}"])
@@ -40,7 +45,7 @@ def test_generation_dataset_configs_compose(name, n_shots):
     assert OmegaConf.to_container(cfg.template) == OmegaConf.to_container(
         OmegaConf.load(f"{CONFIG_DIR}/template/{name}.yaml"))
     assert cfg.labelset.names is None
-    fmt = CotFormat.from_cfg(cfg.template)
+    fmt = CotFormat.from_template(settings_of(cfg).template)
     assert fmt.stop and all(s.startswith("\n") for s in fmt.stop)  # a stop is where a next example starts
     assert (fmt.separator + fmt.query).startswith(fmt.stop[0])
     assert (cfg.backend, cfg.temperature, cfg.top_p) == ("hf", 0.0, 1.0) and cfg.max_new_tokens > 0
@@ -48,7 +53,7 @@ def test_generation_dataset_configs_compose(name, n_shots):
 
 def test_stop_strings_are_the_originals_under_protocol_original():
     def stops(name, protocol):
-        fmt = CotFormat.from_cfg(compose(PRIMARY, [f"dataset={name}"]).template, protocol)
+        fmt = CotFormat.from_template(template_of(f"dataset={name}"), protocol)
         return fmt.stop, fmt.stop_after
 
     # the original: GSM8K stops before "\n\nQ:"; MMLU-Pro only right after "answer is (X)"
@@ -64,7 +69,7 @@ ROUND_INSTRUCTION = ("Given the following problem, reason and give a final answe
 
 
 def test_gsm8k_prompt_format():
-    fmt = CotFormat.from_cfg(compose(PRIMARY, ["dataset=gsm8k"]).template)
+    fmt = CotFormat.from_template(template_of("dataset=gsm8k"))
     q = {"question": "What is 2 plus {3}?"}
     assert fmt.zero_shot_prompt(q) == (
         "Given the following question, reason and give a final answer to the question. Your response should end "
@@ -88,10 +93,10 @@ QWEN_ZERO_SHOT = ("Given the following question, reason step by step, and put yo
 
 def gsm8k_style(*overrides):
     """The composed config's prompt style name, zero-shot prompt and supervised exemplars for GSM8K."""
-    cfg = compose(PRIMARY, ["dataset=gsm8k", *overrides])
-    fmt = CotFormat.from_cfg(cfg.template)
-    exemplars = [{**row, "response": response} for row, response, _ in _exemplars(cfg.dataset)]
-    return cfg.prompt_style.name, fmt.zero_shot_prompt({"question": "What is 2 plus 3?"}), exemplars
+    settings = settings_of(compose(PRIMARY, ["dataset=gsm8k", *overrides]))
+    fmt = CotFormat.from_template(settings.template)
+    exemplars = [{**row, "response": response} for row, response, _ in _exemplars(settings.dataset)]
+    return settings.prompt_style.name, fmt.zero_shot_prompt({"question": "What is 2 plus 3?"}), exemplars
 
 
 def test_prompt_style_files_are_the_published_exemplars():
@@ -127,7 +132,7 @@ def test_qwen_models_choose_the_qwen_prompts_and_the_command_line_wins(model):
     name, zero_shot, exemplars = gsm8k_style("model=qwen2.5_math_7b")
     assert (name, zero_shot) == ("qwen_math", QWEN_ZERO_SHOT)
     assert exemplars == OmegaConf.to_container(STYLES["qwen_math"].exemplars)
-    fmt = CotFormat.from_cfg(compose(PRIMARY, ["dataset=gsm8k", "model=qwen2.5_math_7b"]).template)
+    fmt = CotFormat.from_template(template_of("dataset=gsm8k", "model=qwen2.5_math_7b"))
     prompt = fmt.few_shot_prompt({"question": "Q8?"}, [({"question": e["question"]}, e["response"])
                                                        for e in exemplars], supervised=True)
     assert prompt.startswith("Q: In 2004, there were 60 kids at a cookout.")
@@ -146,11 +151,14 @@ def test_bad_prompt_configs_are_config_errors():
     with open_dict(cfg):
         del cfg["prompt_style"]
     with pytest.raises(ConfigError, match="prompt_style: cot_wei2022"):
-        CotFormat.from_cfg(cfg.template)
-    with pytest.raises(ConfigError, match="lacks \\['zero_shot'\\]"):
-        CotFormat.from_cfg(OmegaConf.create({k: v for k, v in compose(PRIMARY, ["dataset=mmlu_pro"]).template.items()
-                                             if k != "zero_shot"}))
-    dataset = compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.items=[{question: Q?, answer: 5}]"]).dataset
+        CotFormat.from_template(settings_of(cfg).template)
+    cfg = compose(PRIMARY, ["dataset=mmlu_pro", "output_dir=/tmp/x"])
+    with open_dict(cfg):
+        del cfg.template["zero_shot"]
+    with pytest.raises(ConfigError, match="template.zero_shot has no value"):
+        settings_of(cfg)
+    dataset = settings_of(compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.items=[{question: Q?, answer: 5}]",
+                                            "output_dir=/tmp/x"])).dataset
     with pytest.raises(ConfigError, match="each with the row's fields and a response"):
         _exemplars(dataset)
     bad_source = compose(PRIMARY, ["dataset=gsm8k", "dataset.exemplars.source=gsm8k_cot", "output_dir=/tmp/x"])
@@ -211,10 +219,10 @@ def scripted_config(root, out_dir, *extra):
 
 
 def run_scripted(monkeypatch, cfg, generator):
-    import joint_inference.methods.generation as uicl_generation
+    import joint_inference.runs.root as root
     from joint_inference.runs.root import run_icl as run
 
-    monkeypatch.setattr(uicl_generation, "make_generator", lambda cfg, settings: generator)
+    monkeypatch.setattr(root, "make_generator", lambda settings, sampling, tally=None: generator)
     return run(cfg)
 
 
@@ -516,7 +524,7 @@ def test_mmlu_pro_last_letter_fallback_scores_but_never_demonstrates(tmp_path, m
 
 def test_mmlu_pro_responses_end_after_the_first_answer_statement():
     cfg = compose(PRIMARY, ["dataset=mmlu_pro"])
-    fmt = CotFormat.from_cfg(cfg.template)
+    fmt = CotFormat.from_template(settings_of(cfg).template)
     assert fmt.stop_after == tuple(f"answer is ({x})" for x in "ABCDEFGHIJ")
     text = " B fits. So the answer is (B). Then the answer is (C).\n\nQuestion: next"
     assert cut_at_stop(text, fmt.stop, fmt.stop_after) == " B fits. So the answer is (B)"
@@ -570,7 +578,7 @@ def test_vllm_requested_but_missing_is_a_config_error(gsm8k_root, tmp_path, monk
     monkeypatch.setattr(vllm_engine.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA"):
         run(cfg)
-    with pytest.raises(ConfigError, match="unknown backend"):
+    with pytest.raises(ConfigError, match="backend='tgi' is not one of hf, vllm, openai"):
         run(scripted_config(gsm8k_root, tmp_path / "run3", "backend=tgi", "model=tiny_random_llm"))
 
 
@@ -732,13 +740,14 @@ def test_num_examples_is_a_seeded_subset():
     from joint_inference.methods.generation import load_generative_task
 
     cfg = compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=5"])
-    a, b = load_generative_task(cfg.dataset), load_generative_task(cfg.dataset)
+    a, b = load_generative_task(settings_of(cfg).dataset), load_generative_task(settings_of(cfg).dataset)
     assert a.sources == b.sources and len(a.sources) == 5 and a.sources != [f"test[{i}]" for i in range(5)]
-    other = load_generative_task(compose(PRIMARY, ["dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}",
-                                                   "dataset.num_examples=5", "dataset.sample_seed=1"]).dataset)
+    other = load_generative_task(settings_of(compose(PRIMARY, [
+        "dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}", "dataset.num_examples=5", "dataset.sample_seed=1",
+        "output_dir=/tmp/x"])).dataset)
     assert other.sources != a.sources
-    everything = load_generative_task(compose(PRIMARY, ["dataset=gsm8k",
-                                                        f"dataset.data_root={quoted(SHARED_DATA)}"]).dataset)
+    everything = load_generative_task(settings_of(compose(PRIMARY, [
+        "dataset=gsm8k", f"dataset.data_root={quoted(SHARED_DATA)}", "output_dir=/tmp/x"])).dataset)
     assert len(everything.rows) == 1319 and np.isfinite(everything.gold).all()
 
 

@@ -18,7 +18,7 @@ from joint_inference.prompts.images import ImagePromptEncoder
 from joint_inference.prompts.templates import Template
 from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths
 from joint_inference.models.vision import image_fragments, tiny_vlm
-from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose
+from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose, settings_of
 
 TEMPLATE = Template("<image>An image of {y}.<|endofchunk|>")
 LABELS = ["cat", "dog", "ship"]
@@ -228,21 +228,21 @@ def test_cocoqa_is_not_on_the_hub(monkeypatch):
 def test_feature_cache_round_trip_and_stale_settings(image_root, monkeypatch):
     import joint_inference.models.vision as vision
 
-    cfg = image_cfg(image_root)
+    cfg = settings_of(image_cfg(image_root))
     data = load_image_task(cfg.dataset, list(cfg.labelset.names))
     model, processor = vision.load_vlm(cfg.model, torch.device("cpu"))
-    fragments, features = vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
+    fragments, features = vision.vlm_image_features(cfg.model, cfg.dataset, model, processor, data)
     assert len(fragments) == len(data.images) and features.shape[0] == sum(f.count(-1) for f in fragments)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
     monkeypatch.setattr(vision, "image_fragments", must_not_run)
-    again = vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
+    again = vision.vlm_image_features(cfg.model, cfg.dataset, model, processor, data)
     assert again[0] == fragments and torch.equal(again[1], features)
     processor.image_processor.image_mean = [0.0, 0.0, 0.0]  # other preprocessing: the cache is stale
     with pytest.raises(ConfigError, match=r"different settings \(preprocessing.image_mean"):
-        vision.vlm_image_features(cfg, model, processor, data, torch.device("cpu"))
+        vision.vlm_image_features(cfg.model, cfg.dataset, model, processor, data)
 
     from transformers import CLIPVisionModelWithProjection
 
@@ -254,14 +254,14 @@ def test_feature_cache_round_trip_and_stale_settings(image_root, monkeypatch):
         return out
 
     monkeypatch.setattr(CLIPVisionModelWithProjection, "forward", recording)
-    clip = vision.clip_features(cfg, data, torch.device("cpu"))
+    clip = vision.clip_features(cfg.model, cfg.dataset, data, torch.device("cpu"))
     monkeypatch.setattr(CLIPVisionModelWithProjection, "forward", forward)
     assert clip["train"].shape[0] == len(data.train) and clip["test"].shape[0] == len(data.test)
     raw = torch.cat(projected)  # the original's head reads the projection's output as it is, not L2-normalised
     torch.testing.assert_close(clip["train"], raw[[row["image"] for row in data.train]])
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(raw)))
     monkeypatch.setattr(vision, "clip_embeddings", must_not_run)
-    torch.testing.assert_close(vision.clip_features(cfg, data, torch.device("cpu"))["test"], clip["test"])
+    torch.testing.assert_close(vision.clip_features(cfg.model, cfg.dataset, data, torch.device("cpu"))["test"], clip["test"])
 
 
 def test_precompute_features_script_fills_the_cache(image_root, tmp_path):
@@ -347,7 +347,7 @@ def test_the_documented_smoke_command_runs_on_real_cifar10(tmp_path):
 
 @pytest.mark.parametrize("task_encoder", ["lora", "linear"])
 def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, task_encoder):
-    from joint_inference.methods.uft import run_finetuning as run
+    from joint_inference.runs.root import run_finetuning as run
 
     out = tmp_path / task_encoder
     cfg = compose("unsupervised_ft_vlm", [
@@ -371,7 +371,7 @@ def test_unsupervised_fine_tuning_with_images_end_to_end(image_root, tmp_path, t
 def test_linear_head_starts_at_pytorchs_default_init(image_root, tmp_path):
     """As the original's vision head: nn.Linear's own initialisation drawn after seeding, not zeros; the run's seed."""
     from joint_inference.methods.finetune import LinearTaskEncoder
-    from joint_inference.methods.uft import run_finetuning as run
+    from joint_inference.runs.root import run_finetuning as run
 
     features = {"train": torch.randn(5, 16)}
     rng_before = torch.get_rng_state()

@@ -1,6 +1,6 @@
 """Requests to an OpenAI-compatible server: bounded concurrency, retries, a progress bar, a disk cache.
 
-    client = make_client(cfg)                                   # cfg.model.base_url / name, cfg.api.*
+    client = APIClient(client_settings(model, api, output_dir, progress))   # model.base_url / name, api.*
     answers = client.post_many("completions", bodies, desc="zero-shot [test]")
 
 * **Key**: read from the environment variable ``model.api_key_env`` (default ``OPENAI_API_KEY``) and sent as
@@ -72,22 +72,22 @@ class ClientSettings:
         return self.base_url.rstrip("/") + "/" + path.lstrip("/")
 
 
-def settings_from_config(cfg) -> ClientSettings:
-    """Client settings of a run: the server and model from ``cfg.model``, the transport from ``cfg.api``."""
-    m, a = cfg.model, cfg.api
+def client_settings(m, a, output_dir: str, progress: bool) -> ClientSettings:
+    """A run's client settings: the server and model from its model's settings ``m`` (``APIModelSettings``), the
+    transport from its ``api`` settings ``a``, the cache and usage files in ``output_dir``."""
     base_url = m.base_url or os.environ.get("OPENAI_BASE_URL")
     if not base_url:
         raise ConfigError("backend=openai needs the server's address: model.base_url=http://<host>:<port>/v1 "
                           "(model=openai_compatible has the key; or set $OPENAI_BASE_URL)")
     if not str(base_url).startswith(("http://", "https://")):
         raise ConfigError(f"model.base_url must start with http:// or https://, got {base_url!r}")
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(output_dir)
     return ClientSettings(
         base_url=str(base_url), model=str(m.name), api_key_env=m.api_key_env, concurrency=a.concurrency,
         timeout_s=float(a.timeout_s), max_retries=a.max_retries, backoff_s=float(a.backoff_s),
         max_backoff_s=float(a.max_backoff_s), cache_dir=a.cache_dir or str(out_dir / "api_cache"),
         usage_path=str(out_dir / "api_usage.json"), price_in=m.price_per_million_input_tokens,
-        price_out=m.price_per_million_output_tokens, extra_body=dict(m.extra_body or {}), show_progress=cfg.progress)
+        price_out=m.price_per_million_output_tokens, extra_body=dict(m.extra_body or {}), show_progress=progress)
 
 
 def cost(prompt_tokens: float, completion_tokens: float, price_in: float | None, price_out: float | None):
@@ -333,9 +333,6 @@ class DryRunTally:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
-DRY_RUN: dict = {}  # while a dry run is under way: {"tally": DryRunTally, "output_tokens": int}
-
-
 class DryRunClient(APIClient):
     """Counts what :class:`APIClient` would send and answers it with ``None`` (callers put a stand-in answer in
     its place), or with the cached answer where there is one; needs no server and no key."""
@@ -375,12 +372,3 @@ class DryRunClient(APIClient):
             self.tally.max_output_tokens += most
             self.tally.output_tokens += min(most, self.output_tokens * n) if most > n else most
         return answers
-
-
-def make_client(cfg, count_text: Callable[[str], int] | None = None) -> APIClient:
-    """The client of a run (a :class:`DryRunClient` while :func:`~joint_inference.runs.api_dry_run.dry_run` runs)."""
-    settings = settings_from_config(cfg)
-    if DRY_RUN:
-        return DryRunClient(settings, DRY_RUN["tally"], DRY_RUN["output_tokens"], count_text,
-                            cfg.model.tokens_per_image)
-    return APIClient(settings)

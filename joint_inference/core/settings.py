@@ -1,32 +1,22 @@
-"""Typed settings: the keys of each entry script and of each kind of model and data set, checked once before any model loads.
+"""Typed settings: what each entry script, model, data set, template, label set and prompt style holds.
 
-Hydra composes the YAML files; :func:`check_settings` then reads the composed configuration's own
-keys into the script's dataclass, and the ``model`` and ``dataset`` groups into theirs (one per kind of
-model and of data set, chosen by :func:`model_schema` and :func:`dataset_schema`), so that a key the
-script does not have, a value of the wrong type, a choice outside the listed ones, a number out of range
-and a key a config lacks each stop the run with ``error:`` naming the key, before anything is loaded or
-written. The library then reads every key directly (``cfg.dataset.num_examples``), never with a default
-of its own.
+These dataclasses are the objects the layers receive. The composition root (``joint_inference.runs``)
+reads Hydra's composed configuration into them once, checking every key against them first (types,
+choices, ranges, keys a config lacks), and below it no code sees the configuration: a model loader gets
+the model's settings, a data loader the data set's, a method the run's.
 
-The YAML files hold the values, with a comment per key (``--help`` prints them): a group's options
-extend a base (``configs/dataset/_text_classification.yaml``, ``configs/model/_causal_lm.yaml``, ...)
-and hold only what differs from it. The group dataclasses hold no values, only what each key may hold.
+A field's metadata says what it may hold (:func:`key`); the YAML files under ``configs/`` hold the values
+with a comment per key (``--help`` prints them), so the dataclasses hold no values of their own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, Container, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException, ValidationError
-
-from .errors import ConfigError
-from ..methods.estimators import ESTIMATORS
-
-GROUPS = ("model", "dataset", "template", "labelset", "estimator", "prompt_style", "hydra")  # not the script's own keys
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+MISSING = "???"  # a key whose value the YAML gives (omegaconf's mark for it)
 LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
+FOLDING_MODES = ("auto", "first", "exact")  # modes whose scores do not change when shared label tokens fold
+ESTIMATORS = ("rao_marginalized", "rao", "naive")
 
 
 def key(*options, low=None, above: bool = False, high=None, words: tuple[str, ...] = ()):
@@ -44,9 +34,21 @@ def group(schema: type):
     return field(default_factory=schema)
 
 
+def chosen():
+    """A config group's option (``model``, ``dataset``, ...), read by the schema of the option chosen
+    (``joint_inference.runs.config``)."""
+    return field(default=None)
+
+
 @dataclass
 class Settings:
-    """What every entry script has."""
+    """What every entry script has: its config groups' options, read by their own schemas, and its keys."""
+
+    model: Any = chosen()  # CausalLMSettings, APIModelSettings, VisionLMSettings or OpenFlamingoSettings
+    dataset: Any = chosen()  # a DatasetSettings of the data set's kind
+    template: Any = chosen()  # a TemplateSettings of the data set's kind
+    labelset: LabelSetSettings | None = chosen()
+    prompt_style: PromptStyleSettings | None = chosen()  # the text scripts' GSM8K prompts; None elsewhere
 
     seed: int = key()
     device: str = key()
@@ -127,7 +129,7 @@ class FTSettings(Settings):
 
     batch_size: int = key(low=1)
     N: int = key(low=2)  # joint inference labels at least two examples together
-    num_iterations: int = key(low=1)
+    num_iterations: int = key(low=0)  # 0: the zero-shot evaluation alone
     gamma: float = key(low=0.0)
     max_norm: float = key(low=0.0, above=True)
     eval_freq: int = key(low=1)
@@ -141,6 +143,7 @@ class FTSettings(Settings):
     forward_batch_size: int = key(low=1)
     wandb: bool = key()
     wandb_project: str = key()
+    estimator: EstimatorSettings | None = chosen()  # fine-tuning's gradient estimator
 
 
 @dataclass
@@ -148,6 +151,53 @@ class VisionFTSettings(FTSettings):
     """unsupervised_ft_vlm.py: an optimiser per task encoder, ``optimization`` the one in use."""
 
     optimizers: dict[str, Optimization] = key()
+
+
+@dataclass
+class ClassificationTemplate:
+    """configs/template/<classification task>.yaml: one text with the input fields and ``{y}``."""
+
+    text: str | None = key()  # null: the user's own data, which names it on the command line
+
+
+@dataclass
+class GenerationTemplate:
+    """configs/template/{gsm8k,mmlu_pro}.yaml: chain-of-thought prompts (methods/generation.py, CotFormat)."""
+
+    instruction: str = key()
+    supervised_instruction: str = key()
+    query: str = key()
+    separator: str = key()
+    zero_shot: str = key()
+    stop: list[str] | None = key()
+    stop_clean: list[str] | None = key()
+    stop_after: list[str] | None = key()
+
+
+@dataclass
+class MMMUTemplate:
+    """configs/template/mmmu*.yaml: a system message and an instruction per question type."""
+
+    system: dict[str, str] = key()
+    suffix: dict[str, str] = key()
+    image_detail: str | None = key()
+
+
+@dataclass
+class LabelSetSettings:
+    """configs/labelset/*.yaml: the class names, in class-id order (null: a generation task's open answers)."""
+
+    names: list[str] | None = key()
+
+
+@dataclass
+class PromptStyleSettings:
+    """configs/prompt_style/*.yaml: a model family's published GSM8K prompt and exemplars."""
+
+    name: str = key()
+    source: str = key()
+    zero_shot: str = key()
+    exemplars: Any = key()
 
 
 @dataclass
@@ -179,7 +229,7 @@ class CausalLMSettings:
 class APIModelSettings(CausalLMSettings):
     """configs/model/openai_compatible.yaml: a model behind an OpenAI-compatible API (backend=openai)."""
 
-    base_url: str = key()
+    base_url: str | None = key()  # null: $OPENAI_BASE_URL
     endpoint: str = key("completions", "chat")
     prompt_format: str = key("tokens", "text")
     max_top_logprobs: int = key(low=1)
@@ -226,14 +276,6 @@ class OpenFlamingoSettings(VisionLMSettings):
     lang_encoder_path: str = key()
     tokenizer_path: str = key()
     cross_attn_every_n_layers: int = key(low=1)
-
-
-def model_schema(model: DictConfig) -> type:
-    """Which kind of model a model config describes: a vision-language model names its ``library``, a
-    model behind an API its ``base_url``."""
-    if "library" in model:
-        return OpenFlamingoSettings if model.library == "openflamingo" else VisionLMSettings
-    return APIModelSettings if "base_url" in model else CausalLMSettings
 
 
 # ---------------------------------------------------------------------------------- dataset configs
@@ -346,123 +388,3 @@ class LocalDataSettings(DatasetSettings):
     transductive: bool = key()
     on_bad_row: str = key("error", "skip")
     num_classes: int | None = key(low=2)
-
-
-def dataset_schema(dataset: DictConfig) -> type:
-    """Which kind of data set a dataset config describes (its ``kind`` and ``modality``; a file of the
-    user's names its ``path``; MMLU lists its ``subjects``)."""
-    if "path" in dataset:
-        return LocalDataSettings
-    if dataset.kind != "classification":
-        return GenerationSettings if dataset.kind == "generation" else MMMUSettings
-    if dataset.modality == "image":
-        return ImageClassificationSettings
-    return MMLUSettings if "subjects" in dataset else TextClassificationSettings
-
-
-def config_option(group: str, option: str, config_dir: Path = CONFIG_DIR) -> DictConfig:
-    """One option of a config group as Hydra composes it: its file over the bases its defaults list
-    names (``_causal_lm``, ...), interpolations unresolved. For --help, benchmarks and tests that read
-    one option without composing a whole run."""
-    cfg = OmegaConf.load(config_dir / group / f"{option}.yaml")
-    bases = [entry for entry in cfg.pop("defaults", []) if isinstance(entry, str) and entry != "_self_"]
-    return OmegaConf.merge(*(config_option(group, base, config_dir) for base in bases), cfg)
-
-
-def options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The options a user may choose for ``group=`` (a base, ``_name.yaml``, is not one)."""
-    return sorted(p.stem for p in (config_dir / group).glob("*.yaml") if not p.stem.startswith("_"))
-
-
-SCHEMAS = {"unsupervised_icl_llm": TextICLSettings, "unsupervised_icl_vlm": ICLSettings,
-           "unsupervised_ft_llm": FTSettings, "unsupervised_ft_vlm": VisionFTSettings}
-
-
-def check_settings(cfg: DictConfig, schema: type) -> None:
-    """``cfg``'s own keys checked against the script's ``schema``, then that the model fits the backend
-    (behind an API exactly when ``backend=openai``), then the model, the data set and the estimator
-    against their schemas: unknown keys, types, choices, ranges and keys the config lacks."""
-    check_node(cfg, schema, "", skip=GROUPS)
-    behind_api = model_schema(cfg.model) is APIModelSettings
-    if (cfg.backend == "openai") != behind_api:
-        raise ConfigError(f"model={cfg.model.name} is behind an API: add backend=openai" if behind_api else
-                          "backend=openai sends requests to a server: choose model=openai_compatible (with "
-                          "model.name=... model.base_url=...) or model=gpt-4o-2024-08-06")
-    groups = {"model": model_schema(cfg.model), "dataset": dataset_schema(cfg.dataset)}
-    if "estimator" in cfg:  # fine-tuning alone has one
-        groups["estimator"] = EstimatorSettings
-    for group, group_schema in groups.items():
-        check_node(cfg[group], group_schema, f"{group}.")
-
-
-def check_node(node: DictConfig, schema: type, prefix: str, skip=()) -> None:
-    """The keys of ``node`` (``prefix`` names it in messages) checked against ``schema``; a key whose
-    interpolation fails (``optimization: ${optimizers.${task_encoder}}`` of an unknown encoder) is named
-    last, so that a key the user set wrongly is the one named."""
-    own, unresolved = {}, {}
-    for key in node:
-        if key in skip:
-            continue
-        try:
-            value = node[key]
-            own[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
-        except OmegaConfBaseException as err:
-            unresolved[key] = err
-    names = {f.name for f in fields(schema)}
-    unknown = sorted(set(own) - names)
-    if unknown:
-        where = (f"the settings of this script: {', '.join(sorted(names))} (and the groups {', '.join(skip[:-1])})"
-                 if not prefix else f"the keys of {prefix.rstrip('.')} ({schema.__doc__.split(':')[0]}): "
-                 f"{', '.join(sorted(names))}")
-        raise ConfigError(f"unknown setting {', '.join(prefix + k for k in unknown)}; {where}")
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), own)
-    except ValidationError as err:
-        key = err.full_key or "?"
-        raise ConfigError(f"{prefix}{key}={err.value!r}: expected {_expected(schema, key)}") from None
-    lacking = sorted(k for k in OmegaConf.missing_keys(typed) if k.split(".")[0] not in unresolved)
-    if lacking:
-        where = (f"the {prefix.rstrip('.')} config (or the base it extends, {schema.__doc__.split(':')[0]})"
-                 if prefix else "the script's config (configs/<script>.yaml)")
-        raise ConfigError(f"{prefix}{lacking[0]} has no value: {where} must set it")
-    check_values(typed, schema, prefix)
-    for key, err in unresolved.items():
-        raise ConfigError(f"{prefix}{key} cannot be read: {err.msg}")
-
-
-def _expected(schema: type, key: str) -> str:
-    """The type a dotted ``key`` of ``schema`` holds, in words."""
-    for part in key.split("."):
-        spec = {f.name: f for f in fields(schema)}.get(part)
-        if spec is None:
-            return "another type"
-        schema = spec.type if isinstance(spec.type, type) else globals().get(str(spec.type), str)
-    words = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text", "None": "null"}
-    return " or ".join(words.get(t.strip(), t.strip()) for t in str(spec.type).split("|"))
-
-
-def check_values(settings: DictConfig, schema: type, prefix: str) -> None:
-    """Choices and ranges of ``settings`` (typed by ``schema``) and of the dataclasses inside it; keys
-    without a value (whose interpolation failed) are left to the caller."""
-    for spec in fields(schema):
-        key = f"{prefix}{spec.name}"
-        if OmegaConf.is_missing(settings, spec.name):
-            continue
-        value = settings[spec.name]
-        if isinstance(value, DictConfig) and OmegaConf.get_type(value) not in (dict, None):
-            check_values(value, OmegaConf.get_type(value), f"{key}.")
-            continue
-        meta = spec.metadata
-        if value is None or value in meta.get("words", ()):
-            continue
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(meta['choices'])}")
-        if "low" in meta:
-            if isinstance(value, (str, bool)):
-                raise ConfigError(f"{key}={value!r}: expected a number"
-                                  + (f" or {', '.join(meta['words'])}" if meta.get("words") else ""))
-            too_high = meta["high"] is not None and value > meta["high"]
-            if value < meta["low"] or (meta["above"] and value == meta["low"]) or too_high:
-                bound = f"above {meta['low']}" if meta["above"] else f"at least {meta['low']}"
-                bound += f" and at most {meta['high']}" if meta["high"] is not None else ""
-                raise ConfigError(f"{key}={value!r} is out of range: it must be {bound}")

@@ -1,6 +1,7 @@
 """Small shared helpers: atomic files, devices, seeding."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +51,16 @@ def read_json(path: str | Path, fix: str):
         return json.loads(Path(path).read_bytes())
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is damaged ({err}); {fix}") from None
+
+
+def cache_dir() -> Path:
+    """Where converted models and image features are kept (``$JOINT_INFERENCE_CACHE``)."""
+    return Path(os.environ.get("JOINT_INFERENCE_CACHE", Path.home() / ".cache" / "joint_inference"))
+
+
+def fingerprint_digest(obj) -> str:
+    """Short stable hash of JSON-able data (e.g. the sampled rows)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_writable_dir(path: str | Path, key: str) -> None:

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
-from ..models.language import cache_dir
-from ..reporting.results import fingerprint_digest
+from ..core.utils import cache_dir, fingerprint_digest
 from ..core.utils import atomic_write, differing_keys, flatten
 
 log = logging.getLogger(__name__)
@@ -34,18 +33,24 @@ def images_digest(images, train: list[dict], test: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(kind: str, model_name: str, dataset_cfg) -> Path:
+def cache_path(kind: str, model_name: str, dataset) -> Path:
     # the keys that choose the rows, those the data set has (path, image_field: dataset=local, a cache per file)
     keys = ("source_splits", "test_split", "num_examples", "sample_seed", "hub_id", "hub_config", "filter",
             "path", "image_field", "transductive", "on_bad_row")
-    sample = fingerprint_digest({k: str(Path(dataset_cfg.path).expanduser().absolute()) if k == "path" else
-                                 dataset_cfg[k] for k in keys if k in dataset_cfg})
-    return cache_dir() / "features" / kind / model_name / f"{dataset_cfg.name}-{sample}.pt"
+    sample = fingerprint_digest({k: str(Path(dataset.path).expanduser().absolute()) if k == "path" else
+                                 as_before(getattr(dataset, k)) for k in keys if hasattr(dataset, k)})
+    return cache_dir() / "features" / kind / model_name / f"{dataset.name}-{sample}.pt"
 
 
-def cached_features(kind: str, model_name: str, dataset_cfg, settings: dict, compute: Callable[[], dict]) -> dict:
+def as_before(value):
+    """A list or dict as the digest read it from the composed config before (its text), so that caches made
+    then are still found."""
+    return str(value) if isinstance(value, (list, dict)) else value
+
+
+def cached_features(kind: str, model_name: str, dataset, settings: dict, compute: Callable[[], dict]) -> dict:
     """The cached tensors for (kind, model, dataset sample); ``compute()`` them and save when missing."""
-    path = cache_path(kind, model_name, dataset_cfg)
+    path = cache_path(kind, model_name, dataset)
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -55,9 +60,9 @@ def cached_features(kind: str, model_name: str, dataset_cfg, settings: dict, com
             shown = "; ".join(f"{k}: cached {theirs.get(k)!r}, now {ours.get(k)!r}" for k in differ[:5])
             raise ConfigError(f"the feature cache {path} was built with different settings ({shown}). Delete it "
                               "(or set JOINT_INFERENCE_CACHE elsewhere) and rebuild with scripts/precompute_features.py")
-        log.info("%s features of %s loaded from %s", kind, dataset_cfg.name, path)
+        log.info("%s features of %s loaded from %s", kind, dataset.name, path)
         return saved["data"]
-    log.info("computing %s features of %s with %s (cached in %s)", kind, dataset_cfg.name, model_name, path)
+    log.info("computing %s features of %s with %s (cached in %s)", kind, dataset.name, model_name, path)
     data = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save({"settings": settings, "data": data}, f), binary=True)

@@ -56,20 +56,20 @@ def _local_file(root: Path, name: str, split: str) -> Path | None:
     return None
 
 
-def split_source(cfg, split: str) -> str:
+def split_source(dataset, split: str) -> str:
     """Where a split's rows come from, for messages: its local file, or the hub id and split."""
-    if cfg.data_root:
-        root = Path(cfg.data_root).expanduser()
-        name = cfg.name
+    if dataset.data_root:
+        root = Path(dataset.data_root).expanduser()
+        name = dataset.name
         path = _local_file(root, name, split)
         if path is None:
             have = sorted(p.name for p in (root / name).glob("*")) if (root / name).exists() else []
             raise ConfigError(
-                f"no local file for split {split!r} of {cfg.name!r} under {root / name} (found: {have or 'nothing'}); "
+                f"no local file for split {split!r} of {dataset.name!r} under {root / name} (found: {have or 'nothing'}); "
                 f"expected {split}.jsonl/.parquet/.csv. Pick existing splits with dataset.source_splits=[...]"
             )
         return str(path)
-    return f"{cfg.hub_id} (hub), split {split!r}"
+    return f"{dataset.hub_id} (hub), split {split!r}"
 
 
 def check_text_file(path: Path) -> None:
@@ -101,67 +101,67 @@ def check_text_file(path: Path) -> None:
         raise ConfigError(f"{path} is empty; {fix}")
 
 
-def load_split(cfg, split: str):
+def load_split(dataset, split: str):
     """One split as a ``datasets.Dataset``, from local files when a data root is set, else the hub."""
     import datasets
 
-    if cfg.data_root:
-        path = Path(split_source(cfg, split))
+    if dataset.data_root:
+        path = Path(split_source(dataset, split))
         if path.suffix != ".parquet":
             check_text_file(path)
         try:
             return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # the parsers raise many types (a truncated parquet file, mixed column types)
             raise ConfigError(f"could not read {path}: {err.__cause__ or err}; repair or re-export the file") from None
-    if not cfg.hub_id:
-        raise ConfigError(f"{cfg.name!r} is not on the hub: set DATA_ROOT (or dataset.data_root=...) to a folder "
-                          f"holding {cfg.name}/{split}.jsonl (layout: configs/dataset/{cfg.name}.yaml)")
+    if not dataset.hub_id:
+        raise ConfigError(f"{dataset.name!r} is not on the hub: set DATA_ROOT (or dataset.data_root=...) to a folder "
+                          f"holding {dataset.name}/{split}.jsonl (layout: configs/dataset/{dataset.name}.yaml)")
     try:
-        return datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=split)
+        return datasets.load_dataset(dataset.hub_id, dataset.hub_config, split=split)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         raise ConfigError(
-            f"could not load {cfg.hub_id!r} (config {cfg.hub_config}, split {split!r}) from the hub: "
+            f"could not load {dataset.hub_id!r} (config {dataset.hub_config}, split {split!r}) from the hub: "
             f"{type(err).__name__}: {err}. Offline? Set DATA_ROOT (or dataset.data_root=...) to a folder holding "
-            f"{cfg.name}/{split}.jsonl in the hub's schema."
+            f"{dataset.name}/{split}.jsonl in the hub's schema."
         ) from None
 
 
 RowCheck = Callable[[dict], str | None]  # what makes a row unscorable, or None
 
 
-def load_rows(cfg, splits: Sequence[str] | None = None) -> tuple[list[dict], np.ndarray]:
+def load_rows(dataset, splits: Sequence[str] | None = None) -> tuple[list[dict], np.ndarray]:
     """All rows of ``splits`` (default: the source splits), filtered, and their class ids in ``0..K-1``."""
-    rows, labels, _ = checked_rows(cfg, splits)
+    rows, labels, _ = checked_rows(dataset, splits)
     return rows, labels
 
 
-def checked_rows(cfg, splits: Sequence[str] | None = None,
+def checked_rows(dataset, splits: Sequence[str] | None = None,
                  check: RowCheck | None = None) -> tuple[list[dict], np.ndarray, int]:
     """:func:`load_rows`, each row passed through ``check`` first, and the number of rows left out.
 
     A row that ``check`` finds unscorable stops the run with its file, index and the fix
-    (``cfg.on_bad_row=error``, the default), or is left out before the sample is drawn (``skip``):
+    (``dataset.on_bad_row=error``, the default), or is left out before the sample is drawn (``skip``):
     the source rows are checked whether sampled or not, so that what is wrong with a file is said
     whatever the seed, and a skipping run samples among good rows only.
     """
-    splits = list(splits or cfg.source_splits)
-    check_subject(cfg)
-    on_bad_row = cfg.on_bad_row
+    splits = list(splits or dataset.source_splits)
+    check_subject(dataset)
+    on_bad_row = dataset.on_bad_row
     rows, origins = [], []
     for split in splits:
-        table, kept = load_split(cfg, split), None
-        for field, value in (cfg.filter or {}).items():  # on the column: building every row is slow
+        table, kept = load_split(dataset, split), None
+        for field, value in (dataset.filter or {}).items():  # on the column: building every row is slow
             values = table.with_format("arrow")[field].to_pylist() if field in table.column_names else []
             selected = [i for i, v in enumerate(values) if v == value]
             table, kept = table.select(selected), selected if kept is None else [kept[i] for i in selected]
         rows.extend(table.to_list())
-        source = split_source(cfg, split)
+        source = split_source(dataset, split)
         origins.extend(f"row {i} of {source}" for i in (range(len(table)) if kept is None else kept))
     if not rows:
-        raise ConfigError(f"dataset {cfg.name!r} has no rows in splits {splits} after filtering")
+        raise ConfigError(f"dataset {dataset.name!r} has no rows in splits {splits} after filtering")
     for i, row in enumerate(rows):
-        if cfg.label_column not in row:
-            raise ConfigError(f"row {i} of {cfg.name!r} has no label column {cfg.label_column!r}; fields: {sorted(row)}")
+        if dataset.label_column not in row:
+            raise ConfigError(f"row {i} of {dataset.name!r} has no label column {dataset.label_column!r}; fields: {sorted(row)}")
     skipped = 0
     if check is not None:
         problems = [check(row) for row in rows]
@@ -172,9 +172,9 @@ def checked_rows(cfg, splits: Sequence[str] | None = None,
                               "dataset.on_bad_row=skip")
         if bad:
             log.warning("%s: %d of %d rows cannot be scored and are left out (dataset.on_bad_row=skip), e.g. %s: %s",
-                        cfg.name, len(bad), len(rows), origins[bad[0]], problems[bad[0]])
+                        dataset.name, len(bad), len(rows), origins[bad[0]], problems[bad[0]])
             rows, skipped = [row for row, problem in zip(rows, problems) if not problem], len(bad)
-    return rows, class_ids([r[cfg.label_column] for r in rows], cfg), skipped
+    return rows, class_ids([r[dataset.label_column] for r in rows], dataset), skipped
 
 
 def text_field_problem(row: dict, fields: Sequence[str]) -> str | None:
@@ -195,18 +195,18 @@ def text_field_problem(row: dict, fields: Sequence[str]) -> str | None:
     return None
 
 
-def check_subject(cfg) -> None:
-    """A dataset of several subjects (MMLU) loads the one ``cfg.subject`` names, one of ``cfg.subjects``."""
-    if "subjects" not in cfg or cfg.subject in cfg.subjects:
+def check_subject(dataset) -> None:
+    """A dataset of several subjects (MMLU) loads the one ``dataset.subject`` names, one of ``dataset.subjects``."""
+    if not hasattr(dataset, "subjects") or dataset.subject in dataset.subjects:
         return
     hint = ("; subject=all (every subject in turn) is a run of unsupervised_icl_llm.py, elsewhere name one"
-            if cfg.subject == ALL_SUBJECTS else "")
-    raise ConfigError(f"unknown subject {cfg.subject!r} of {cfg.name!r}{hint}; valid: {', '.join(cfg.subjects)}")
+            if dataset.subject == ALL_SUBJECTS else "")
+    raise ConfigError(f"unknown subject {dataset.subject!r} of {dataset.name!r}{hint}; valid: {', '.join(dataset.subjects)}")
 
 
-def class_ids(raw_labels, cfg) -> np.ndarray:
-    """Class ids in ``0..K-1`` of the raw label values (through ``cfg.label_map`` when given)."""
-    label_map = {str(k): v for k, v in (cfg.label_map or {}).items()}
+def class_ids(raw_labels, dataset) -> np.ndarray:
+    """Class ids in ``0..K-1`` of the raw label values (through ``dataset.label_map`` when given)."""
+    label_map = {str(k): v for k, v in (dataset.label_map or {}).items()}
     labels = []
     for i, raw in enumerate(raw_labels):
         label = label_map.get(str(raw), raw)
@@ -214,24 +214,24 @@ def class_ids(raw_labels, cfg) -> np.ndarray:
             label = int(label)
         except (TypeError, ValueError):
             label = -1
-        if not 0 <= label < cfg.num_classes:
+        if not 0 <= label < dataset.num_classes:
             raise ConfigError(
-                f"row {i} of {cfg.name!r} has label {raw!r}, not a class id in 0..{cfg.num_classes - 1} "
+                f"row {i} of {dataset.name!r} has label {raw!r}, not a class id in 0..{dataset.num_classes - 1} "
                 "(unlabelled split? choose labelled splits with dataset.source_splits=[...])"
             )
         labels.append(label)
     return np.asarray(labels, dtype=np.int64)
 
 
-def check_label_set(names, cfg) -> None:
+def check_label_set(names, dataset) -> None:
     """The label set must name every class of the dataset, in order, each with some text (YAML reads an
     unquoted ``1`` or ``true`` as a number or a boolean, not a name)."""
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"label {i} of the label set is {name!r}, not a name: each label needs some text; "
                               "quote names in YAML and on the command line (labelset.names=['1','2'])")
-    if len(names) != cfg.num_classes:
-        raise ConfigError(f"label set has {len(names)} names but dataset {cfg.name!r} has {cfg.num_classes} "
+    if len(names) != dataset.num_classes:
+        raise ConfigError(f"label set has {len(names)} names but dataset {dataset.name!r} has {dataset.num_classes} "
                           "classes; pick a matching labelset=")
 
 
@@ -277,23 +277,23 @@ def capped_subset(size: int, cap: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(size, size=cap, replace=False))
 
 
-def load_task(cfg, check: RowCheck | None = None) -> TaskData:
+def load_task(dataset, check: RowCheck | None = None) -> TaskData:
     """Rows of a classification task, sampled by the protocol (docs/protocol.md §7), among the rows that
     ``check`` passes (see :func:`checked_rows`).
 
-    With ``cfg.transductive`` (MMLU as the original runs it, §8) the source splits' rows, at most
+    With ``dataset.transductive`` (MMLU as the original runs it, §8) the source splits' rows, at most
     ``num_examples`` of them, are both the unlabelled pool and the test set, and the rows of
-    ``cfg.supervised_splits`` are the supervised baseline's demonstrations.
+    ``dataset.supervised_splits`` are the supervised baseline's demonstrations.
     """
-    rows, labels, skipped = checked_rows(cfg, check=check)
-    if cfg.transductive:
-        keep = capped_subset(len(rows), cfg.num_examples, cfg.sample_seed)
+    rows, labels, skipped = checked_rows(dataset, check=check)
+    if dataset.transductive:
+        keep = capped_subset(len(rows), dataset.num_examples, dataset.sample_seed)
         rows, labels = [rows[i] for i in keep], labels[keep]
-        demonstrations, demonstration_labels, skipped_demonstrations = checked_rows(cfg, cfg.supervised_splits, check)
+        demonstrations, demonstration_labels, skipped_demonstrations = checked_rows(dataset, dataset.supervised_splits, check)
         return TaskData(train=rows, test=rows, train_labels=labels, test_labels=labels,
                         supervised_pool=demonstrations, supervised_labels=demonstration_labels,
                         skipped_rows=skipped + skipped_demonstrations)
-    train_idx, test_idx = protocol_sample(labels, cfg.num_classes, cfg.num_examples, cfg.sample_seed, cfg.sampler)
+    train_idx, test_idx = protocol_sample(labels, dataset.num_classes, dataset.num_examples, dataset.sample_seed, dataset.sampler)
     return TaskData(
         train=[rows[i] for i in train_idx],
         test=[rows[i] for i in test_idx],

@@ -46,58 +46,58 @@ def _resolve_paths(ds, column: str, root: Path):
     return ds.map(lambda row: {column: str(root / row[column]) if row[column] else row[column]})
 
 
-def labelled_rows(cfg, splits: Sequence[str], label_names: Sequence[str]):
+def labelled_rows(dataset, splits: Sequence[str], label_names: Sequence[str]):
     """(rows with undecoded images, each row's index in ``splits`` concatenated, labels) of an image task.
 
-    With ``cfg.labels_are_names`` (COCO-QA's free-text answers) a row's label is its answer's position in
+    With ``dataset.labels_are_names`` (COCO-QA's free-text answers) a row's label is its answer's position in
     the label set, and rows whose answer is not in the set are dropped.
     """
     import datasets
 
     parts = []
     for split in splits:
-        part = load_split(cfg, split)
-        if cfg.image_column not in part.features:
-            raise ConfigError(f"{cfg.name!r} split {split!r} has no image column {cfg.image_column!r}; "
+        part = load_split(dataset, split)
+        if dataset.image_column not in part.features:
+            raise ConfigError(f"{dataset.name!r} split {split!r} has no image column {dataset.image_column!r}; "
                               f"columns: {sorted(part.features)}. Set dataset.image_column=...")
-        if isinstance(part.features[cfg.image_column], datasets.Image):
-            part = part.cast_column(cfg.image_column, datasets.Image(decode=False))  # decode only what is sampled
-        if cfg.data_root:
-            part = _resolve_paths(part, cfg.image_column, Path(cfg.data_root).expanduser() / cfg.name)
+        if isinstance(part.features[dataset.image_column], datasets.Image):
+            part = part.cast_column(dataset.image_column, datasets.Image(decode=False))  # decode only what is sampled
+        if dataset.data_root:
+            part = _resolve_paths(part, dataset.image_column, Path(dataset.data_root).expanduser() / dataset.name)
         parts.append(part)
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    raw = ds[cfg.label_column]
+    raw = ds[dataset.label_column]
     source_rows = np.arange(len(ds))  # a row's index in the splits, kept through filtering
-    if cfg.labels_are_names:
+    if dataset.labels_are_names:
         position = {name: k for k, name in enumerate(label_names)}
         known = [i for i, answer in enumerate(raw) if str(answer).strip().lower() in position]
         if len(known) < len(raw):
             log.warning("%s: %d of %d rows have answers outside the label set and are left out",
-                        cfg.name, len(raw) - len(known), len(raw))
+                        dataset.name, len(raw) - len(known), len(raw))
         ds, source_rows = ds.select(known), source_rows[known]
-        labels = np.asarray([position[str(a).strip().lower()] for a in ds[cfg.label_column]], dtype=np.int64)
+        labels = np.asarray([position[str(a).strip().lower()] for a in ds[dataset.label_column]], dtype=np.int64)
     else:
-        labels = class_ids(raw, cfg)
+        labels = class_ids(raw, dataset)
     return ds, source_rows, labels
 
 
-def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
+def load_image_task(dataset, label_names: Sequence[str]) -> TaskData:
     """The unlabelled pool and test set of an image task, their images decoded.
 
-    ``cfg.test_split`` null: the protocol's sample of ``cfg.source_splits`` (2/3 pool, 1/3 test). A split
+    ``dataset.test_split`` null: the protocol's sample of ``dataset.source_splits`` (2/3 pool, 1/3 test). A split
     name: the original's vision protocol, every row of ``source_splits`` the pool and every row of that split
     the test set (the same rows twice when it is a source split, as its COCO-QA runs), each capped at a
     seeded ``num_examples`` when set. Labels are read first, so only the chosen images are decoded. An image
-    that cannot be decoded stops the run (``cfg.on_bad_image=stop``) or is dropped with a warning (``skip``).
+    that cannot be decoded stops the run (``dataset.on_bad_image=stop``) or is dropped with a warning (``skip``).
     """
-    pool = labelled_rows(cfg, cfg.source_splits, label_names)
-    if cfg.test_split is None:
-        train_idx, test_idx = protocol_sample(pool[2], cfg.num_classes, cfg.num_examples, cfg.sample_seed)
+    pool = labelled_rows(dataset, dataset.source_splits, label_names)
+    if dataset.test_split is None:
+        train_idx, test_idx = protocol_sample(pool[2], dataset.num_classes, dataset.num_examples, dataset.sample_seed)
         chosen = {"train": (*pool, train_idx), "test": (*pool, test_idx)}
     else:  # the test split is read again only when it is not the pool's own (COCO-QA's is)
-        held_out = pool if [cfg.test_split] == list(cfg.source_splits) else labelled_rows(cfg, [cfg.test_split],
+        held_out = pool if [dataset.test_split] == list(dataset.source_splits) else labelled_rows(dataset, [dataset.test_split],
                                                                                           label_names)
-        chosen = {split: (*table, capped_subset(len(table[2]), cfg.num_examples, cfg.sample_seed))
+        chosen = {split: (*table, capped_subset(len(table[2]), dataset.num_examples, dataset.sample_seed))
                   for split, table in (("train", pool), ("test", held_out))}
 
     images, splits = [], {}
@@ -106,13 +106,13 @@ def load_image_task(cfg, label_names: Sequence[str]) -> TaskData:
         rows, kept = [], []
         for i in indices.tolist():
             row = table[i]
-            cell = row.pop(cfg.image_column)
+            cell = row.pop(dataset.image_column)
             if (id(table), i) not in decoded:
                 try:
-                    images.append(decode_image(cell, f"row {table_rows[i]} of {cfg.name!r} ({split} sample)"))
+                    images.append(decode_image(cell, f"row {table_rows[i]} of {dataset.name!r} ({split} sample)"))
                     decoded[id(table), i] = len(images) - 1
                 except ConfigError as err:
-                    if cfg.on_bad_image == "stop":
+                    if dataset.on_bad_image == "stop":
                         raise ConfigError(f"{err}; set dataset.on_bad_image=skip to leave such rows out") from None
                     log.warning("%s; skipped (dataset.on_bad_image=skip)", err)
                     decoded[id(table), i] = None

@@ -11,9 +11,8 @@ import math
 
 import torch
 
-from joint_inference.core.errors import ConfigError
-
-ESTIMATORS: tuple[str, ...] = ("rao_marginalized", "rao", "naive")
+from ..core.errors import ConfigError
+from ..core.settings import ESTIMATORS  # their names, which the estimator's schema checks
 
 
 def _at(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 from .answers import (
     cut_after_answer,
@@ -49,11 +47,12 @@ from .answers import (
     read_choice,
     same_answer,
 )
-from ..data.hub import load_split
 from ..core.errors import ConfigError
-from ..scoring.generators import SamplingSettings, make_generator
-from ..reporting.results import RunState, fingerprint_digest, write_jsonl, write_results
-from ..core.utils import seed_everything
+from ..core.settings import GenerationSettings, GenerationTemplate, TextICLSettings
+from ..core.utils import fingerprint_digest, seed_everything
+from ..data.hub import load_split
+from ..scoring.generators import SamplingSettings
+from ..reporting.results import RunState, write_jsonl, write_results
 
 log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGHIJ"
@@ -83,17 +82,12 @@ class CotFormat:
     FIELDS = ("instruction", "supervised_instruction", "query", "separator", "zero_shot", "stop")
 
     @classmethod
-    def from_cfg(cls, cfg, protocol: str = "clean") -> "CotFormat":
+    def from_template(cls, t: GenerationTemplate, protocol: str = "clean") -> "CotFormat":
         """The template's prompts; its ``stop`` strings are the original's, ``stop_clean`` ones are added
         under ``protocol=clean`` (ours: a response also ends where a small model starts a next question)."""
-        t = resolved(cfg, "template")
-        missing = [k for k in cls.FIELDS if k not in t]
-        if missing:
-            raise ConfigError(f"the generation template lacks {missing}; it needs {list(cls.FIELDS)} "
-                              "(and optionally stop_clean, stop_after), as configs/template/gsm8k.yaml has them")
-        stop = [*(t["stop"] or ()), *((t.get("stop_clean") or ()) if protocol == "clean" else ())]
-        return cls(t["instruction"], t["supervised_instruction"], t["query"], t["separator"], t["zero_shot"],
-                   tuple(stop), tuple(t.get("stop_after") or ()))
+        stop = [*(t.stop or ()), *((t.stop_clean or ()) if protocol == "clean" else ())]
+        return cls(t.instruction, t.supervised_instruction, t.query, t.separator, t.zero_shot, tuple(stop),
+                   tuple(t.stop_after or ()))
 
     def zero_shot_prompt(self, row: dict) -> str:
         return _fill(self.zero_shot, row)
@@ -102,16 +96,6 @@ class CotFormat:
         head = self.supervised_instruction if supervised else self.instruction
         shots = "".join(_fill(self.query, r) + response + self.separator for r, response in demos)
         return _fill(head, row) + shots + _fill(self.query, row)
-
-
-def resolved(node, name: str):
-    """``node`` as plain containers, its interpolations (e.g. ``${prompt_style.zero_shot}``) filled in."""
-    try:
-        return OmegaConf.to_container(node, resolve=True)
-    except InterpolationResolutionError as err:
-        raise ConfigError(f"the {name} config refers to a value that is not there ({err}); GSM8K's prompts come "
-                          "from the prompt_style group: keep `- prompt_style: cot_wei2022` in the defaults list "
-                          "(choices: cot_wei2022, qwen_math)") from None
 
 
 def _fill(text: str, row: dict) -> str:
@@ -164,79 +148,79 @@ class GenerativeTask:
         return [a == g for a, g in zip(answers, self.gold)]
 
 
-def _with_options(row: dict, cfg) -> dict:
+def _with_options(row: dict, dataset) -> dict:
     """Choice tasks: the option list as lettered lines, ``{options_text}`` in templates."""
-    field = cfg.options_field
+    field = dataset.options_field
     if not field:
         return row
     options = list(row[field])
     if not 0 < len(options) <= len(LETTERS):
-        raise ConfigError(f"a row of {cfg.name!r} has {len(options)} options; 1 to {len(LETTERS)} are supported")
+        raise ConfigError(f"a row of {dataset.name!r} has {len(options)} options; 1 to {len(LETTERS)} are supported")
     return {**row, "options": options, "options_text": "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))}
 
 
-def _gold(row: dict, cfg, source: str):
-    raw = row.get(cfg.answer_field)
+def _gold(row: dict, dataset, source: str):
+    raw = row.get(dataset.answer_field)
     try:
-        if cfg.answer_type == "number":
+        if dataset.answer_type == "number":
             return gold_number(raw)
-        if cfg.answer_type == "choice" and isinstance(raw, str) and raw.strip() in LETTERS[:len(row["options"])]:
+        if dataset.answer_type == "choice" and isinstance(raw, str) and raw.strip() in LETTERS[:len(row["options"])]:
             return raw.strip()
     except ValueError:
         pass
-    if cfg.answer_type not in ("number", "choice"):
-        raise ConfigError(f"dataset.answer_type must be number or choice, got {cfg.answer_type!r}")
-    expected = ("text ending in '#### <number>'" if cfg.answer_type == "number"
+    if dataset.answer_type not in ("number", "choice"):
+        raise ConfigError(f"dataset.answer_type must be number or choice, got {dataset.answer_type!r}")
+    expected = ("text ending in '#### <number>'" if dataset.answer_type == "number"
                 else f"a letter among the row's {len(row.get('options', []))} options")
-    question = str(row.get(cfg.question_field, ""))[:80]
-    raise ConfigError(f"row {source} of {cfg.name!r} has no gold answer in the expected format: field "
-                      f"{cfg.answer_field!r} is {str(raw)[-120:]!r}, expected {expected} (question: {question!r})")
+    question = str(row.get(dataset.question_field, ""))[:80]
+    raise ConfigError(f"row {source} of {dataset.name!r} has no gold answer in the expected format: field "
+                      f"{dataset.answer_field!r} is {str(raw)[-120:]!r}, expected {expected} (question: {question!r})")
 
 
-def _exemplars(cfg) -> list[tuple[dict, str, str | None]] | None:
+def _exemplars(dataset) -> list[tuple[dict, str, str | None]] | None:
     """Demonstrations of the supervised baseline: listed in the config, or another split's written CoT; None if
     absent. Responses are kept verbatim (they follow the query with the spacing their source has), less the
     ``remove`` text wherever it occurs, as the original deletes "A: Let's think step by step." from MMLU-Pro's."""
-    ex = cfg.exemplars
+    ex = dataset.exemplars
     if ex is None:
         return None
     if ex.source == "inline":
-        items = resolved(ex, "dataset.exemplars")["items"]
+        items = ex.items
         if not items or not all(isinstance(i, dict) and isinstance(i.get("response"), str) for i in items):
             raise ConfigError("dataset.exemplars.items must list exemplars, each with the row's fields and a "
                               "response, e.g. items: ${prompt_style.exemplars}")
         return [({k: v for k, v in i.items() if k != "response"}, i["response"], None) for i in items]
     try:
-        rows = load_split(cfg, ex.split).to_list()
+        rows = load_split(dataset, ex.split).to_list()
     except ConfigError as err:
         log.warning("no supervised baseline: the exemplar split %r is not available (%s)", ex.split, err)
         return None
-    remove, category = ex.remove or "", cfg.category_field
-    return [(_with_options(r, cfg), r[ex.response_field].replace(remove, ""),
+    remove, category = ex.remove or "", dataset.category_field
+    return [(_with_options(r, dataset), r[ex.response_field].replace(remove, ""),
              str(r[category]) if category else None) for r in rows]
 
 
-def load_generative_task(cfg, protocol: str = "clean") -> GenerativeTask:
-    """The questions of ``cfg.source_splits`` (a seeded subset of ``num_examples``), gold answers checked.
+def load_generative_task(dataset: GenerationSettings, protocol: str = "clean") -> GenerativeTask:
+    """The questions of ``dataset.source_splits`` (a seeded subset of ``num_examples``), gold answers checked.
 
     The supervised baseline's exemplars from another split are a pool it draws from (MMLU-Pro's validation
     examples, as the original draws them); exemplars listed in the config are a published prompt, used as listed.
     """
     rows, sources = [], []
-    for split in cfg.source_splits:
-        part = load_split(cfg, split).to_list()
+    for split in dataset.source_splits:
+        part = load_split(dataset, split).to_list()
         rows += part
         sources += [f"{split}[{i}]" for i in range(len(part))]
     if not rows:
-        raise ConfigError(f"dataset {cfg.name!r} has no rows in splits {list(cfg.source_splits)}")
-    if cfg.num_examples is not None and cfg.num_examples < len(rows):
-        keep = np.sort(np.random.default_rng(cfg.sample_seed).choice(len(rows), cfg.num_examples, replace=False))
+        raise ConfigError(f"dataset {dataset.name!r} has no rows in splits {list(dataset.source_splits)}")
+    if dataset.num_examples is not None and dataset.num_examples < len(rows):
+        keep = np.sort(np.random.default_rng(dataset.sample_seed).choice(len(rows), dataset.num_examples, replace=False))
         rows, sources = [rows[i] for i in keep], [sources[i] for i in keep]
-    rows = [_with_options(r, cfg) for r in rows]
-    categories = [str(r[cfg.category_field]) for r in rows] if cfg.category_field else None
-    return GenerativeTask(rows=rows, sources=sources, gold=[_gold(r, cfg, s) for r, s in zip(rows, sources)],
-                          answer_type=cfg.answer_type, categories=categories, exemplars=_exemplars(cfg),
-                          draw_exemplars=cfg.exemplars is not None and cfg.exemplars.source == "split",
+    rows = [_with_options(r, dataset) for r in rows]
+    categories = [str(r[dataset.category_field]) for r in rows] if dataset.category_field else None
+    return GenerativeTask(rows=rows, sources=sources, gold=[_gold(r, dataset, s) for r, s in zip(rows, sources)],
+                          answer_type=dataset.answer_type, categories=categories, exemplars=_exemplars(dataset),
+                          draw_exemplars=dataset.exemplars is not None and dataset.exemplars.source == "split",
                           protocol=protocol)
 
 
@@ -358,31 +342,29 @@ def summary(task: GenerativeTask, stage: dict) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-def run_generation(cfg: DictConfig) -> dict:
-    """Zero-shot, supervised few-shot and T rounds of unsupervised ICL; results in ``cfg.output_dir``."""
-    from ..scoring.api_generators import make_api_generator as api_generator  # backend=openai
+def sampling_settings(cfg: TextICLSettings, fmt: CotFormat | None = None) -> SamplingSettings:
+    """How a run's responses are sampled: its decoding settings, cut at the template's stop strings."""
+    return SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, *((fmt.stop, fmt.stop_after) if fmt else ()))
+
+
+def run_generation(cfg: TextICLSettings, task: GenerativeTask, fmt: CotFormat, load_generator: Callable) -> dict:
+    """Zero-shot, supervised few-shot and T rounds of unsupervised ICL on ``task``'s questions, with the generator
+    that ``load_generator()`` gives (called once, where a stage is left to answer); results in ``cfg.output_dir``."""
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-
-    # ---- data and prompts
-    task = load_generative_task(cfg.dataset, cfg.protocol)
-    fmt = CotFormat.from_cfg(cfg.template, cfg.protocol)
     n_shots = cfg.N
-    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, fmt.stop, fmt.stop_after)
-    template = resolved(cfg.template, "template")
+    template = asdict(cfg.template)
     one_prompt_samples = 1 if cfg.protocol == "original" else cfg.num_repeats  # zero-shot's and the baseline's
     log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend, protocol %s", cfg.dataset.name,
              len(task.rows), n_shots, cfg.num_repeats, cfg.backend, cfg.protocol)
 
     state = RunState(out_dir / "state.json", {
-        "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
+        "task": cfg.dataset.name, "model": asdict(cfg.model), "backend": cfg.backend,
         "template": template, "N": n_shots, "num_repeats": cfg.num_repeats,
         "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
         "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
     })
-    load_generator = cache(lambda: api_generator(cfg, settings) if cfg.backend == "openai"  # behind an API
-                           else make_generator(cfg, settings))
-    stage = partial(answer_stage, state, load_generator, task)
+    stage = partial(answer_stage, state, cache(load_generator), task)
 
     # ---- round 0: zero-shot chain of thought
     zero_shot = stage("zero_shot", lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}),
@@ -412,7 +394,7 @@ def run_generation(cfg: DictConfig) -> dict:
         "settings": {"N": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
                      "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                     "prompt_style": OmegaConf.select(cfg, "prompt_style.name"), "template": template},
+                     "prompt_style": cfg.prompt_style.name if cfg.prompt_style else None, "template": template},
     }
     def per_question(stage):
         return [{"answer": a, "correct": ok, "response": r}

@@ -31,20 +31,20 @@ import base64
 import io
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from .answers import numbers_equal
-from ..data.hub import load_split
 from ..core.errors import ConfigError
-from ..scoring.generators import SamplingSettings
-from ..reporting.results import RunState, fingerprint_digest, interval, markdown_table, pct, write_jsonl, write_results
-from .generation import answer_stage, draw, question_rng, resolved
-from ..core.utils import seed_everything
+from ..core.settings import MMMUSettings, MMMUTemplate, TextICLSettings
+from ..core.utils import fingerprint_digest, seed_everything
+from ..data.hub import load_split
+from ..reporting.results import RunState, interval, markdown_table, pct, write_jsonl, write_results
+from .answers import numbers_equal
+from .generation import answer_stage, draw, question_rng
 
 log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGHIJ"
@@ -63,8 +63,8 @@ class MMMUFormat:
     image_detail: str | None = "low"
 
     @classmethod
-    def from_cfg(cls, template) -> MMMUFormat:
-        t = resolved(template, "template")
+    def from_template(cls, template: MMMUTemplate) -> MMMUFormat:
+        t = asdict(template)
         missing = [k for k in ("system", "suffix") if not isinstance(t.get(k), dict) or MC not in t[k]]
         if missing:
             raise ConfigError(f"the MMMU template lacks {missing}: each maps the question types ({MC}, {OPEN}) to "
@@ -225,20 +225,18 @@ def question_row(raw: dict, subject: str, source: str) -> dict:
             "answer": gold.strip() if isinstance(gold, str) else gold, "image_urls": images}
 
 
-def subject_table(d: DictConfig, subject: str):
+def subject_table(d: MMMUSettings, subject: str):
     """One subject's rows as a ``datasets.Dataset``: a hub config per subject (MMMU, local files in
     ``<data_root>/mmmu/<subject>/<split>.parquet``), or one table filtered on ``subject_field`` (MMMU-Pro)."""
-    fields = {"name": d.name, "hub_id": d.hub_id, "data_root": d.data_root, "hub_config": d.hub_config}
-    if not d.subject_field:  # the subject's own hub config, and its own folder of local files
-        fields.update(hub_config=subject, name=f"{d.name}/{subject}")
-    table = load_split(OmegaConf.create(fields), d.split)
+    source = d if d.subject_field else replace(d, hub_config=subject, name=f"{d.name}/{subject}")
+    table = load_split(source, d.split)  # the subject's own hub config, and its own folder of local files
     if d.subject_field:
         values = table.with_format("arrow")[d.subject_field].to_pylist()
         table = table.select([i for i, v in enumerate(values) if v == subject])
     return table
 
 
-def load_subject(d: DictConfig, subject: str) -> list[dict]:
+def load_subject(d: MMMUSettings, subject: str) -> list[dict]:
     """A subject's questions (a seeded subset of ``num_examples`` when set), in dataset order."""
     table = subject_table(d, subject)
     keep = list(range(len(table)))
@@ -320,30 +318,33 @@ def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int,
 
 
 # -------------------------------------------------------------------------------------------- run
-def run_mmmu(cfg: DictConfig) -> dict:
-    """Zero-shot and T rounds of unsupervised ICL on every subject; results in ``cfg.output_dir``."""
-    from ..scoring.api_generators import make_api_generator
-
+def check_mmmu(cfg: TextICLSettings) -> None:
+    """MMMU runs through an API (before anything loads)."""
     if cfg.backend != "openai":
         raise ConfigError(f"dataset={cfg.dataset.name} runs a vision-language model behind an API: add backend=openai "
                           "(e.g. +experiment=mmmu_gpt4o, or model=openai_compatible model.name=<a vision model> "
                           "model.base_url=<its server>)")
+
+
+def run_mmmu(cfg: TextICLSettings, load_generator: Callable) -> dict:
+    """Zero-shot and T rounds of unsupervised ICL on every subject, with the generator that ``load_generator()``
+    gives (called once, where a stage is left to answer); results in ``cfg.output_dir``."""
+    check_mmmu(cfg)
     out_dir, d = Path(cfg.output_dir), cfg.dataset
     seed_everything(cfg.seed)
-    fmt = MMMUFormat.from_cfg(cfg.template)
+    fmt = MMMUFormat.from_template(cfg.template)
     subjects = list(d.subjects) if d.subject == ALL else [d.subject]
     unknown = [s for s in subjects if s not in d.subjects]
     if unknown:
         raise ConfigError(f"unknown subject(s) {unknown} of {d.name!r}; valid: all, {', '.join(d.subjects)}")
     n_shots = cfg.N
-    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     state = RunState(out_dir / "state.json", {
-        "task": d.name, "model": OmegaConf.to_container(cfg.model), "backend": cfg.backend,
-        "template": resolved(cfg.template, "template"), "N": n_shots, "num_repeats": cfg.num_repeats,
+        "task": d.name, "model": asdict(cfg.model), "backend": cfg.backend,
+        "template": asdict(cfg.template), "N": n_shots, "num_repeats": cfg.num_repeats,
         "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
         "subjects": subjects, "split": d.split, "num_examples": d.num_examples,
     })
-    load_generator = cache(lambda: make_api_generator(cfg, settings, seed=cfg.seed))
+    load_generator = cache(load_generator)
     log.info("%s: %d subjects, %d-shot rounds, T=%d, %d votes, protocol %s", d.name, len(subjects), n_shots, cfg.T,
              cfg.num_repeats, cfg.protocol)
 
@@ -387,7 +388,7 @@ def _per_question(stage: dict, q: int) -> dict:
     return {"answer": stage["answers"][q], "correct": stage["correct"][q], "response": stage["responses"][q]}
 
 
-def summarize(cfg: DictConfig, state: RunState, subjects: list[str], n_shots: int) -> dict:
+def summarize(cfg: TextICLSettings, state: RunState, subjects: list[str], n_shots: int) -> dict:
     """Each stage's accuracy over all questions (``test_accuracy``), its mean over subjects (``macro_accuracy``)
     and per subject."""
     def stage(name):
@@ -407,7 +408,7 @@ def summarize(cfg: DictConfig, state: RunState, subjects: list[str], n_shots: in
         "settings": {"N": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
                      "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
                      "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "split": cfg.dataset.split,
-                     "subjects": subjects, "template": resolved(cfg.template, "template")},
+                     "subjects": subjects, "template": asdict(cfg.template)},
     }
 
 

@@ -10,45 +10,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from ..data.hub import ALL_SUBJECTS
-from ..runs.planning import classification_plan, dry_run_tokenizer, format_plan, plan_summary, prompt_encoder
-from ..core.errors import ConfigError
+from ..core.settings import ICLSettings
+from ..data.hub import TaskData
 from ..reporting.results import interval, pct, stage_accuracies, stage_name, write_results
-from ..data.tasks import load_data
-from .uicl import load_scorer, run_classification
-from ..core.utils import resolve_device
+from ..scoring.scorer import LabelScorer
+from .uicl import run_classification
 
 log = logging.getLogger(__name__)
 
 
-def runs_all_subjects(cfg: DictConfig) -> bool:
-    """``dataset.subject=all``: a run over every subject of ``dataset.subjects``."""
-    return "subject" in cfg.dataset and cfg.dataset.subject == ALL_SUBJECTS
-
-
-def subject_config(cfg: DictConfig, subject: str) -> DictConfig:
-    """``cfg`` for one subject, writing into ``<run dir>/subjects/<subject>``."""
-    return OmegaConf.merge(cfg, {"dataset": {"subject": subject},
-                                 "output_dir": str(Path(cfg.output_dir) / "subjects" / subject)})
-
-
-def run_all_subjects(cfg: DictConfig) -> dict:
-    """Every subject of ``cfg.dataset.subjects`` in turn with one scorer; the summary in ``cfg.output_dir``."""
-    subjects = list(cfg.dataset.subjects)
-    if not subjects:
-        raise ConfigError(f"dataset.subjects of {cfg.dataset.name!r} is empty; name the subjects to run")
-    configs = [subject_config(cfg, subject) for subject in subjects]
-    # the scorer's prompt encoder depends on the template and label set only (the subject is a row
-    # field), so the scorer built with the first subject serves them all
-    scorer, _ = load_scorer(configs[0], load_data(configs[0]), resolve_device(cfg.device))
+def run_all_subjects(cfg: ICLSettings, subjects: list[tuple[str, ICLSettings]],
+                     load_data: Callable[[ICLSettings], TaskData], scorer: LabelScorer) -> dict:
+    """Each subject's run (its settings write into ``<run dir>/subjects/<subject>``) in turn with one
+    ``scorer``: its prompt encoder depends on the template and label set only (the subject is a row field);
+    the summary in ``cfg.output_dir``."""
     per_subject = {}
-    for i, (subject, subject_cfg) in enumerate(zip(subjects, configs), 1):
+    for i, (subject, settings) in enumerate(subjects, 1):
         log.info("subject %d/%d: %s", i, len(subjects), subject)
-        per_subject[subject] = run_classification(subject_cfg, scorer)
+        per_subject[subject] = run_classification(settings, load_data(settings), scorer)
     results = summarize(cfg, per_subject)
     write_results(cfg.output_dir, results, subjects_table, macro_rounds_figure)
     log.info("macro average over %d subjects: %s", len(subjects),
@@ -56,7 +39,7 @@ def run_all_subjects(cfg: DictConfig) -> dict:
     return results
 
 
-def summarize(cfg: DictConfig, per_subject: dict[str, dict]) -> dict:
+def summarize(cfg: ICLSettings, per_subject: dict[str, dict]) -> dict:
     """Each subject's stage accuracies, their mean over subjects (macro) and over questions (micro)."""
     accuracies = {subject: stage_accuracies(r) for subject, r in per_subject.items()}
     sizes = [r["num_test"] for r in per_subject.values()]
@@ -110,20 +93,3 @@ def macro_rounds_figure(results: dict, out_dir: Path) -> None:
 
     title = f"{results['task']} / {results['model']}: mean over {results['num_subjects']} subjects"
     plot_rounds(results["macro"], title, out_dir / "rounds.png")
-
-
-def dry_run_subjects(cfg) -> dict:
-    """``dry_run=true`` over every subject of an all-subjects run (MMLU): each subject's counts summed."""
-    device = resolve_device(cfg.device)
-    encoder = prompt_encoder(cfg, dry_run_tokenizer(cfg.model))
-    totals: dict[str, dict] = {}
-    for subject in cfg.dataset.subjects:
-        for stage in classification_plan(cfg, load_data(subject_config(cfg, subject)), encoder):
-            into = totals.setdefault(stage["stage"], {"stage": stage["stage"], "prompts": 0, "tokens": 0})
-            into["prompts"] += stage["prompts"]
-            into["tokens"] += stage["tokens"]
-    plan = plan_summary(cfg, list(totals.values()), device)
-    print(format_plan(f"dry run of {cfg.dataset.name} ({len(cfg.dataset.subjects)} subjects) / {cfg.model.name} on "
-                      f"{device}: N={cfg.N}, T={cfg.T}, {cfg.num_repeats} votes. Nothing was scored or written.", plan),
-          flush=True)
-    return {"dry_run": plan}

@@ -1,39 +1,42 @@
-"""The unsupervised fine-tuning run (docs/protocol.md §4) for text and image tasks, from config to results.
+"""The unsupervised fine-tuning run (docs/protocol.md §4) for text and image tasks, from task to results.
 
-Shared by ``unsupervised_ft_llm.py`` and ``unsupervised_ft_vlm.py``: the task (text or images) is
-loaded by :mod:`joint_inference.data.tasks`, and everything after that is modality-agnostic.
+Shared by ``unsupervised_ft_llm.py`` and ``unsupervised_ft_vlm.py``: the composition root hands over the
+task and the scorer of the model (with its adapters), and everything here is modality-agnostic.
 """
 from __future__ import annotations
 
 import logging
 import resource
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from ..core.distributed import is_main_process, process_state
-from ..runs.planning import check_finetuning_size
 from ..core.errors import ConfigError
+from ..core.settings import FTSettings
+from ..core.utils import fingerprint_digest, flatten, resolve_device
+from ..data.files import FileData
+from ..data.files import labelled as has_labels
+from ..data.hub import TaskData
+from ..reporting.files import file_finetuning_results
+from ..reporting.plots import plot_learning_curve
+from ..reporting.results import interval, interval_note, pct, write_results
+from ..scoring.scorer import Scorer
 from .finetune import (
     CalibratedTaskEncoder,
     LinearTaskEncoder,
     LMReward,
     LoraTaskEncoder,
-    add_lora,
     fit,
+    frozen,
     label_head,
     lm_features,
+    predict_labels,
     zero_shot_log_prior,
 )
-from ..data.files import FileData, file_finetuning_results
-from ..data.files import labelled as has_labels
-from ..reporting.plots import plot_learning_curve
-from ..reporting.results import fingerprint_digest, interval, interval_note, pct, write_results
-from ..scoring.scorer import Scorer
-from ..data.tasks import load_data, load_prompts, modality
-from ..core.utils import flatten, resolve_device, seed_everything
+from .icl import zero_shot_logprobs
 
 log = logging.getLogger(__name__)
 # Keys that do not change the trained parameters: they may differ when a run is resumed.
@@ -106,14 +109,10 @@ def wandb_stats(stats: dict, label_names: list[str]) -> dict:
     return out
 
 
-def run_finetuning(cfg: DictConfig) -> dict:
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    started = time.perf_counter()
-
-    # ---- checks that need no data or model
+def check_rules(cfg: FTSettings) -> None:
+    """Rules between keys beyond the schema's reach (before anything loads)."""
     num_processes = process_state().num_processes
-    if cfg.calibrate_task_encoder and not cfg.calibrate:  # a rule between keys, beyond the schema's reach
+    if cfg.calibrate_task_encoder and not cfg.calibrate:
         raise ConfigError("calibrate_task_encoder=true subtracts the calibrated reward's log-prior; "
                           "set calibrate=true as well, or calibrate_task_encoder=false")
     if cfg.batch_size % num_processes:
@@ -121,42 +120,46 @@ def run_finetuning(cfg: DictConfig) -> dict:
                           " (each process trains on B/P of the sequences); set batch_size to a multiple of "
                           f"{num_processes} or launch a number of processes that divides {cfg.batch_size}")
 
-    # ---- data
-    data = load_data(cfg)
+
+def check_pool(cfg: FTSettings, data: TaskData) -> None:
+    """A step's sequences must fit in the unlabelled pool (before the model loads)."""
     if cfg.N * cfg.batch_size > len(data.train):
         raise ConfigError(f"N * batch_size = {cfg.N * cfg.batch_size} examples per step, but the unlabelled pool "
                           f"has {len(data.train)}; lower N or batch_size, or raise dataset.num_examples")
 
-    # ---- model, prompts, scorer (one copy of the model: adapters on for q, off for the reward);
-    # dry_run=true: the steps, prompts and tokens are counted, and nothing else runs
+
+def run_finetuning(cfg: FTSettings, data: TaskData, scorer: Scorer, composed: dict,
+                   image_features: dict[str, torch.Tensor] | None = None) -> dict:
+    """Fine-tune the task encoder (``cfg.task_encoder``: the scorer's model with its LoRA adapters, or a linear
+    head on the frozen model's features, or on ``image_features``) on ``data``; results in ``cfg.output_dir``.
+
+    ``composed``: the run's configuration as composed (plain values), the record that the checkpoint's
+    fingerprint and results.json keep of it. The caller seeds the run (``cfg.seed``) before the adapters are
+    drawn.
+    """
+    out_dir = Path(cfg.output_dir)
+    started = time.perf_counter()
+    num_processes = process_state().num_processes
     device = resolve_device(cfg.device)
-    if (dry_run := check_finetuning_size(cfg, data, device)) is not None:
-        return dry_run
-    model, encoder, examples = load_prompts(cfg, device, data)
-    if cfg.task_encoder == "lora":
-        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules),
-                         cfg.lora.exclude_modules)
-    scorer = Scorer(model, encoder, cfg.label_mode, cfg.forward_batch_size, show_progress=cfg.progress)
+    examples = scorer.encoder.encode_splits(data)
     log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode, cfg.task_encoder)
 
     # ---- task encoder and reward
     if cfg.task_encoder == "lora":
         task_encoder = LoraTaskEncoder(scorer, examples)
-    elif modality(cfg) == "image":  # a linear head on CLIP image embeddings (docs/protocol.md §4)
-        from ..models.vision import clip_features
-
-        task_encoder = LinearTaskEncoder(clip_features(cfg, data, device), encoder.num_labels, seed=cfg.seed)
+    elif image_features is not None:  # a linear head on CLIP image embeddings (docs/protocol.md §4)
+        task_encoder = LinearTaskEncoder(image_features, scorer.encoder.num_labels, seed=cfg.seed)
     else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
         features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
-        task_encoder = LinearTaskEncoder(features, encoder.num_labels, init=label_head(scorer))
+        task_encoder = LinearTaskEncoder(features, scorer.encoder.num_labels, init=label_head(scorer))
     log_prior = zero_shot_log_prior(scorer, examples["train"]) if cfg.calibrate else None
     reward = LMReward(scorer, examples["train"], log_prior)
     if cfg.calibrate_task_encoder:
         task_encoder = CalibratedTaskEncoder(task_encoder, log_prior)
 
     # ---- train (resumes from checkpoint.pt when the run directory has one)
-    settings = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items() if k not in RUNTIME_KEYS}
+    settings = {k: v for k, v in flatten(composed).items() if k not in RUNTIME_KEYS}
     fingerprint = {**settings, "label_mode": scorer.mode,
                    "schedule_steps": cfg.num_iterations if cfg.optimization.schedule == "cosine" else None,
                    "data": fingerprint_digest([data.train, data.test])}
@@ -165,12 +168,12 @@ def run_finetuning(cfg: DictConfig) -> dict:
     if log_to_wandb:
         import wandb  # optional: only imported when asked for
 
-        wandb.init(project=cfg.wandb_project, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
+        wandb.init(project=cfg.wandb_project, config=composed, dir=str(out_dir))
         on_step = lambda step, stats: wandb.log(wandb_stats(stats, list(cfg.labelset.names)), step=step)  # noqa: E731
     state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
                 fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
                 progress=cfg.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
-                num_classes=encoder.num_labels)
+                num_classes=scorer.encoder.num_labels)
 
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
     if is_main_process():
@@ -182,7 +185,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
         "zero_shot": {"test_accuracy": state["zero_shot"]},
         "final": {"test_accuracy": history[-1]["test_accuracy"]},
         "history": history,
-        "early_stopping": {**cfg.early_stopping, "stopped_at": state["stopped_at"], "flip_rates": state["flip_rates"]},
+        "early_stopping": {**asdict(cfg.early_stopping), "stopped_at": state["stopped_at"], "flip_rates": state["flip_rates"]},
         "timing": {"seconds": time.perf_counter() - started, "train_seconds": state["seconds"],
                    "steps": state["step"], "seconds_per_step": state["seconds"] / max(1, state["step"])},
         "peak_memory_bytes": peak_memory_bytes(device),
@@ -195,7 +198,11 @@ def run_finetuning(cfg: DictConfig) -> dict:
         "data_fingerprint": fingerprint["data"],
     }
     if isinstance(data, FileData):  # own data: every row's label before and after training in predictions.csv
-        file_finetuning_results(out_dir, results, data, scorer, task_encoder, examples, list(cfg.labelset.names))
+        splits = ("test",) if data.transductive else ("train", "test")
+        with frozen(scorer.model):
+            zero_shot = {s: zero_shot_logprobs(scorer, examples[s]).argmax(-1).tolist() for s in splits}
+        trained = {s: predict_labels(task_encoder, s, len(examples[s])) for s in splits}
+        file_finetuning_results(out_dir, results, data, zero_shot, trained, list(cfg.labelset.names))
     title = f"{results['task']} / {results['model']}: fine-tuning ({cfg.task_encoder}, {cfg.estimator.name})"
     write_results(out_dir, results, finetuning_table,
                   lambda _, out: plot_learning_curve(history, state["metrics"], title, out / "learning_curve.png",

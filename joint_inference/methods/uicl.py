@@ -7,85 +7,61 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from ..runs.planning import check_run_size
 from ..core.errors import ConfigError
-from .icl import (
-    SPLITS,
-    accuracy,
-    icl_predict,
-    label_free_diagnostics,
-    repeat_accuracy,
-    zero_shot_logprobs,
-)
-from ..data.files import FileData, file_run_results
+from ..core.settings import ICLSettings
+from ..core.utils import fingerprint_digest, resolve_device, seed_everything
+from ..data.files import FileData
 from ..data.files import labelled as has_labels
+from ..data.hub import TaskData
+from ..data.tasks import modality
 from ..prompts.templates import Template
-from ..reporting.results import RunState, fingerprint_digest, stage_name, write_jsonl, write_results
-from ..scoring.scorer import LabelScorer, Scorer
-from ..data.tasks import load_data, load_prompts, load_vllm_scorer, modality
-from ..core.utils import resolve_batch_size, resolve_device, seed_everything
+from ..reporting.files import file_run_results
+from ..reporting.results import RunState, stage_name, write_jsonl, write_results
+from ..scoring.scorer import LabelScorer
+from .icl import SPLITS, accuracy, icl_predict, label_free_diagnostics, repeat_accuracy, zero_shot_logprobs
 
 log = logging.getLogger(__name__)
 
 
-def load_scorer(cfg: DictConfig, data, device) -> tuple[LabelScorer, dict]:
-    """(scorer, {"train", "test"}: encoded examples of ``data``) for ``cfg.model`` and ``cfg.backend``."""
-    if cfg.backend == "vllm":
-        return load_vllm_scorer(cfg, data)
-    if cfg.backend == "openai":  # a model behind an OpenAI-compatible API
-        from ..scoring.api import load_api_scorer
-
-        return load_api_scorer(cfg, data)
-    model, encoder, encoded = load_prompts(cfg, device, data)
-    return Scorer(model, encoder, cfg.label_mode, resolve_batch_size(cfg.forward_batch_size, device),
-                  show_progress=cfg.progress), encoded
+def check_pool(settings: ICLSettings, data: TaskData) -> None:
+    """The unlabelled pool must hold N demonstrations besides the queries they are drawn for (before any model
+    loads)."""
+    excluded = min(settings.block_size, len(data.train)) if settings.support_sampling == "shared" else 1
+    if settings.protocol == "clean" and settings.N > len(data.train) - excluded:
+        raise ConfigError(f"N={settings.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
+                          f"{excluded} of them queries left out of their own demonstrations); "
+                          "lower N (or block_size) or raise dataset.num_examples")
 
 
-def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> dict:
-    """Zero-shot, supervised ICL and T rounds of unsupervised ICL; results in ``cfg.output_dir``.
+def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) -> dict:
+    """Zero-shot, supervised ICL and T rounds of unsupervised ICL of ``scorer`` on ``data``; results in
+    ``cfg.output_dir``.
 
-    ``scorer``: a text task's scorer loaded before, so that runs over MMLU's subjects load the
-    model once (:mod:`~joint_inference.methods.subjects`). A transductive task (``data.transductive``)
-    relabels its test questions only, each round drawing their demonstrations among themselves.
+    A transductive task (``data.transductive``: MMLU's subjects, a file of the user's) relabels its test
+    questions only, each round drawing their demonstrations among themselves.
     """
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-
-    # ---- data, template, label set
-    data = load_data(cfg)
-    labelled = has_labels(data)  # False: a file without a label column, predict-only (own_data.py)
-    excluded = min(cfg.block_size, len(data.train)) if cfg.support_sampling == "shared" else 1
-    if cfg.protocol == "clean" and cfg.N > len(data.train) - excluded:
-        raise ConfigError(f"N={cfg.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
-                          f"{excluded} of them queries left out of their own demonstrations); "
-                          "lower N (or block_size) or raise dataset.num_examples")
+    labelled = has_labels(data)  # False: a file without a label column, predict-only (data/files.py)
     gold = {"test": data.test_labels, "train": data.train_labels}
     splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
     # The original's vision script draws demonstrations unlike its text scripts (class-weighted, no quotas),
     # relabels the unlabelled pool with one prompt per example, not a vote, and not after the last round: no
     # round reads those labels (the last round then has no pool diagnostics), unless they are the product (own data).
-    vision_original = cfg.protocol == "original" and modality(cfg) == "image"
+    vision_original = cfg.protocol == "original" and modality(cfg.dataset) == "image"
     repeats = {"test": cfg.num_repeats, "train": 1 if vision_original else cfg.num_repeats}  # prompts per query
     last_round_splits = ("test",) if vision_original and not isinstance(data, FileData) else splits
-
-    # ---- model and scorer (dry_run=true: the prompts and tokens are counted, and nothing else runs)
-    device = resolve_device(cfg.device)
-    if scorer is None and (dry_run := check_run_size(cfg, data, device)) is not None:
-        return dry_run
-    if scorer is None:
-        scorer, encoded = load_scorer(cfg, data, device)
-    else:  # its prompt encoder depends on the template and label set only
-        encoded = scorer.encoder.encode_splits(data)
+    encoded = scorer.encoder.encode_splits(data)
     log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 
     state = RunState(out_dir / "state.json", {
-        "task": cfg.dataset.name, "model": OmegaConf.to_container(cfg.model), "template": cfg.template.text,
+        "task": cfg.dataset.name, "model": asdict(cfg.model), "template": cfg.template.text,
         "labels": list(cfg.labelset.names), "label_mode": scorer.mode, "N": cfg.N,
         "num_repeats": cfg.num_repeats, "seed": cfg.seed, "support_sampling": cfg.support_sampling,
         "block_size": cfg.block_size if cfg.support_sampling == "shared" else None, "protocol": cfg.protocol,
@@ -190,10 +166,10 @@ def run_classification(cfg: DictConfig, scorer: LabelScorer | None = None) -> di
                      "label_mode": scorer.mode, "support_sampling": cfg.support_sampling, "protocol": cfg.protocol,
                      "transductive": data.transductive, "stop_when_flips_below": cfg.stop_when_flips_below,
                      "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
-                     "device": "vllm" if cfg.backend == "vllm" else str(device)},
+                     "device": "vllm" if cfg.backend == "vllm" else str(resolve_device(cfg.device))},
     }
     if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
-        file_run_results(out_dir, results, data, zero_shot, rounds, list(cfg.labelset.names), cfg)
+        file_run_results(out_dir, results, data, zero_shot, rounds, list(cfg.labelset.names), cfg.dataset.num_examples)
     elif cfg.save_predictions:
         fields = Template(cfg.template.text).fields
         write_jsonl(out_dir / "predictions.jsonl", [

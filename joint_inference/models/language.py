@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
+from ..core.utils import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,15 @@ OFFLINE_HINT = ("Offline or no access? Point model.pretrained at a local directo
                 "or use an embedded model (model=gemma3_270m or model=smollm2_135m).")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("JOINT_INFERENCE_CACHE", Path.home() / ".cache" / "joint_inference"))
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, from its PyPI package."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED)}")
+    locate, install = EMBEDDED[name]
+    try:
+        return locate()
+    except ModuleNotFoundError:
+        raise ConfigError(f"embedded model {name!r} is not installed: {install}") from None
 
 
 def embedded_snapshot(name: str) -> Path:
@@ -57,11 +65,7 @@ def embedded_snapshot(name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    locate, install = EMBEDDED[name]
-    try:
-        gguf = locate()
-    except ModuleNotFoundError:
-        raise ConfigError(f"embedded model {name!r} is not installed: {install}") from None
+    gguf = embedded_gguf(name)
     log.info("converting %s to a transformers snapshot in %s (once)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -89,20 +93,20 @@ def check_local_path(source: str, key: str) -> None:
                           "here; a hub id reads org/name). Point it at a folder holding config.json and the weights")
 
 
-def resolve_weights(cfg) -> tuple[str, str | None]:
+def resolve_weights(model) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model config."""
-    if cfg.embedded:
-        return str(embedded_snapshot(cfg.embedded)), None
-    check_local_path(str(cfg.pretrained), "model.pretrained")
-    return cfg.pretrained, cfg.gguf_file
+    if model.embedded:
+        return str(embedded_snapshot(model.embedded)), None
+    check_local_path(str(model.pretrained), "model.pretrained")
+    return model.pretrained, model.gguf_file
 
 
-def context_length(cfg) -> int | None:
+def context_length(model) -> int | None:
     """The longest sequence (``max_position_embeddings``) that a ``model/`` config's model takes, read from
     its config file alone; None where the config does not say."""
     from transformers import AutoConfig
 
-    source, gguf_file = resolve_weights(cfg)
+    source, gguf_file = resolve_weights(model)
     try:
         config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
@@ -131,16 +135,27 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_tokenizer(cfg):
-    """The tokenizer of a ``model/`` config (pad token = EOS when it has none)."""
+def load_tokenizer(model):
+    """The tokenizer of a ``model/`` config (pad token = EOS when it has none), without the weights: a random
+    model's trained tokenizer, an embedded model's from its converted snapshot or, before the weights are
+    first converted, straight from its GGUF file."""
     from transformers import AutoTokenizer
 
-    source, gguf_file = resolve_weights(cfg)
-    if cfg.tokenizer:
-        check_local_path(cfg.tokenizer, "model.tokenizer")
+    if model.random_init:
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer(**model.random_init)
+    if model.embedded and not model.tokenizer and not (cache_dir() / "models" / model.embedded / "config.json").exists():
+        gguf = embedded_gguf(model.embedded)
+        source, kwargs = gguf.parent, {"gguf_file": gguf.name}
+    else:
+        source, gguf_file = resolve_weights(model)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if model.tokenizer:
+            check_local_path(model.tokenizer, "model.tokenizer")
+            source, kwargs = model.tokenizer, {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or source,
-                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"could not load model {source!r} (its tokenizer): {err}\n{OFFLINE_HINT}") from None
     if tokenizer.pad_token_id is None:
@@ -148,10 +163,10 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def quantization(cfg, device: torch.device):
+def quantization(model, device: torch.device):
     """``model.load_in_4bit``: bitsandbytes' NF4 4-bit weights with double quantization, computing in
     ``model.dtype`` (QLoRA's recipe, what the original fine-tunes Llama-3.1-8B with); None otherwise."""
-    if not cfg.load_in_4bit:
+    if not model.load_in_4bit:
         return None
     if device.type != "cuda":
         raise ConfigError("model.load_in_4bit=true needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
@@ -161,39 +176,39 @@ def quantization(cfg, device: torch.device):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype, device))
+                              bnb_4bit_compute_dtype=resolve_dtype(model.dtype, device))
 
 
-def load_model(cfg, device: torch.device):
-    """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config."""
+def load_model(model, device: torch.device, tokenizer=None):
+    """(model in eval mode with frozen weights, tokenizer) for a ``model/`` config; ``tokenizer``: the one the
+    run loaded already (:func:`load_tokenizer`), else it is loaded here."""
     from transformers import AutoModelForCausalLM
 
-    quantized = quantization(cfg, device)
-    if cfg.random_init:  # a tiny random model built in memory: smoke tests, no download
+    quantized = quantization(model, device)
+    tokenizer = tokenizer or load_tokenizer(model)
+    if model.random_init:  # a tiny random model built in memory: smoke tests, no download
         from .tiny import tiny_causal_lm
 
         if quantized is not None:
             raise ConfigError("model.load_in_4bit=true quantizes pretrained weights; model.random_init builds "
                               "a tiny model in memory: drop one of them")
-
-        model, tokenizer = tiny_causal_lm(**cfg.random_init)
-        model.to(device=device, dtype=resolve_dtype(cfg.dtype, device)).eval().requires_grad_(False)
-        return model, tokenizer
-    tokenizer = load_tokenizer(cfg)
-    source, gguf_file = resolve_weights(cfg)
+        network, _ = tiny_causal_lm(**model.random_init, tokenizer=tokenizer)
+        network.to(device=device, dtype=resolve_dtype(model.dtype, device)).eval().requires_grad_(False)
+        return network, tokenizer
+    source, gguf_file = resolve_weights(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if quantized is not None:  # bitsandbytes places the 4-bit weights itself; they cannot be moved after
         kwargs.update(quantization_config=quantized, device_map={"": device.index or 0})
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        network = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=resolve_dtype(cfg.dtype, device),
-            attn_implementation=resolve_attention(cfg.attn_implementation, device),
+            dtype=resolve_dtype(model.dtype, device),
+            attn_implementation=resolve_attention(model.attn_implementation, device),
             **kwargs,
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"could not load model {source!r}: {err}\n{OFFLINE_HINT}") from None
     if quantized is None:
-        model.to(device)
-    model.eval().requires_grad_(False)
-    return model, tokenizer
+        network.to(device)
+    network.eval().requires_grad_(False)
+    return network, tokenizer

@@ -18,7 +18,6 @@ import importlib
 
 import torch
 
-from ..prompts.encoders import build_prompt_encoder
 from ..core.errors import ConfigError
 from ..data.features import cached_features
 
@@ -88,11 +87,11 @@ class OpenFlamingoForScoring(torch.nn.Module):
         return self.get_output_embeddings().weight.dtype
 
 
-def clip_patch_tokens(cfg, images, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+def clip_patch_tokens(spec, images, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """(images, patches, dim) CLIP tokens as OpenFlamingo's vision encoder gives them, in fp16."""
     open_clip = _import("open_clip")
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg.clip_vision_encoder_path,
-                                                                 pretrained=cfg.clip_vision_encoder_pretrained)
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.clip_vision_encoder_path,
+                                                                 pretrained=spec.clip_vision_encoder_pretrained)
     visual = model.visual.to(device).eval()
     visual.output_tokens = True
     out = []
@@ -103,14 +102,14 @@ def clip_patch_tokens(cfg, images, device: torch.device, batch_size: int = 64) -
     return torch.cat(out)
 
 
-def load_openflamingo_prompts(cfg, device: torch.device, data):
-    """(OpenFlamingo wrapped for scoring, image prompt encoder, encoded examples)."""
+def load_openflamingo(spec, dataset, device: torch.device, data):
+    """(OpenFlamingo wrapped for scoring, its tokenizer, (fragments, features) of the task's images: one
+    marker each, the CLIP tokens being the model's own)."""
     from .language import resolve_dtype
 
-    spec = cfg.model
     settings = {"clip": [spec.clip_vision_encoder_path, spec.clip_vision_encoder_pretrained], "tokens": "patch, fp16",
                 "images": data.images_digest}
-    tokens = cached_features("openflamingo_clip", spec.clip_vision_encoder_path, cfg.dataset, settings,
+    tokens = cached_features("openflamingo_clip", spec.clip_vision_encoder_path, dataset, settings,
                              lambda: {"features": clip_patch_tokens(spec, data.images, device)})["features"]
     factory = _import("open_flamingo")
     flamingo, _, tokenizer = factory.create_model_and_transforms(
@@ -124,5 +123,4 @@ def load_openflamingo_prompts(cfg, device: torch.device, data):
     dtype = resolve_dtype(spec.dtype, device)
     model = OpenFlamingoForScoring(flamingo, tokens.to(device=device, dtype=dtype)).to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
-    encoder = build_prompt_encoder(cfg, tokenizer, ([[-1]] * len(data.images), None))
-    return model, encoder, encoder.encode_splits(data)
+    return model, tokenizer, ([[-1]] * len(data.images), None)

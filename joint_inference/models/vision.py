@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.hub import TaskData
-from ..prompts.encoders import build_prompt_encoder
 from ..core.errors import ConfigError
 from ..data.features import cached_features
 from ..prompts.images import IMAGE_MARKER
@@ -62,23 +61,23 @@ def tiny_vlm(seed: int = 0, image_size: int = 32, patch_size: int = 8, vision: d
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
-def load_vlm(cfg, device: torch.device):
-    """(VLM in eval mode with frozen weights, its processor) for a ``model/`` config of a transformers VLM."""
-    if cfg.library != "transformers":
-        raise ConfigError(f"model {cfg.name!r} uses backend {cfg.backend!r}; this loader serves transformers VLMs")
-    if cfg.random_init:
-        model, processor = tiny_vlm(**cfg.random_init)
+def load_vlm(spec, device: torch.device):
+    """(VLM in eval mode with frozen weights, its processor) for the settings of a transformers VLM."""
+    if spec.library != "transformers":
+        raise ConfigError(f"model {spec.name!r} uses library {spec.library!r}; this loader serves transformers VLMs")
+    if spec.random_init:
+        model, processor = tiny_vlm(**spec.random_init)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
-            processor = AutoProcessor.from_pretrained(cfg.pretrained, **(cfg.processor_kwargs or {}))
+            processor = AutoProcessor.from_pretrained(spec.pretrained, **(spec.processor_kwargs or {}))
             model = AutoModelForImageTextToText.from_pretrained(
-                cfg.pretrained, dtype=resolve_dtype(cfg.dtype, device))
+                spec.pretrained, dtype=resolve_dtype(spec.dtype, device))
         except (OSError, ValueError) as err:
-            raise ConfigError(f"could not load VLM {cfg.pretrained!r}: {err}\nOffline or no access? Point "
+            raise ConfigError(f"could not load VLM {spec.pretrained!r}: {err}\nOffline or no access? Point "
                               "model.pretrained at a local directory, or smoke-test with model=tiny_random_vlm.") from None
-    model.to(device=device, dtype=resolve_dtype(cfg.dtype, device)).eval().requires_grad_(False)
+    model.to(device=device, dtype=resolve_dtype(spec.dtype, device)).eval().requires_grad_(False)
     if image_token_id(model.config) is None:
         raise ConfigError(f"{type(model).__name__} has no image token in its config; the transformers backend "
                           "needs a VLM that merges image features into its input embeddings (LLaVA, Idefics3, SmolVLM)")
@@ -142,16 +141,16 @@ def image_fragments(model, processor, images: Sequence, batch_size: int = 32, pr
     return fragments, torch.cat(features)
 
 
-def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int = 64, progress: bool = True):
-    """(images, dim) CLIP image embeddings, as the projection gives them (``cfg``: a model's ``image_features``
+def clip_embeddings(spec, images: Sequence, device: torch.device, batch_size: int = 64, progress: bool = True):
+    """(images, dim) CLIP image embeddings, as the projection gives them (``spec``: a model's ``image_features``
     entry): the fixed features of the linear task encoder. Not L2-normalised: the original's head reads the raw
     embeddings (its ``emb_norm: false``), and its learning rate was chosen for their scale."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if cfg.random_init:
+    if spec.random_init:
         from transformers import CLIPImageProcessorPil
 
-        dims = dict(cfg.random_init)
+        dims = dict(spec.random_init)
         torch.manual_seed(dims.pop("seed", 0))
         size = dims.pop("image_size", 32)
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**{
@@ -162,10 +161,10 @@ def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int
         from transformers import AutoImageProcessor
 
         try:
-            processor = AutoImageProcessor.from_pretrained(cfg.pretrained)
-            model = CLIPVisionModelWithProjection.from_pretrained(cfg.pretrained)
+            processor = AutoImageProcessor.from_pretrained(spec.pretrained)
+            model = CLIPVisionModelWithProjection.from_pretrained(spec.pretrained)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"could not load CLIP {cfg.pretrained!r}: {err}\nOffline? Point "
+            raise ConfigError(f"could not load CLIP {spec.pretrained!r}: {err}\nOffline? Point "
                               "model.image_features.pretrained at a local copy, or precompute the features "
                               "elsewhere with scripts/precompute_features.py and copy the cache.") from None
     model.to(device).eval()
@@ -178,35 +177,36 @@ def clip_embeddings(cfg, images: Sequence, device: torch.device, batch_size: int
 
 
 # ---------------------------------------------------------------------- prompts of a task
-def load_image_prompts(cfg, device: torch.device, data: TaskData):
-    """(VLM, image prompt encoder, encoded examples); image embeddings come from the feature cache."""
+def load_image_model(spec, dataset, device: torch.device, data: TaskData, progress: bool = True):
+    """(VLM, its tokenizer, (fragments, features) of the task's images) for the settings of a vision-language
+    model; the image embeddings come from the feature cache."""
+    if spec.library == "openflamingo":
+        from .openflamingo import load_openflamingo
 
-    if cfg.model.library == "openflamingo":
-        from .openflamingo import load_openflamingo_prompts
-
-        return load_openflamingo_prompts(cfg, device, data)
-    model, processor = load_vlm(cfg.model, device)
-    fragments, features = vlm_image_features(cfg, model, processor, data, device)
-    encoder = build_prompt_encoder(cfg, processor.tokenizer, (fragments, features.to(device)))
-    return model, encoder, encoder.encode_splits(data)
+        return load_openflamingo(spec, dataset, device, data)
+    model, processor = load_vlm(spec, device)
+    fragments, features = vlm_image_features(spec, dataset, model, processor, data, progress)
+    return model, processor.tokenizer, (fragments, features.to(device))
 
 
-def vlm_image_features(cfg, model, processor, data: TaskData, device: torch.device):
+def vlm_image_features(spec, dataset, model, processor, data: TaskData, progress: bool = True):
     """The VLM's image fragments and embeddings of the task's images, from the cache or computed once."""
-    settings = {"model": cfg.model.pretrained or dict(cfg.model.random_init), "dtype": str(model.dtype),
+    settings = {"model": spec.pretrained or dict(spec.random_init), "dtype": str(model.dtype),
                 "preprocessing": processor.image_processor.to_dict(), "images": data.images_digest}
-    saved = cached_features("vlm", cfg.model.name, cfg.dataset, settings, lambda: dict(zip(
-        ("fragments", "features"), image_fragments(model, processor, data.images, progress=cfg.progress))))
+    saved = cached_features("vlm", spec.name, dataset, settings, lambda: dict(zip(
+        ("fragments", "features"), image_fragments(model, processor, data.images, progress=progress))))
     return saved["fragments"], saved["features"]
 
 
-def clip_features(cfg, data: TaskData, device: torch.device) -> dict[str, torch.Tensor]:
-    """{"train", "test"}: CLIP image embeddings of the task's images, from the cache or computed once."""
-    spec = cfg.model.image_features
+def clip_features(model, dataset, data: TaskData, device: torch.device, progress: bool = True
+                  ) -> dict[str, torch.Tensor]:
+    """{"train", "test"}: CLIP image embeddings of the task's images (``model.image_features`` computes them),
+    from the cache or computed once."""
+    spec = model.image_features
     settings = {"model": spec.pretrained or dict(spec.random_init), "normalised": False,
                 "images": data.images_digest}
-    saved = cached_features("clip", spec.name, cfg.dataset, settings,
-                            lambda: {"features": clip_embeddings(spec, data.images, device, progress=cfg.progress)})
+    saved = cached_features("clip", spec.name, dataset, settings,
+                            lambda: {"features": clip_embeddings(spec, data.images, device, progress=progress)})
     features = saved["features"].to(device)
     return {split: features[[row["image"] for row in rows]]
             for split, rows in (("train", data.train), ("test", data.test))}

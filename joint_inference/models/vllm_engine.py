@@ -22,8 +22,8 @@ def check_vllm() -> None:
         raise ConfigError("backend=vllm needs a CUDA GPU and none is visible; use backend=hf on this machine")
 
 
-def build_vllm_engine(model_cfg, *, seed: int = 0, min_version: str | None = None, **engine_args):
-    """A ``vllm.LLM`` for ``model_cfg`` over ``model.tensor_parallel_size`` GPUs (default: all visible).
+def build_vllm_engine(model, *, seed: int = 0, min_version: str | None = None, **engine_args):
+    """A ``vllm.LLM`` for ``model`` over ``model.tensor_parallel_size`` GPUs (default: all visible).
 
     The weights are ``model.pretrained`` (or the embedded snapshot), read with ``model.tokenizer`` (default:
     the weights' own) in ``model.dtype`` (default ``auto``). ``min_version``: the oldest vLLM that the
@@ -33,10 +33,10 @@ def build_vllm_engine(model_cfg, *, seed: int = 0, min_version: str | None = Non
     from .language import resolve_weights
 
     check_vllm()  # before resolve_weights converts any embedded weights
-    if model_cfg.random_init:
+    if model.random_init:
         raise ConfigError("backend=vllm loads weights from model.pretrained; model.random_init builds them in "
                           "memory: use backend=hf")
-    source, gguf_file = resolve_weights(model_cfg)
+    source, gguf_file = resolve_weights(model)
     if gguf_file:
         raise ConfigError("backend=vllm reads a model directory or hub id, not model.gguf_file; use backend=hf")
     import vllm
@@ -45,8 +45,8 @@ def build_vllm_engine(model_cfg, *, seed: int = 0, min_version: str | None = Non
     if min_version is not None and Version(vllm.__version__) < Version(min_version):
         raise ConfigError(f"this use of backend=vllm needs vLLM >= {min_version}, found {vllm.__version__}: "
                           "pip install -U vllm")
-    if model_cfg.load_in_4bit:  # vLLM's in-flight bitsandbytes 4-bit quantization
+    if model.load_in_4bit:  # vLLM's in-flight bitsandbytes 4-bit quantization
         engine_args = {"quantization": "bitsandbytes", **engine_args}
-    return vllm.LLM(model=source, tokenizer=model_cfg.tokenizer or source, dtype=model_cfg.dtype,
-                    seed=seed, tensor_parallel_size=model_cfg.tensor_parallel_size or torch.cuda.device_count(),
+    return vllm.LLM(model=source, tokenizer=model.tokenizer or source, dtype=model.dtype,
+                    seed=seed, tensor_parallel_size=model.tensor_parallel_size or torch.cuda.device_count(),
                     **engine_args)

@@ -1,7 +1,6 @@
 """Run state that survives interruption, and the results files of a run directory."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -14,11 +13,6 @@ from ..core.utils import atomic_write_json, atomic_write_text, differing_keys, r
 log = logging.getLogger(__name__)
 STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # others: round_<t>
 STATE_KEYS = {"fingerprint", "stages", "seconds", "prompts"}  # what RunState writes to state.json
-
-
-def fingerprint_digest(obj: Any) -> str:
-    """Short stable hash of JSON-able data (e.g. the sampled rows)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class RunState:

@@ -12,7 +12,6 @@ import logging
 import re
 import sys
 import textwrap
-from dataclasses import fields
 from functools import reduce
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..core.distributed import is_main_process
 from ..core.errors import ConfigError, exit_on_config_error
 from .rundir import run_directory
-from ..core.settings import SCHEMAS, check_settings, config_option, options
+from .config import SCHEMAS, config_option, options, own_keys
 from ..core.utils import check_writable_dir
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def check_command_line(args: list[str], config_dir: Path, schema: type | None = 
         if key == directory_key and isinstance(value, str) and "${" not in value:
             check_writable_dir(value, key)
         if schema and "." not in key and not override.is_add() and not (config_dir / key).is_dir():
-            known = [f.name for f in fields(schema)]
+            known = own_keys(schema)
             if key not in known:  # Hydra would say "not in struct" with a page of text
                 close = difflib.get_close_matches(key, known, n=1)
                 raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
@@ -118,8 +117,6 @@ def run_in_directory(run, cfg: DictConfig):
     ours = Path(hydra.runtime.output_dir).resolve() == Path(cfg.output_dir).resolve() and hydra.output_subdir
     with run_directory(cfg.output_dir, hydra.job.name,
                        Path(hydra.runtime.output_dir) / hydra.output_subdir if ours else None):
-        if hydra.job.name in SCHEMAS:  # an entry script's settings, before anything loads
-            check_settings(cfg, SCHEMAS[hydra.job.name])
         return run(cfg)
 
 

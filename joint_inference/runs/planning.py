@@ -1,4 +1,4 @@
-"""How big a classification run is before it runs: prompts and tokens per stage, and the wall time.
+"""How big a run is before it runs: prompts and tokens per stage, the wall time, and what an API run costs.
 
 ``dry_run=true`` loads the data and the tokenizer (never the weights), counts the prompts and the
 tokens that the model would run through at each stage (zero-shot, the supervised baseline, each
@@ -16,17 +16,39 @@ second of the batched scorer.
 
 The same estimate guards CPU runs: on a CPU a run estimated at more than an hour stops before the
 model loads, with the estimate, the quickstart command and ``allow_long_cpu_run=true`` to run it
-anyway (README, "Quickstart").
+anyway (README, "Quickstart"). Fine-tuning is counted and guarded alike (:func:`finetuning_plan`).
+
+A run behind an API (``backend=openai``) goes through whole in a temporary directory with clients that
+count instead of sending (:func:`api_dry_run`, :class:`~joint_inference.api.client.DryRunClient`):
+zero-shot and baseline prompts are the real ones; the rounds' demonstrations are drawn from stand-in
+answers (classification: uniform label scores; generation: a stand-in response of
+``api.dry_run_output_tokens`` tokens that states an answer), so their prompt tokens are estimates.
+Requests already in the run's cache are counted apart (a rerun does not pay for them). Prompt tokens are
+exact for classification (the token ids sent), counted with the model's tokenizer where it loads, else
+about 4 characters a token; images count ``model.tokens_per_image`` (85: GPT-4o at ``detail: low``).
+Output tokens: 1 per classification request; for generation the estimate and the bound (``max_new_tokens``
+per response). Nothing is written to the run directory; the summary is printed and returned.
 """
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from ..api.client import DryRunTally, cost
 from ..core.errors import ConfigError
+from ..core.settings import FTSettings, ICLSettings, TextICLSettings
+from ..data.files import labelled
+from ..data.hub import TaskData
+from ..data.tasks import modality
+from ..models.language import resolve_dtype
+from ..prompts.templates import PromptEncoder
+from ..scoring.scorer import resolve_label_mode
 
 log = logging.getLogger(__name__)
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -67,60 +89,13 @@ def throughput(model_name: str, device_type: str, dtype: str, n: int, directory:
 
 
 def model_throughput(cfg, device) -> dict | None:
-    from ..models.language import resolve_dtype
-
     dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
     return throughput(cfg.model.name, device.type, dtype, cfg.N)
 
 
-# ------------------------------------------------------------------------------- tokenizer
-def dry_run_tokenizer(model_cfg):
-    """The model's tokenizer without its weights: a random model's trained tokenizer, an embedded
-    model's from its converted snapshot or straight from the GGUF file (no conversion), else
-    :func:`~joint_inference.models.language.load_tokenizer`."""
-    from transformers import AutoTokenizer
-
-    from ..models.language import EMBEDDED, cache_dir, load_tokenizer
-
-    if model_cfg.random_init:
-        from ..models.tiny import tiny_tokenizer
-
-        return tiny_tokenizer(**model_cfg.random_init)
-    name = model_cfg.embedded
-    if not name:
-        return load_tokenizer(model_cfg)
-    if name not in EMBEDDED:
-        raise ConfigError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED)}")
-    snapshot = cache_dir() / "models" / name
-    if (snapshot / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(snapshot)
-    else:
-        locate, install = EMBEDDED[name]
-        try:
-            gguf = locate()
-        except ModuleNotFoundError:
-            raise ConfigError(f"embedded model {name!r} is not installed: {install}") from None
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def prompt_encoder(cfg, tokenizer):
-    """The run's prompt encoder, with the label set checked as the scorer checks it (labels that the
-    tokenizer cannot tell apart are an error here already)."""
-    from ..prompts.encoders import build_prompt_encoder
-    from ..scoring.scorer import resolve_label_mode
-
-    encoder = build_prompt_encoder(cfg, tokenizer)
-    resolve_label_mode(cfg.label_mode, encoder.label_ids, encoder.label_names)
-    return encoder
-
-
 # ------------------------------------------------------------------------------------ counts
-def classification_plan(cfg, data, encoder) -> list[dict]:
+def classification_plan(cfg: ICLSettings, data: TaskData, encoder: PromptEncoder) -> list[dict]:
     """[{stage, prompts, tokens}] of a classification run (the counting rule of this module's docstring)."""
-    from ..data.files import labelled
 
     encoded = encoder.encode_splits(data)
     splits, pool_split = (("test",), "test") if data.transductive else (("test", "train"), "train")
@@ -189,47 +164,6 @@ def format_plan(title: str, plan: dict) -> str:
     return "\n".join(lines + ["  " + estimate_line(plan)]) + "\n"
 
 
-# ------------------------------------------------------------------------------- the checks
-def check_run_size(cfg, data, device) -> dict | None:
-    """Before the model loads. ``dry_run=true``: print the counts and the estimate, and return them as
-    ``{"dry_run": plan}`` (the caller stops there). On a CPU, without ``allow_long_cpu_run=true``: a run
-    estimated at more than an hour is a ConfigError that gives the estimate, the quickstart and how to
-    run it anyway. Returns None when the run goes on."""
-    from ..data.tasks import modality
-
-    dry = cfg.dry_run
-    guard = device.type == "cpu" and not cfg.allow_long_cpu_run
-    if not dry and not (guard and model_throughput(cfg, device) is not None):
-        return None
-    if modality(cfg) != "text":
-        if dry:
-            raise ConfigError("dry_run=true counts the prompts of text tasks; image tasks have no dry run yet")
-        return None
-    plan = plan_summary(cfg, classification_plan(cfg, data, prompt_encoder(cfg, dry_run_tokenizer(cfg.model))), device)
-    examples = (f"{len(data.test)} examples (each a query and a pool example)" if data.transductive
-                else f"{len(data.train)} unlabelled + {len(data.test)} test examples")
-    title = (f"dry run of {cfg.dataset.name} / {cfg.model.name} on {device}: {examples}; N={cfg.N}, T={cfg.T}, "
-             f"{cfg.num_repeats} votes, {cfg.support_sampling} demonstrations. Nothing was scored or written.")
-    if dry:
-        print(format_plan(title, plan), flush=True)
-        return {"dry_run": plan}
-    seconds = plan["estimate_seconds"]
-    if seconds is not None and seconds > LONG_CPU_RUN_SECONDS:
-        speed = plan["throughput"]
-        cpu = f"{speed['cpu_count']}-core CPU" if speed["cpu_count"] else "CPU"
-        raise ConfigError(
-            f"this run would take about {duration(seconds)} on a CPU ({plan['total']['prompts']:,} prompts, "
-            f"{plan['total']['tokens']:,} tokens at the {speed['tokens_per_s']:.0f} tokens/s measured for "
-            f"{cfg.model.name} on a {cpu} in {speed['benchmark']}; this run: {examples}, N={cfg.N}, "
-            f"T={cfg.T}, {cfg.num_repeats} votes). The defaults (N=16, T=8, 5 votes, 3,000 examples) are the paper's "
-            f"GPU setting. For a run of minutes: {QUICKSTART} (300 examples, N=8, T=2, 3 votes: about 10 min), or "
-            "lower dataset.num_examples, N, T or num_repeats; dry_run=true prints the counts and the estimate. To run "
-            "it on this CPU anyway: allow_long_cpu_run=true")
-    if seconds is not None:
-        log.info("%s", estimate_line(plan))
-    return None
-
-
 # ------------------------------------------------------------------------------ fine-tuning
 UFT_QUICK = ("python unsupervised_ft_llm.py dataset.num_examples=300 batch_size=4 N=4 num_iterations=30 eval_freq=10 "
              "device=cpu")
@@ -281,36 +215,138 @@ def finetuning_estimate_line(plan: dict) -> str:
             "model loading not counted")
 
 
-def check_finetuning_size(cfg, data, device) -> dict | None:
-    """:func:`check_run_size` for fine-tuning: ``dry_run=true`` prints the counts and returns them; on a CPU a
-    run estimated at more than an hour stops unless ``allow_long_cpu_run=true``."""
-    from ..data.tasks import modality
-
-    dry = cfg.dry_run
+# ------------------------------------------------------------------------------- the guard
+def check_size(cfg: ICLSettings | FTSettings, data: TaskData, text_encoder: Callable[[], PromptEncoder | None],
+               device) -> dict | None:
+    """The one check of a run's size, before the model loads: the counts of :func:`classification_plan` or
+    :func:`finetuning_plan` and the wall time they take at the measured throughput. ``dry_run=true``: print
+    them and return ``{"dry_run": plan}`` (the caller stops there). On a CPU, without
+    ``allow_long_cpu_run=true``: a run estimated at more than an hour is a ConfigError that gives the
+    estimate, a command for a run of minutes and how to run it anyway. Returns None when the run goes on.
+    ``text_encoder()``: the run's prompt encoder, built where it is needed (None for image tasks, which have
+    no dry run); its labels are checked as the scorer checks them (labels that the tokenizer cannot tell apart
+    are an error here already)."""
+    finetuning = isinstance(cfg, FTSettings)
     guard = device.type == "cpu" and not cfg.allow_long_cpu_run
-    if not dry and not (guard and step_seconds(cfg.model.name, device.type) is not None):
+    measured = step_seconds(cfg.model.name, device.type) if finetuning else model_throughput(cfg, device)
+    if not cfg.dry_run and not (guard and measured is not None):
         return None
-    if modality(cfg) != "text":
-        if dry:
+    if modality(cfg.dataset) != "text":
+        if cfg.dry_run:
             raise ConfigError("dry_run=true counts the prompts of text tasks; image tasks have no dry run yet")
         return None
-    plan = finetuning_plan(cfg, data, prompt_encoder(cfg, dry_run_tokenizer(cfg.model)), device)
-    if dry:
-        rows = [*plan["stages"], plan["total"]]
-        width = max(len(r["stage"]) for r in rows) + 2
-        print("\n".join([f"dry run of fine-tuning {cfg.dataset.name} / {cfg.model.name} on {device}: "
-                         f"{len(data.train)} pool / {len(data.test)} test examples, B={cfg.batch_size}, N={cfg.N}, "
-                         f"{cfg.num_iterations} steps. Nothing was trained or written.",
-                         f"  {'stage':<{width}}{'prompts':>12}{'tokens':>14}"]
-                        + [f"  {r['stage']:<{width}}{r['prompts']:>12,}{r['tokens']:>14,}" for r in rows]
-                        + ["  " + finetuning_estimate_line(plan)]), flush=True)
+    encoder = text_encoder()
+    resolve_label_mode(cfg.label_mode, encoder.label_ids, encoder.label_names)
+    if finetuning:
+        plan = finetuning_plan(cfg, data, encoder, device)
+        text = finetuning_plan_text(cfg, data, plan, device)
+    else:
+        plan = plan_summary(cfg, classification_plan(cfg, data, encoder), device)
+        text = format_plan(plan_title(cfg, data, device), plan)
+    if cfg.dry_run:
+        print(text, flush=True)
         return {"dry_run": plan}
     seconds = plan["estimate_seconds"]
     if seconds is not None and seconds > LONG_CPU_RUN_SECONDS:
-        raise ConfigError(
-            f"this fine-tuning run would take about {duration(seconds)} on a CPU like the benchmark's "
+        raise ConfigError(finetuning_too_long(cfg, plan, seconds) if finetuning else too_long(cfg, data, plan, seconds))
+    if seconds is not None and not finetuning:
+        log.info("%s", estimate_line(plan))
+    return None
+
+
+def examples_text(data: TaskData) -> str:
+    return (f"{len(data.test)} examples (each a query and a pool example)" if data.transductive
+            else f"{len(data.train)} unlabelled + {len(data.test)} test examples")
+
+
+def plan_title(cfg: ICLSettings, data: TaskData, device) -> str:
+    return (f"dry run of {cfg.dataset.name} / {cfg.model.name} on {device}: {examples_text(data)}; N={cfg.N}, "
+            f"T={cfg.T}, {cfg.num_repeats} votes, {cfg.support_sampling} demonstrations. Nothing was scored or written.")
+
+
+def too_long(cfg: ICLSettings, data: TaskData, plan: dict, seconds: float) -> str:
+    speed = plan["throughput"]
+    cpu = f"{speed['cpu_count']}-core CPU" if speed["cpu_count"] else "CPU"
+    return (f"this run would take about {duration(seconds)} on a CPU ({plan['total']['prompts']:,} prompts, "
+            f"{plan['total']['tokens']:,} tokens at the {speed['tokens_per_s']:.0f} tokens/s measured for "
+            f"{cfg.model.name} on a {cpu} in {speed['benchmark']}; this run: {examples_text(data)}, N={cfg.N}, "
+            f"T={cfg.T}, {cfg.num_repeats} votes). The defaults (N=16, T=8, 5 votes, 3,000 examples) are the paper's "
+            f"GPU setting. For a run of minutes: {QUICKSTART} (300 examples, N=8, T=2, 3 votes: about 10 min), or "
+            "lower dataset.num_examples, N, T or num_repeats; dry_run=true prints the counts and the estimate. To run "
+            "it on this CPU anyway: allow_long_cpu_run=true")
+
+
+def finetuning_plan_text(cfg: FTSettings, data: TaskData, plan: dict, device) -> str:
+    rows = [*plan["stages"], plan["total"]]
+    width = max(len(r["stage"]) for r in rows) + 2
+    return "\n".join([f"dry run of fine-tuning {cfg.dataset.name} / {cfg.model.name} on {device}: "
+                      f"{len(data.train)} pool / {len(data.test)} test examples, B={cfg.batch_size}, N={cfg.N}, "
+                      f"{cfg.num_iterations} steps. Nothing was trained or written.",
+                      f"  {'stage':<{width}}{'prompts':>12}{'tokens':>14}"]
+                     + [f"  {r['stage']:<{width}}{r['prompts']:>12,}{r['tokens']:>14,}" for r in rows]
+                     + ["  " + finetuning_estimate_line(plan)])
+
+
+def finetuning_too_long(cfg: FTSettings, plan: dict, seconds: float) -> str:
+    return (f"this fine-tuning run would take about {duration(seconds)} on a CPU like the benchmark's "
             f"({cfg.num_iterations} steps of B={cfg.batch_size} x N={cfg.N} examples; "
             f"{plan['step_benchmark']['benchmark']}). The defaults are the paper's GPU setting. For a run of minutes: "
             f"{UFT_QUICK}; dry_run=true prints the counts and the estimate. To run it on this CPU anyway: "
             "allow_long_cpu_run=true")
-    return None
+
+
+def subjects_plan(cfg: ICLSettings, subjects: list[TaskData], encoder: PromptEncoder, device) -> dict:
+    """``dry_run=true`` over every subject of an all-subjects run (MMLU): each subject's counts summed."""
+    totals: dict[str, dict] = {}
+    for data in subjects:
+        for stage in classification_plan(cfg, data, encoder):
+            into = totals.setdefault(stage["stage"], {"stage": stage["stage"], "prompts": 0, "tokens": 0})
+            into["prompts"] += stage["prompts"]
+            into["tokens"] += stage["tokens"]
+    plan = plan_summary(cfg, list(totals.values()), device)
+    print(format_plan(f"dry run of {cfg.dataset.name} ({len(subjects)} subjects) / {cfg.model.name} on "
+                      f"{device}: N={cfg.N}, T={cfg.T}, {cfg.num_repeats} votes. Nothing was scored or written.", plan),
+          flush=True)
+    return {"dry_run": plan}
+
+
+# ------------------------------------------------------------------------------ behind an API
+def api_dry_run(cfg: TextICLSettings, run: Callable[[TextICLSettings, DryRunTally], dict]) -> dict:
+    """Count the requests of ``run(settings, tally)`` (a run whose API clients count into ``tally``, in a
+    temporary directory) with nothing sent; print and return the tally and the cost."""
+    api = cfg.api
+    cache_dir = api.cache_dir or str(Path(cfg.output_dir) / "api_cache")
+    tally = DryRunTally()
+    quiet = logging.getLogger("joint_inference")
+    level = quiet.level
+    with tempfile.TemporaryDirectory(prefix="joint_inference_dry_run.") as tmp:
+        # allow_long_cpu_run: the CPU guard estimates local scoring; nothing runs locally here
+        counted = replace(cfg, dry_run=False, output_dir=tmp, progress=False, allow_long_cpu_run=True,
+                          api=replace(api, cache_dir=cache_dir))
+        quiet.setLevel(logging.WARNING)  # the stages' accuracies of stand-in answers mean nothing
+        try:
+            run(counted, tally)
+        finally:
+            quiet.setLevel(level)
+    m = cfg.model
+    price_in, price_out = m.price_per_million_input_tokens, m.price_per_million_output_tokens
+    summary = {**tally.__dict__, "base_url": m.base_url, "model": m.name,
+               "cost_usd": cost(tally.prompt_tokens, tally.output_tokens, price_in, price_out),
+               "max_cost_usd": cost(tally.prompt_tokens, tally.max_output_tokens, price_in, price_out)}
+    print(summary_text(summary, cache_dir, price_in, price_out, api.dry_run_output_tokens))
+    return summary
+
+
+def summary_text(s: dict, cache_dir: str, price_in, price_out, output_tokens: int) -> str:
+    lines = [f"dry run, nothing sent: {s['requests']:,} requests to {s['base_url']} (model {s['model']})"
+             + (f"; {s['cached']:,} more are already cached in {cache_dir}" if s["cached"] else "")
+             + (f"; {s['duplicates']:,} repeat a request of their batch (sent once)" if s["duplicates"] else ""),
+             f"  prompt tokens:  {s['prompt_tokens']:,}",
+             (f"  output tokens:  ~{s['output_tokens']:,} (responses of ~{output_tokens} tokens: "
+              f"api.dry_run_output_tokens), at most {s['max_output_tokens']:,}")]
+    if s["cost_usd"] is None:
+        lines.append("  cost: set model.price_per_million_input_tokens and model.price_per_million_output_tokens")
+    else:
+        lines.append(f"  cost at ${price_in}/M input and ${price_out}/M output tokens: ~${s['cost_usd']:,.2f} "
+                     f"(at most ${s['max_cost_usd']:,.2f})")
+    return "\n".join(lines)

@@ -33,7 +33,7 @@ import torch
 from ..core.errors import ConfigError
 from ..prompts.templates import EncodedExample, PromptEncoder
 from .scorer import assemble_prompts, label_weights, resolve_label_mode
-from ..api.client import ENDPOINTS, APIClient, make_client
+from ..api.client import ENDPOINTS, APIClient
 
 log = logging.getLogger(__name__)
 PROMPT_FORMATS = ("tokens", "text")
@@ -216,20 +216,3 @@ class APIScorer:
             floor = min(min(values, default=-100.0), math.log(rest) if rest > 1e-30 else -69.0)
             return [found.get(c, floor) for c in range(len(self.columns))]
         return [found[c] for c in range(len(self.columns))]
-
-
-def load_api_scorer(cfg, data):
-    """(API scorer, encoded examples) for ``backend=openai``: the tokenizer of ``cfg.model`` builds the prompts
-    (as for the hf backend), the server scores them. Text tasks only."""
-    from ..models.language import load_tokenizer
-    from ..data.tasks import modality, text_prompts
-
-    if modality(cfg) != "text":
-        raise ConfigError("backend=openai classifies text tasks; image classification runs with backend=hf "
-                          "(MMMU runs through the API: dataset=mmmu)")
-    m = cfg.model
-    encoder, examples = text_prompts(cfg, load_tokenizer(m), data)
-    client = make_client(cfg, count_text=lambda text: len(encoder.tokenizer(text)["input_ids"]))
-    scorer = APIScorer(client, encoder, cfg.label_mode, endpoint=m.endpoint,
-                       prompt_format=m.prompt_format, max_top_logprobs=m.max_top_logprobs, tokens_as_ids=m.tokens_as_ids)
-    return scorer, examples

@@ -16,7 +16,7 @@ import logging
 
 from ..core.errors import ConfigError
 from .generators import SamplingSettings, cut_at_stop
-from ..api.client import DRY_RUN, ENDPOINTS, APIClient, make_client
+from ..api.client import ENDPOINTS, APIClient
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class APIGenerator:
         texts = []
         for answer in answers:
             if answer is None:  # dry run
-                text = stand_in_response(min(s.max_new_tokens, DRY_RUN.get("output_tokens", 300)))
+                text = stand_in_response(min(s.max_new_tokens, self.client.output_tokens))
                 texts.append([cut_at_stop(text, s.stop, s.stop_after)] * n)
                 continue
             choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
@@ -77,20 +77,3 @@ class APIGenerator:
                                   "n: use temperature=0 or num_repeats=1")
             texts.append(got[:n])
         return [t * num_samples if s.greedy else t for t in texts]
-
-
-def count_text_of(cfg):
-    """A token counter for dry runs: the model's tokenizer where it loads, else None (about 4 characters a token)."""
-    from ..models.language import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(cfg.model)
-    except Exception:  # no local tokenizer for a hosted model: estimate
-        return None
-    return lambda text: len(tokenizer(text)["input_ids"])
-
-
-def make_api_generator(cfg, settings: SamplingSettings, seed: int | None = None) -> APIGenerator:
-    """The generator of ``backend=openai`` for ``cfg.model`` (``endpoint``, ``max_stop_strings``)."""
-    client = make_client(cfg, count_text=count_text_of(cfg) if DRY_RUN else None)
-    return APIGenerator(client, settings, cfg.model.endpoint, cfg.model.max_stop_strings, seed)

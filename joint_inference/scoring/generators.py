@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import ConfigError
-from ..core.utils import in_batches_longest_first, resolve_batch_size, resolve_device
+from ..core.utils import in_batches_longest_first
 
 
 @dataclass(frozen=True)
@@ -101,19 +101,3 @@ class VLLMGenerator:
         outputs = self.llm.generate(prompts, params, use_tqdm=self.show_progress)
         texts = [[cut_at_stop(o.text, s.stop, s.stop_after) for o in out.outputs] for out in outputs]
         return [t * num_samples if s.greedy else t for t in texts]
-
-
-def make_generator(cfg, settings: SamplingSettings):
-    """The generator that ``cfg.backend`` names, with the model of ``cfg.model``."""
-    from ..models.language import load_model
-
-    if cfg.backend == "hf":
-        device = resolve_device(cfg.device)
-        model, tokenizer = load_model(cfg.model, device)
-        batch_size = resolve_batch_size(cfg.forward_batch_size, device, cpu_default=16)  # decoding gains from bigger batches
-        return HFGenerator(model, tokenizer, settings, batch_size, cfg.progress)
-    if cfg.backend == "vllm":
-        from ..models.vllm_engine import build_vllm_engine
-
-        return VLLMGenerator(build_vllm_engine(cfg.model, seed=cfg.seed), settings, cfg.progress)
-    raise ConfigError(f"unknown backend {cfg.backend!r}; use hf or vllm")

@@ -19,11 +19,9 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from ..core.errors import ConfigError
-from ..prompts.templates import EncodedExample, PromptEncoder
+from ..core.settings import LABEL_MODES
 from ..core.utils import in_batches_longest_first
-
-LABEL_MODES = ("auto", "first", "bot", "bot_minimal", "exact")
-FOLDING_MODES = ("auto", "first", "exact")  # modes whose scores do not change when shared label tokens fold
+from ..prompts.templates import EncodedExample, PromptEncoder
 
 
 def minimal_prefix_lengths(label_ids: Sequence[Sequence[int]]) -> list[int]:

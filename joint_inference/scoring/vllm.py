@@ -101,7 +101,7 @@ class VLLMScorer:
         return torch.log_softmax(torch.tensor(rows, dtype=torch.float32) @ self.weights.T, dim=-1)
 
 
-def make_vllm_scorer(model_cfg, encoder: PromptEncoder, label_mode: str = "auto", *, seed: int = 0,
+def make_vllm_scorer(model, encoder: PromptEncoder, label_mode: str = "auto", *, seed: int = 0,
                      show_progress: bool = True, **engine_args) -> VLLMScorer:
     """A :class:`VLLMScorer` on a new vLLM engine for a ``model/`` config (see
     :func:`~joint_inference.models.vllm_engine.build_vllm_engine`). ``engine_args`` go to ``vllm.LLM``.
@@ -110,6 +110,6 @@ def make_vllm_scorer(model_cfg, encoder: PromptEncoder, label_mode: str = "auto"
     """
     mode = vllm_label_mode(label_mode, encoder)
     columns, _ = label_weights(mode, encoder.label_ids)
-    llm = build_vllm_engine(model_cfg, seed=seed, min_version=MIN_VLLM, enable_prefix_caching=True,
+    llm = build_vllm_engine(model, seed=seed, min_version=MIN_VLLM, enable_prefix_caching=True,
                             logprobs_mode="processed_logprobs", max_logprobs=max(20, len(columns)), **engine_args)
     return VLLMScorer(llm, encoder, mode, show_progress)
