@@ -38,11 +38,11 @@ def main() -> None:
     import torch
 
     from joint_inference.api.client import APIClient, ClientSettings
-    from joint_inference.scoring.api import APIScorer
     from joint_inference.models.language import load_model
+    from joint_inference.models.tiny import synthetic_sentences
     from joint_inference.prompts.templates import PromptEncoder, Template
     from joint_inference.runs.config import config_option
-    from joint_inference.models.tiny import synthetic_sentences
+    from joint_inference.scoring.api import APIScorer
     from tests.openai_server import OpenAICompatibleServer
 
     if args.model == "tiny":

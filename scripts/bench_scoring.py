@@ -27,14 +27,14 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
+from joint_inference.core.utils import report_figures, resolve_batch_size, resolve_device
 from joint_inference.methods.icl import balanced_support
 from joint_inference.models.language import load_model, resolve_dtype
-from joint_inference.prompts.templates import PromptEncoder, Template
-from joint_inference.scoring.scorer import Scorer, label_weights, split_body_head
-from joint_inference.runs.config import config_option
 from joint_inference.models.shapes import SHAPES, random_lm
 from joint_inference.models.tiny import synthetic_sentences
-from joint_inference.core.utils import report_figures, resolve_batch_size, resolve_device
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.runs.config import config_option
+from joint_inference.scoring.scorer import Scorer, label_weights, split_body_head
 
 
 def load_sentences(n: int, words: int) -> tuple[list[dict], np.ndarray, str]:

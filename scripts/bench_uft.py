@@ -51,13 +51,13 @@ def shape_figures(args) -> dict:
     import torch
     from omegaconf import OmegaConf
 
+    from joint_inference.core.utils import atomic_write_json, resolve_device
     from joint_inference.methods.finetune import LMReward, LoraTaskEncoder, add_lora, make_optimizer, train_step
     from joint_inference.models.language import resolve_dtype
-    from joint_inference.prompts.templates import PromptEncoder, Template
-    from joint_inference.scoring.scorer import Scorer
     from joint_inference.models.shapes import model_bytes, random_lm
     from joint_inference.models.tiny import synthetic_sentences
-    from joint_inference.core.utils import atomic_write_json, resolve_device
+    from joint_inference.prompts.templates import PromptEncoder, Template
+    from joint_inference.scoring.scorer import Scorer
 
     cfg = OmegaConf.load(REPO / "configs" / "unsupervised_ft_llm.yaml")
     estimator = OmegaConf.load(REPO / "configs" / "estimator" / "rao_marginalized.yaml")

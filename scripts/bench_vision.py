@@ -36,12 +36,12 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from joint_inference.prompts.templates import Template
-    from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths
     from joint_inference.core.utils import report_figures
     from joint_inference.data.images import load_image_task
-    from joint_inference.prompts.images import ImagePromptEncoder
     from joint_inference.models.vision import image_fragments, tiny_vlm
+    from joint_inference.prompts.images import ImagePromptEncoder
+    from joint_inference.prompts.templates import Template
+    from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths
 
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("unsupervised_icl_vlm", ["dataset=cifar10", "dataset.num_examples=300"])

@@ -27,13 +27,21 @@ from omegaconf import OmegaConf
 pytest.importorskip("httpx")
 
 from joint_inference.api.client import APIClient, APIError, ClientSettings
-from joint_inference.scoring.api_generators import APIGenerator
-from joint_inference.methods.mmmu import (MC, OPEN, MMMUFormat, open_correct, original_reading, question_row, read_choice,
-                                      read_open)
-from joint_inference.scoring.api import APIScorer
 from joint_inference.core.errors import ConfigError
-from joint_inference.scoring.generators import SamplingSettings
+from joint_inference.methods.mmmu import (
+    MC,
+    OPEN,
+    MMMUFormat,
+    open_correct,
+    original_reading,
+    question_row,
+    read_choice,
+    read_open,
+)
 from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.api import APIScorer
+from joint_inference.scoring.api_generators import APIGenerator
+from joint_inference.scoring.generators import SamplingSettings
 from joint_inference.scoring.scorer import Scorer
 from tests.conftest import REPO, compose, one_torch_thread, settings_of, write_jsonl
 from tests.openai_server import OpenAICompatibleServer

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from joint_inference.runs.cli import check_command_line
 from joint_inference.core.errors import exit_on_config_error
-from joint_inference.runs.rundir import run_directory
 from joint_inference.models.tiny import WORDS
+from joint_inference.runs.cli import check_command_line
+from joint_inference.runs.rundir import run_directory
 from tests.conftest import CONFIG_DIR, REPO, compose, write_jsonl
 
 ICL = ["model.embedded=null", "model.name=tiny", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=1",

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from joint_inference.data.hub import load_rows, load_task, protocol_sample
 from joint_inference.core.errors import ConfigError
+from joint_inference.data.hub import load_rows, load_task, protocol_sample
 from joint_inference.prompts.templates import Template
 from joint_inference.runs.config import config_option
 from tests.conftest import SHARED_DATA, compose

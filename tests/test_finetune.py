@@ -26,9 +26,9 @@ from joint_inference.methods.finetune import (
 from joint_inference.methods.icl import zero_shot_logprobs
 from joint_inference.prompts.templates import PromptEncoder, Template
 from joint_inference.reporting.results import wilson_interval
-from joint_inference.scoring.scorer import Scorer
-from joint_inference.runs.root import run_finetuning as run
 from joint_inference.runs.root import prompt_encoder
+from joint_inference.runs.root import run_finetuning as run
+from joint_inference.scoring.scorer import Scorer
 from tests.conftest import SHARED_DATA, WORDS, compose, settings_of, task_data
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
@@ -351,7 +351,7 @@ def fit_linear(out, num_iterations, flip_rate_below=None, window=3):
         "optimization": {"lr": 0.05, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0},
         "early_stopping": {"flip_rate_below": flip_rate_below, "window": window}})
     labels = target.argmax(-1).numpy()
-    state = fit(encoder, lambda idx, y: target[idx] / idx.shape[1], pool_labels=labels, test_labels=labels, cfg=cfg,
+    state = fit(encoder, lambda idx, y: target[idx] / idx.shape[1], pool_labels=labels, test_labels=labels, settings=cfg,
                 fingerprint={"flip_rate_below": flip_rate_below}, ckpt_path=out / "checkpoint.pt",
                 metrics_path=out / "metrics.jsonl", progress=False)
     return state, encoder

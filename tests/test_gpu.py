@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from joint_inference.prompts.templates import PromptEncoder
-from joint_inference.scoring.scorer import Scorer
 from joint_inference.models.shapes import random_lm
 from joint_inference.models.tiny import synthetic_sentences, train_tokenizer
+from joint_inference.prompts.templates import PromptEncoder
+from joint_inference.scoring.scorer import Scorer
 from tests.conftest import compose, settings_of, task_data
 from tests.test_scoring import MULTI, SINGLE, TEMPLATE, make_prompts
 
@@ -334,8 +334,8 @@ def test_openflamingo_cached_clip_tokens_score_as_pixels(tiny_openflamingo, open
 
 def test_openflamingo_runs_a_uicl_round_and_a_fine_tuning_step(openflamingo_overrides, tmp_path):
     """On the device in the model's default dtype (bf16 on GPUs that support it)."""
-    from joint_inference.runs.root import run_icl as uicl
     from joint_inference.runs.root import run_finetuning as fine_tune
+    from joint_inference.runs.root import run_icl as uicl
 
     icl = uicl(compose("unsupervised_icl_vlm", [*openflamingo_overrides, "N=2", "T=1", "num_repeats=1",
                                                 f"output_dir={tmp_path / 'uicl'}"]))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from joint_inference.prompts.templates import PromptEncoder, Template
 from joint_inference.core.settings import FOLDING_MODES
+from joint_inference.prompts.templates import PromptEncoder, Template
 from joint_inference.scoring.scorer import label_weights, resolve_label_mode
 from tests.conftest import CONFIG_DIR, compose
 

@@ -64,7 +64,7 @@ def scored(monkeypatch):
 
 @pytest.fixture()
 def model_loads(monkeypatch):
-    """How many times a run loads the model."""
+    """How many times a run loads the model, and (``tokenizer_loads``) its tokenizer."""
     import joint_inference.runs.root as root
 
     loads, original = [], root.load_model
@@ -72,8 +72,17 @@ def model_loads(monkeypatch):
     return loads
 
 
+@pytest.fixture()
+def tokenizer_loads(monkeypatch):
+    import joint_inference.runs.root as root
+
+    loads, original = [], root.load_tokenizer
+    monkeypatch.setattr(root, "load_tokenizer", lambda *a, **kw: loads.append(1) or original(*a, **kw))
+    return loads
+
+
 def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_dir, mmlu_root, tmp_path, scored,
-                                                                    model_loads):
+                                                                    model_loads, tokenizer_loads):
     """At the scorer boundary: every query is a test question; supervised demonstrations are validation
     questions of the query's subject, unsupervised ones other test questions of that subject. The
     template keeps the subject's underscores."""
@@ -81,7 +90,7 @@ def test_each_subject_is_transductive_with_validation_demonstrations(tiny_llama_
 
     calls, seen = scored
     results = run(mmlu_config(tiny_llama_dir, mmlu_root, tmp_path / "run"))
-    assert len(model_loads) == 1
+    assert len(model_loads) == len(tokenizer_loads) == 1  # the rows of every subject checked with one tokenizer
     encoder = seen["encoder"]
     rows = {split: read_rows(mmlu_root, split) for split in ("test", "validation")}
     origin = {encoder.encode(row): (split, row["subject"]) for split in rows for row in rows[split]}
@@ -222,7 +231,7 @@ def test_unknown_subject_names_the_valid_ones(tiny_llama_dir, mmlu_root, tmp_pat
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(not (SHARED_DATA / "mmlu" / "test.jsonl").exists(), reason="needs ../shared/data/mmlu")
-def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads):
+def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads, tokenizer_loads):
     """The whole command on the real files: 57 subjects, 4 questions each, one model load."""
     from joint_inference.runs.root import run_icl as run
 
@@ -233,7 +242,7 @@ def test_all_57_real_subjects_on_a_tiny_model(tmp_path, model_loads):
     start = time.perf_counter()
     results = run(cfg)
     print(f"57 subjects in {time.perf_counter() - start:.1f} s")
-    assert len(model_loads) == 1
+    assert len(model_loads) == len(tokenizer_loads) == 1
     assert list(results["subjects"]) == list(cfg.dataset.subjects) and len(results["subjects"]) == 57
     assert all(r["num_test"] == 4 for r in results["subjects"].values()) and results["num_test"] == 57 * 4
     assert results["timing"]["prompts_scored"] == 57 * 4 * (1 + 1 + 2)

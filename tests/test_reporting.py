@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from joint_inference.runs.cli import OneHubRetryLine, key_meanings
 from joint_inference.reporting.results import markdown_table, wilson_interval
+from joint_inference.runs.cli import OneHubRetryLine, key_meanings
 from tests.conftest import REPO
 
 SCRIPTS = ("unsupervised_icl_llm", "unsupervised_icl_vlm", "unsupervised_ft_llm", "unsupervised_ft_vlm")

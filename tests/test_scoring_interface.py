@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from joint_inference.api.client import ClientSettings
-from joint_inference.scoring.api import APIScorer
 from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.scoring.api import APIScorer
 from joint_inference.scoring.scorer import LabelScorer, Scorer
 from joint_inference.scoring.vllm import VLLMScorer
 

@@ -5,12 +5,17 @@ import subprocess
 import sys
 
 import pytest
-
-from joint_inference.core.errors import ConfigError
 from omegaconf import OmegaConf
 
-from joint_inference.core.settings import (CausalLMSettings, ImageClassificationSettings, LocalDataSettings,
-                                          MMLUSettings, OpenFlamingoSettings, TextClassificationSettings)
+from joint_inference.core.errors import ConfigError
+from joint_inference.core.settings import (
+    CausalLMSettings,
+    ImageClassificationSettings,
+    LocalDataSettings,
+    MMLUSettings,
+    OpenFlamingoSettings,
+    TextClassificationSettings,
+)
 from joint_inference.runs.config import SCHEMAS, check_settings, config_option, dataset_schema, model_schema, options
 from tests.conftest import REPO, compose, write_jsonl
 
@@ -55,8 +60,7 @@ CLASSIFICATION_PRESETS = [n for n in sorted(EXPERIMENTS) if EXPERIMENTS[n].endsw
 def test_every_classification_preset_dry_runs(name, tmp_path, capsys):
     """The preset's settings, counted on 300 SST-2-like rows with a tiny model's tokenizer (its own cannot be
     downloaded here): the plan has the preset's rounds (or steps) and nothing is written."""
-    from joint_inference.runs.root import run_icl
-    from joint_inference.runs.root import run_finetuning
+    from joint_inference.runs.root import run_finetuning, run_icl
 
     script = EXPERIMENTS[name]
     rows = [{"idx": i, "sentence": f"a film number {i} of the year", "label": i % 2} for i in range(300)]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from joint_inference.methods.answers import extract_number, original_parser_number
 from joint_inference.core.errors import ConfigError
-from joint_inference.scoring.generators import HFGenerator, SamplingSettings, cut_at_stop
-from joint_inference.runs.config import SCHEMAS, check_settings
+from joint_inference.methods.answers import extract_number, original_parser_number
 from joint_inference.methods.generation import CotFormat, GenerativeTask, _exemplars, answer, summary
+from joint_inference.runs.config import SCHEMAS, check_settings
+from joint_inference.scoring.generators import HFGenerator, SamplingSettings, cut_at_stop
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose, settings_of, write_jsonl
 
 PRIMARY = "unsupervised_icl_llm"

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 
 from joint_inference.core.errors import ConfigError
 from joint_inference.data.images import load_image_task
+from joint_inference.models.vision import image_fragments, tiny_vlm
 from joint_inference.prompts.images import ImagePromptEncoder
 from joint_inference.prompts.templates import Template
 from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths
-from joint_inference.models.vision import image_fragments, tiny_vlm
 from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose, settings_of
 
 TEMPLATE = Template("<image>An image of {y}.<|endofchunk|>")

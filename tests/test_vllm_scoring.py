@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 
 from joint_inference.core.errors import ConfigError
 from joint_inference.methods.icl import icl_predict, zero_shot_logprobs
-from joint_inference.prompts.templates import PromptEncoder, Template
-from joint_inference.scoring.scorer import Scorer
-from joint_inference.runs.config import config_option
 from joint_inference.models.tiny import synthetic_sentences
 from joint_inference.models.vllm_engine import build_vllm_engine
+from joint_inference.prompts.templates import PromptEncoder, Template
+from joint_inference.runs.config import config_option
+from joint_inference.scoring.scorer import Scorer
 from joint_inference.scoring.vllm import VLLMScorer, make_vllm_scorer
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")

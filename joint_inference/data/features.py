@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
-from ..core.utils import cache_dir, fingerprint_digest
-from ..core.utils import atomic_write, differing_keys, flatten
+from ..core.utils import atomic_write, cache_dir, differing_keys, fingerprint_digest, flatten
 
 log = logging.getLogger(__name__)
 

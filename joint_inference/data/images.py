@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .hub import TaskData, capped_subset, class_ids, load_split, protocol_sample
 from ..core.errors import ConfigError
 from .features import images_digest
+from .hub import TaskData, capped_subset, class_ids, load_split, protocol_sample
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.distributed import average_gradients, gather_rows, is_main_process, mean_over_processes, process_state, shard_map
+from ..core.distributed import (
+    average_gradients,
+    gather_rows,
+    is_main_process,
+    mean_over_processes,
+    process_state,
+    shard_map,
+)
 from ..core.errors import ConfigError
-from .estimators import batch_entropy, surrogate_loss
-from .icl import zero_shot_logprobs
+from ..core.utils import atomic_write, differing_keys
 from ..prompts.templates import EncodedExample
 from ..reporting.results import write_jsonl
 from ..scoring.scorer import Scorer
-from ..core.utils import atomic_write, differing_keys
+from .estimators import batch_entropy, surrogate_loss
+from .icl import zero_shot_logprobs
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine")
@@ -365,13 +372,13 @@ def evaluation_line(evaluated: dict) -> str:
     return ("" if accuracy is None else f"test accuracy {accuracy:.4f}, ") + f"predicted classes {shares}%"
 
 
-def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_labels: np.ndarray | None, cfg,
+def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_labels: np.ndarray | None, settings,
         fingerprint: dict, ckpt_path: Path, metrics_path: Path, progress: bool = True,
         on_step: Callable[[int, dict], None] | None = None, pool_size: int | None = None,
         test_size: int | None = None, num_classes: int | None = None) -> dict:
-    """Train for ``cfg.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
+    """Train for ``settings.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
 
-    ``cfg`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
+    ``settings`` carries batch_size, N, num_iterations, gamma, max_norm, eval_freq, ckpt_freq,
     seed, estimator.{name, baseline}, optimization.{lr, schedule, warmup_steps, min_lr} and
     early_stopping.{flip_rate_below, window}. Returns the run's state: step, history (one entry
     per evaluation, rewards, entropy and flip rate averaged over the steps since the previous
@@ -387,15 +394,15 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
     several processes (data-parallel, see :func:`train_step`) all hold this same state; the main
     one writes the checkpoint, and all read it to resume.
     """
-    b, n, opt = cfg.batch_size, cfg.N, cfg.optimization
+    b, n, opt = settings.batch_size, settings.N, settings.optimization
     pool_size = len(pool_labels) if pool_labels is not None else pool_size
     test_size = len(test_labels) if test_labels is not None else test_size
     if num_classes is None:
         with torch.no_grad():
             num_classes = int(encoder.logits("test", [0]).shape[-1])
     optimizer, scheduler = make_optimizer(encoder.parameters(), opt.lr, opt.schedule, opt.warmup_steps,
-                                          opt.min_lr, cfg.num_iterations)
-    generator = torch.Generator().manual_seed(cfg.seed)
+                                          opt.min_lr, settings.num_iterations)
+    generator = torch.Generator().manual_seed(settings.seed)
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, fingerprint)
         encoder.load_trainable_state(ckpt["trainable"])
@@ -403,9 +410,9 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_states(ckpt["rng"], generator)
         state = ckpt["state"]
-        if state["step"] > cfg.num_iterations:  # resuming would only relabel the longer run's results
+        if state["step"] > settings.num_iterations:  # resuming would only relabel the longer run's results
             raise ConfigError(f"{ckpt_path} has trained {state['step']} steps, more than num_iterations="
-                              f"{cfg.num_iterations}; to resume, set num_iterations to {state['step']} or more "
+                              f"{settings.num_iterations}; to resume, set num_iterations to {state['step']} or more "
                               "(a shorter run needs a new run directory, hydra.run.dir=...)")
         log.info("resuming from %s at step %d", ckpt_path, state["step"])
     else:
@@ -425,14 +432,14 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
             "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "state": state})
         write_jsonl(metrics_path, state["metrics"])
 
-    bar = tqdm(total=cfg.num_iterations, initial=state["step"], desc="fine-tuning",
+    bar = tqdm(total=settings.num_iterations, initial=state["step"], desc="fine-tuning",
                disable=not progress or not is_main_process())
-    stopping = cfg.early_stopping
-    while state["step"] < cfg.num_iterations and state["stopped_at"] is None:
+    stopping = settings.early_stopping
+    while state["step"] < settings.num_iterations and state["stopped_at"] is None:
         start = time.perf_counter()
         idx = torch.randperm(pool_size, generator=generator)[: b * n].view(b, n)
-        stats = train_step(encoder, reward, idx, optimizer, scheduler, estimator=cfg.estimator.name,
-                           baseline=cfg.estimator.baseline, gamma=cfg.gamma, max_norm=cfg.max_norm,
+        stats = train_step(encoder, reward, idx, optimizer, scheduler, estimator=settings.estimator.name,
+                           baseline=settings.estimator.baseline, gamma=settings.gamma, max_norm=settings.max_norm,
                            generator=generator)
         state["seconds"] += time.perf_counter() - start
         state["step"] += 1
@@ -446,13 +453,13 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
             state["stopped_at"] = step
             log.info("step %d: fewer than %g of the labels flipped in each of the last %d steps; stopping",
                      step, stopping.flip_rate_below, stopping.window)
-        last = step == cfg.num_iterations or state["stopped_at"] is not None
+        last = step == settings.num_iterations or state["stopped_at"] is not None
         stats["lr"] = scheduler.get_last_lr()[0]
         state["window"].append({k: stats[k] for k in ("reward_argmax", "reward_sample", "entropy", "flip_rate")})
         bar.update()
         bar.set_postfix(reward=f"{stats['reward_argmax']:.3f}", flips=f"{stats['flip_rate']:.2f}",
                         H=f"{stats['entropy']:.3f}")
-        if step % cfg.eval_freq == 0 or last:
+        if step % settings.eval_freq == 0 or last:
             evaluated = evaluation(encoder, test_labels, test_size, num_classes)
             stats.update(evaluated)
             means = {k: float(np.mean([w[k] for w in state["window"]])) for k in state["window"][0]}
@@ -463,7 +470,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
         state["metrics"].append({"step": step, **stats})
         if on_step is not None:
             on_step(step, stats)
-        if step % cfg.ckpt_freq == 0 or last:
+        if step % settings.ckpt_freq == 0 or last:
             checkpoint()
     bar.close()
     return state

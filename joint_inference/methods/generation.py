@@ -35,6 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import ConfigError
+from ..core.settings import GenerationSettings, GenerationTemplate, TextICLSettings
+from ..core.utils import fingerprint_digest, seed_everything
+from ..data.hub import load_split
+from ..reporting.results import RunState, write_jsonl, write_results
+from ..scoring.generators import SamplingSettings
 from .answers import (
     cut_after_answer,
     extract_choice,
@@ -47,12 +53,6 @@ from .answers import (
     read_choice,
     same_answer,
 )
-from ..core.errors import ConfigError
-from ..core.settings import GenerationSettings, GenerationTemplate, TextICLSettings
-from ..core.utils import fingerprint_digest, seed_everything
-from ..data.hub import load_split
-from ..scoring.generators import SamplingSettings
-from ..reporting.results import RunState, write_jsonl, write_results
 
 log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGHIJ"
@@ -342,59 +342,60 @@ def summary(task: GenerativeTask, stage: dict) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-def sampling_settings(cfg: TextICLSettings, fmt: CotFormat | None = None) -> SamplingSettings:
+def sampling_settings(run: TextICLSettings, fmt: CotFormat | None = None) -> SamplingSettings:
     """How a run's responses are sampled: its decoding settings, cut at the template's stop strings."""
-    return SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, *((fmt.stop, fmt.stop_after) if fmt else ()))
+    stops = (fmt.stop, fmt.stop_after) if fmt else ()
+    return SamplingSettings(run.max_new_tokens, run.temperature, run.top_p, *stops)
 
 
-def run_generation(cfg: TextICLSettings, task: GenerativeTask, fmt: CotFormat, load_generator: Callable) -> dict:
+def run_generation(run: TextICLSettings, task: GenerativeTask, fmt: CotFormat, load_generator: Callable) -> dict:
     """Zero-shot, supervised few-shot and T rounds of unsupervised ICL on ``task``'s questions, with the generator
-    that ``load_generator()`` gives (called once, where a stage is left to answer); results in ``cfg.output_dir``."""
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    n_shots = cfg.N
-    template = asdict(cfg.template)
-    one_prompt_samples = 1 if cfg.protocol == "original" else cfg.num_repeats  # zero-shot's and the baseline's
-    log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend, protocol %s", cfg.dataset.name,
-             len(task.rows), n_shots, cfg.num_repeats, cfg.backend, cfg.protocol)
+    that ``load_generator()`` gives (called once, where a stage is left to answer); results in ``run.output_dir``."""
+    out_dir = Path(run.output_dir)
+    seed_everything(run.seed)
+    n_shots = run.N
+    template = asdict(run.template)
+    one_prompt_samples = 1 if run.protocol == "original" else run.num_repeats  # zero-shot's and the baseline's
+    log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend, protocol %s", run.dataset.name,
+             len(task.rows), n_shots, run.num_repeats, run.backend, run.protocol)
 
     state = RunState(out_dir / "state.json", {
-        "task": cfg.dataset.name, "model": asdict(cfg.model), "backend": cfg.backend,
-        "template": template, "N": n_shots, "num_repeats": cfg.num_repeats,
-        "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
+        "task": run.dataset.name, "model": asdict(run.model), "backend": run.backend,
+        "template": template, "N": n_shots, "num_repeats": run.num_repeats,
+        "seed": run.seed, "sampling": [run.max_new_tokens, run.temperature, run.top_p], "protocol": run.protocol,
         "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
     })
     stage = partial(answer_stage, state, cache(load_generator), task)
 
     # ---- round 0: zero-shot chain of thought
     zero_shot = stage("zero_shot", lambda: ([[fmt.zero_shot_prompt(r)] for r in task.rows], {}),
-                      one_prompt_samples, (cfg.seed, 0))
+                      one_prompt_samples, (run.seed, 0))
 
     # ---- baseline: supervised few-shot with written exemplars (never used by the rounds)
     supervised = None
-    if cfg.supervised_icl and task.exemplars:
-        supervised = stage("supervised_icl", lambda: (supervised_prompts(task, fmt, n_shots, (cfg.seed, 1)), {}),
-                           one_prompt_samples, (cfg.seed, 1))
+    if run.supervised_icl and task.exemplars:
+        supervised = stage("supervised_icl", lambda: (supervised_prompts(task, fmt, n_shots, (run.seed, 1)), {}),
+                           one_prompt_samples, (run.seed, 1))
 
     # ---- unsupervised ICL: demonstrations are the other questions with the previous round's responses
     rounds, previous = [], zero_shot
-    for t in range(1, cfg.T + 1):
-        name, key = f"round_{t}", (cfg.seed, t + 1)
-        previous = stage(name, partial(round_prompts, task, fmt, previous, n_shots, cfg.num_repeats, key, name),
+    for t in range(1, run.T + 1):
+        name, key = f"round_{t}", (run.seed, t + 1)
+        previous = stage(name, partial(round_prompts, task, fmt, previous, n_shots, run.num_repeats, key, name),
                          1, key)
         rounds.append(previous)
 
     # ---- results
     results = {
-        "task": cfg.dataset.name, "model": cfg.model.name, "num_test": len(task.rows),
+        "task": run.dataset.name, "model": run.model.name, "num_test": len(task.rows),
         "zero_shot": summary(task, zero_shot),
         "supervised_icl": summary(task, supervised) if supervised else None,
         "rounds": [{"round": t, **summary(task, r), "pool_size": r["pool_size"]} for t, r in enumerate(rounds, 1)],
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
-        "settings": {"N": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-                     "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
-                     "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                     "prompt_style": cfg.prompt_style.name if cfg.prompt_style else None, "template": template},
+        "settings": {"N": n_shots, "T": run.T, "num_repeats": run.num_repeats, "seed": run.seed,
+                     "protocol": run.protocol, "backend": run.backend, "temperature": run.temperature,
+                     "top_p": run.top_p, "max_new_tokens": run.max_new_tokens,
+                     "prompt_style": run.prompt_style.name if run.prompt_style else None, "template": template},
     }
     def per_question(stage):
         return [{"answer": a, "correct": ok, "response": r}
@@ -402,7 +403,7 @@ def run_generation(cfg: TextICLSettings, task: GenerativeTask, fmt: CotFormat, l
 
     zs, sup, rnd = per_question(zero_shot), supervised and per_question(supervised), [per_question(r) for r in rounds]
     write_jsonl(out_dir / "answers.jsonl", [
-        {"source": task.sources[q], "question": row.get(cfg.dataset.question_field), "gold": task.gold[q],
+        {"source": task.sources[q], "question": row.get(run.dataset.question_field), "gold": task.gold[q],
          **({"category": task.categories[q]} if task.categories else {}), "zero_shot": zs[q],
          **({"supervised_icl": sup[q]} if sup else {}), "rounds": [r[q] for r in rnd]}
         for q, row in enumerate(task.rows)])

@@ -318,41 +318,41 @@ def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int,
 
 
 # -------------------------------------------------------------------------------------------- run
-def check_mmmu(cfg: TextICLSettings) -> None:
+def check_mmmu(run: TextICLSettings) -> None:
     """MMMU runs through an API (before anything loads)."""
-    if cfg.backend != "openai":
-        raise ConfigError(f"dataset={cfg.dataset.name} runs a vision-language model behind an API: add backend=openai "
+    if run.backend != "openai":
+        raise ConfigError(f"dataset={run.dataset.name} runs a vision-language model behind an API: add backend=openai "
                           "(e.g. +experiment=mmmu_gpt4o, or model=openai_compatible model.name=<a vision model> "
                           "model.base_url=<its server>)")
 
 
-def run_mmmu(cfg: TextICLSettings, load_generator: Callable) -> dict:
+def run_mmmu(run: TextICLSettings, load_generator: Callable) -> dict:
     """Zero-shot and T rounds of unsupervised ICL on every subject, with the generator that ``load_generator()``
-    gives (called once, where a stage is left to answer); results in ``cfg.output_dir``."""
-    check_mmmu(cfg)
-    out_dir, d = Path(cfg.output_dir), cfg.dataset
-    seed_everything(cfg.seed)
-    fmt = MMMUFormat.from_template(cfg.template)
+    gives (called once, where a stage is left to answer); results in ``run.output_dir``."""
+    check_mmmu(run)
+    out_dir, d = Path(run.output_dir), run.dataset
+    seed_everything(run.seed)
+    fmt = MMMUFormat.from_template(run.template)
     subjects = list(d.subjects) if d.subject == ALL else [d.subject]
     unknown = [s for s in subjects if s not in d.subjects]
     if unknown:
         raise ConfigError(f"unknown subject(s) {unknown} of {d.name!r}; valid: all, {', '.join(d.subjects)}")
-    n_shots = cfg.N
+    n_shots = run.N
     state = RunState(out_dir / "state.json", {
-        "task": d.name, "model": asdict(cfg.model), "backend": cfg.backend,
-        "template": asdict(cfg.template), "N": n_shots, "num_repeats": cfg.num_repeats,
-        "seed": cfg.seed, "sampling": [cfg.max_new_tokens, cfg.temperature, cfg.top_p], "protocol": cfg.protocol,
+        "task": d.name, "model": asdict(run.model), "backend": run.backend,
+        "template": asdict(run.template), "N": n_shots, "num_repeats": run.num_repeats,
+        "seed": run.seed, "sampling": [run.max_new_tokens, run.temperature, run.top_p], "protocol": run.protocol,
         "subjects": subjects, "split": d.split, "num_examples": d.num_examples,
     })
     load_generator = cache(load_generator)
-    log.info("%s: %d subjects, %d-shot rounds, T=%d, %d votes, protocol %s", d.name, len(subjects), n_shots, cfg.T,
-             cfg.num_repeats, cfg.protocol)
+    log.info("%s: %d subjects, %d-shot rounds, T=%d, %d votes, protocol %s", d.name, len(subjects), n_shots, run.T,
+             run.num_repeats, run.protocol)
 
     for s, subject in enumerate(subjects):
-        stages = [f"{subject}/zero_shot", *(f"{subject}/round_{t}" for t in range(1, cfg.T + 1))]
+        stages = [f"{subject}/zero_shot", *(f"{subject}/round_{t}" for t in range(1, run.T + 1))]
         if all(name in state for name in stages):
             continue
-        task = MMMUTask(load_subject(d, subject), cfg.protocol)
+        task = MMMUTask(load_subject(d, subject), run.protocol)
         digest = fingerprint_digest([[r["id"], r["question"], r["options"], r["answer"]] for r in task.rows])
         if any(state[name]["data"] != digest for name in stages if name in state):
             raise ConfigError(f"{out_dir} holds answers to other {subject} questions than the data now has; "
@@ -360,17 +360,17 @@ def run_mmmu(cfg: TextICLSettings, load_generator: Callable) -> dict:
 
         annotate = partial(subject_fields, task, digest)
         previous = answer_stage(state, load_generator, task, stages[0], partial(zero_shot_prompts, task, fmt),
-                                cfg.num_repeats, (cfg.seed, s, 0, 1), annotate)
+                                run.num_repeats, (run.seed, s, 0, 1), annotate)
         for t, name in enumerate(stages[1:], 1):
-            build = partial(round_prompts, task, fmt, previous, n_shots, cfg.num_repeats, (cfg.seed, s, t), name)
-            previous = answer_stage(state, load_generator, task, name, build, 1, (cfg.seed, s, t, 1), annotate)
+            build = partial(round_prompts, task, fmt, previous, n_shots, run.num_repeats, (run.seed, s, t), name)
+            previous = answer_stage(state, load_generator, task, name, build, 1, (run.seed, s, t, 1), annotate)
 
-    results = summarize(cfg, state, subjects, n_shots)
+    results = summarize(run, state, subjects, n_shots)
     write_jsonl(out_dir / "answers.jsonl", [
         {"id": ans["ids"][q], "subject": subject, "question_type": ans["question_types"][q], "gold": ans["gold"][q],
          "zero_shot": _per_question(ans, q),
          "rounds": [{**_per_question(state[f"{subject}/round_{t}"], q),
-                     "demonstrations": state[f"{subject}/round_{t}"]["demonstrations"][q]} for t in range(1, cfg.T + 1)]}
+                     "demonstrations": state[f"{subject}/round_{t}"]["demonstrations"][q]} for t in range(1, run.T + 1)]}
         for subject in subjects for ans in [state[f"{subject}/zero_shot"]] for q in range(len(ans["ids"]))])
     write_results(out_dir, results, mmmu_table)
     log.info("results in %s", out_dir)
@@ -388,7 +388,7 @@ def _per_question(stage: dict, q: int) -> dict:
     return {"answer": stage["answers"][q], "correct": stage["correct"][q], "response": stage["responses"][q]}
 
 
-def summarize(cfg: TextICLSettings, state: RunState, subjects: list[str], n_shots: int) -> dict:
+def summarize(run: TextICLSettings, state: RunState, subjects: list[str], n_shots: int) -> dict:
     """Each stage's accuracy over all questions (``test_accuracy``), its mean over subjects (``macro_accuracy``)
     and per subject."""
     def stage(name):
@@ -399,16 +399,16 @@ def summarize(cfg: TextICLSettings, state: RunState, subjects: list[str], n_shot
                 "per_subject": {s: float(np.mean(per[s])) for s in subjects}}
 
     rounds = [{"round": t, **stage(f"round_{t}"),
-               "pool_size": sum(state[f"{s}/round_{t}"]["pool_size"] for s in subjects)} for t in range(1, cfg.T + 1)]
+               "pool_size": sum(state[f"{s}/round_{t}"]["pool_size"] for s in subjects)} for t in range(1, run.T + 1)]
     return {
-        "task": cfg.dataset.name, "model": cfg.model.name,
+        "task": run.dataset.name, "model": run.model.name,
         "num_test": sum(len(state[f"{s}/zero_shot"]["ids"]) for s in subjects),
         "num_subjects": len(subjects), "zero_shot": stage("zero_shot"), "supervised_icl": None, "rounds": rounds,
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
-        "settings": {"N": n_shots, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-                     "protocol": cfg.protocol, "backend": cfg.backend, "temperature": cfg.temperature,
-                     "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "split": cfg.dataset.split,
-                     "subjects": subjects, "template": asdict(cfg.template)},
+        "settings": {"N": n_shots, "T": run.T, "num_repeats": run.num_repeats, "seed": run.seed,
+                     "protocol": run.protocol, "backend": run.backend, "temperature": run.temperature,
+                     "top_p": run.top_p, "max_new_tokens": run.max_new_tokens, "split": run.dataset.split,
+                     "subjects": subjects, "template": asdict(run.template)},
     }
 
 

@@ -23,23 +23,23 @@ from .uicl import run_classification
 log = logging.getLogger(__name__)
 
 
-def run_all_subjects(cfg: ICLSettings, subjects: list[tuple[str, ICLSettings]],
+def run_all_subjects(run: ICLSettings, subjects: list[tuple[str, ICLSettings]],
                      load_data: Callable[[ICLSettings], TaskData], scorer: LabelScorer) -> dict:
     """Each subject's run (its settings write into ``<run dir>/subjects/<subject>``) in turn with one
     ``scorer``: its prompt encoder depends on the template and label set only (the subject is a row field);
-    the summary in ``cfg.output_dir``."""
+    the summary in ``run.output_dir``."""
     per_subject = {}
     for i, (subject, settings) in enumerate(subjects, 1):
         log.info("subject %d/%d: %s", i, len(subjects), subject)
         per_subject[subject] = run_classification(settings, load_data(settings), scorer)
-    results = summarize(cfg, per_subject)
-    write_results(cfg.output_dir, results, subjects_table, macro_rounds_figure)
+    results = summarize(run, per_subject)
+    write_results(run.output_dir, results, subjects_table, macro_rounds_figure)
     log.info("macro average over %d subjects: %s", len(subjects),
              ", ".join(f"{stage_name(s)} {a:.4f}" for s, a in results["macro"].items()))
     return results
 
 
-def summarize(cfg: ICLSettings, per_subject: dict[str, dict]) -> dict:
+def summarize(run: ICLSettings, per_subject: dict[str, dict]) -> dict:
     """Each subject's stage accuracies, their mean over subjects (macro) and over questions (micro)."""
     accuracies = {subject: stage_accuracies(r) for subject, r in per_subject.items()}
     sizes = [r["num_test"] for r in per_subject.values()]
@@ -49,7 +49,7 @@ def summarize(cfg: ICLSettings, per_subject: dict[str, dict]) -> dict:
         return float(np.average([a[stage] for a in accuracies.values()], weights=weights))
 
     return {
-        "task": cfg.dataset.name, "model": cfg.model.name, "num_subjects": len(per_subject), "num_test": sum(sizes),
+        "task": run.dataset.name, "model": run.model.name, "num_subjects": len(per_subject), "num_test": sum(sizes),
         "macro": {stage: average(stage) for stage in stages},
         "micro": {stage: average(stage, sizes) for stage in stages},
         "subjects": {subject: {"num_test": r["num_test"], **accuracies[subject]} for subject, r in per_subject.items()},

@@ -109,92 +109,93 @@ def wandb_stats(stats: dict, label_names: list[str]) -> dict:
     return out
 
 
-def check_rules(cfg: FTSettings) -> None:
+def check_rules(run: FTSettings) -> None:
     """Rules between keys beyond the schema's reach (before anything loads)."""
     num_processes = process_state().num_processes
-    if cfg.calibrate_task_encoder and not cfg.calibrate:
+    if run.calibrate_task_encoder and not run.calibrate:
         raise ConfigError("calibrate_task_encoder=true subtracts the calibrated reward's log-prior; "
                           "set calibrate=true as well, or calibrate_task_encoder=false")
-    if cfg.batch_size % num_processes:
-        raise ConfigError(f"batch_size B={cfg.batch_size} is not divisible by the number of processes P={num_processes}"
+    if run.batch_size % num_processes:
+        raise ConfigError(f"batch_size B={run.batch_size} is not divisible by the number of processes P={num_processes}"
                           " (each process trains on B/P of the sequences); set batch_size to a multiple of "
-                          f"{num_processes} or launch a number of processes that divides {cfg.batch_size}")
+                          f"{num_processes} or launch a number of processes that divides {run.batch_size}")
 
 
-def check_pool(cfg: FTSettings, data: TaskData) -> None:
+def check_pool(run: FTSettings, data: TaskData) -> None:
     """A step's sequences must fit in the unlabelled pool (before the model loads)."""
-    if cfg.N * cfg.batch_size > len(data.train):
-        raise ConfigError(f"N * batch_size = {cfg.N * cfg.batch_size} examples per step, but the unlabelled pool "
+    if run.N * run.batch_size > len(data.train):
+        raise ConfigError(f"N * batch_size = {run.N * run.batch_size} examples per step, but the unlabelled pool "
                           f"has {len(data.train)}; lower N or batch_size, or raise dataset.num_examples")
 
 
-def run_finetuning(cfg: FTSettings, data: TaskData, scorer: Scorer, composed: dict,
+def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: dict,
                    image_features: dict[str, torch.Tensor] | None = None) -> dict:
-    """Fine-tune the task encoder (``cfg.task_encoder``: the scorer's model with its LoRA adapters, or a linear
-    head on the frozen model's features, or on ``image_features``) on ``data``; results in ``cfg.output_dir``.
+    """Fine-tune the task encoder (``run.task_encoder``: the scorer's model with its LoRA adapters, or a linear
+    head on the frozen model's features, or on ``image_features``) on ``data``; results in ``run.output_dir``.
 
     ``composed``: the run's configuration as composed (plain values), the record that the checkpoint's
-    fingerprint and results.json keep of it. The caller seeds the run (``cfg.seed``) before the adapters are
+    fingerprint and results.json keep of it. The caller seeds the run (``run.seed``) before the adapters are
     drawn.
     """
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(run.output_dir)
     started = time.perf_counter()
     num_processes = process_state().num_processes
-    device = resolve_device(cfg.device)
+    device = resolve_device(run.device)
     examples = scorer.encoder.encode_splits(data)
-    log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", cfg.dataset.name,
-             len(data.train), len(data.test), scorer.mode, cfg.task_encoder)
+    log.info("%s: %d unlabelled / %d test examples, label mode %s, task encoder %s", run.dataset.name,
+             len(data.train), len(data.test), scorer.mode, run.task_encoder)
 
     # ---- task encoder and reward
-    if cfg.task_encoder == "lora":
+    if run.task_encoder == "lora":
         task_encoder = LoraTaskEncoder(scorer, examples)
     elif image_features is not None:  # a linear head on CLIP image embeddings (docs/protocol.md §4)
-        task_encoder = LinearTaskEncoder(image_features, scorer.encoder.num_labels, seed=cfg.seed)
+        task_encoder = LinearTaskEncoder(image_features, scorer.encoder.num_labels, seed=run.seed)
     else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
         features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
         task_encoder = LinearTaskEncoder(features, scorer.encoder.num_labels, init=label_head(scorer))
-    log_prior = zero_shot_log_prior(scorer, examples["train"]) if cfg.calibrate else None
+    log_prior = zero_shot_log_prior(scorer, examples["train"]) if run.calibrate else None
     reward = LMReward(scorer, examples["train"], log_prior)
-    if cfg.calibrate_task_encoder:
+    if run.calibrate_task_encoder:
         task_encoder = CalibratedTaskEncoder(task_encoder, log_prior)
 
     # ---- train (resumes from checkpoint.pt when the run directory has one)
-    settings = {k: v for k, v in flatten(composed).items() if k not in RUNTIME_KEYS}
-    fingerprint = {**settings, "label_mode": scorer.mode,
-                   "schedule_steps": cfg.num_iterations if cfg.optimization.schedule == "cosine" else None,
+    recorded = {k: v for k, v in flatten(composed).items() if k not in RUNTIME_KEYS}
+    fingerprint = {**recorded, "label_mode": scorer.mode,
+                   "schedule_steps": run.num_iterations if run.optimization.schedule == "cosine" else None,
                    "data": fingerprint_digest([data.train, data.test])}
     on_step = None
-    log_to_wandb = cfg.wandb and is_main_process()
+    log_to_wandb = run.wandb and is_main_process()
     if log_to_wandb:
         import wandb  # optional: only imported when asked for
 
-        wandb.init(project=cfg.wandb_project, config=composed, dir=str(out_dir))
-        on_step = lambda step, stats: wandb.log(wandb_stats(stats, list(cfg.labelset.names)), step=step)  # noqa: E731
-    state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, cfg=cfg,
+        wandb.init(project=run.wandb_project, config=composed, dir=str(out_dir))
+        on_step = lambda step, stats: wandb.log(wandb_stats(stats, list(run.labelset.names)), step=step)  # noqa: E731
+    state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, settings=run,
                 fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
-                progress=cfg.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
+                progress=run.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
                 num_classes=scorer.encoder.num_labels)
 
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
     if is_main_process():
-        task_encoder.save(out_dir / ("adapter" if cfg.task_encoder == "lora" else "linear_head"))
+        task_encoder.save(out_dir / ("adapter" if run.task_encoder == "lora" else "linear_head"))
     history = state["history"]
     results = {
-        "task": cfg.dataset.name, "model": cfg.model.name, "task_encoder": cfg.task_encoder,
+        "task": run.dataset.name, "model": run.model.name, "task_encoder": run.task_encoder,
         "num_train": len(data.train), "num_test": len(data.test), "skipped_rows": data.skipped_rows,
         "zero_shot": {"test_accuracy": state["zero_shot"]},
         "final": {"test_accuracy": history[-1]["test_accuracy"]},
         "history": history,
-        "early_stopping": {**asdict(cfg.early_stopping), "stopped_at": state["stopped_at"], "flip_rates": state["flip_rates"]},
+        "early_stopping": {**asdict(run.early_stopping), "stopped_at": state["stopped_at"],
+                           "flip_rates": state["flip_rates"]},
         "timing": {"seconds": time.perf_counter() - started, "train_seconds": state["seconds"],
                    "steps": state["step"], "seconds_per_step": state["seconds"] / max(1, state["step"])},
         "peak_memory_bytes": peak_memory_bytes(device),
-        "settings": {"estimator": cfg.estimator.name, "baseline": cfg.estimator.baseline, "B": cfg.batch_size,
-                     "N": cfg.N, "gamma": cfg.gamma, "lr": cfg.optimization.lr, "calibrate": cfg.calibrate,
-                     "calibrate_task_encoder": cfg.calibrate_task_encoder, "max_norm": cfg.max_norm,
-                     "label_mode": scorer.mode, "seed": cfg.seed, "device": str(device),
-                     "processes": num_processes, "num_iterations": cfg.num_iterations,
-                     "config": {k: v for k, v in settings.items() if k != "seed"}},  # every other setting, flattened
+        "settings": {"estimator": run.estimator.name, "baseline": run.estimator.baseline, "B": run.batch_size,
+                     "N": run.N, "gamma": run.gamma, "lr": run.optimization.lr, "calibrate": run.calibrate,
+                     "calibrate_task_encoder": run.calibrate_task_encoder, "max_norm": run.max_norm,
+                     "label_mode": scorer.mode, "seed": run.seed, "device": str(device),
+                     "processes": num_processes, "num_iterations": run.num_iterations,
+                     "config": {k: v for k, v in recorded.items() if k != "seed"}},  # every other setting, flattened
         "data_fingerprint": fingerprint["data"],
     }
     if isinstance(data, FileData):  # own data: every row's label before and after training in predictions.csv
@@ -202,11 +203,11 @@ def run_finetuning(cfg: FTSettings, data: TaskData, scorer: Scorer, composed: di
         with frozen(scorer.model):
             zero_shot = {s: zero_shot_logprobs(scorer, examples[s]).argmax(-1).tolist() for s in splits}
         trained = {s: predict_labels(task_encoder, s, len(examples[s])) for s in splits}
-        file_finetuning_results(out_dir, results, data, zero_shot, trained, list(cfg.labelset.names))
-    title = f"{results['task']} / {results['model']}: fine-tuning ({cfg.task_encoder}, {cfg.estimator.name})"
+        file_finetuning_results(out_dir, results, data, zero_shot, trained, list(run.labelset.names))
+    title = f"{results['task']} / {results['model']}: fine-tuning ({run.task_encoder}, {run.estimator.name})"
     write_results(out_dir, results, finetuning_table,
                   lambda _, out: plot_learning_curve(history, state["metrics"], title, out / "learning_curve.png",
-                                                      list(cfg.labelset.names)))
+                                                      list(run.labelset.names)))
     if log_to_wandb:
         wandb.finish()
     if has_labels(data):

@@ -28,43 +28,43 @@ from .icl import SPLITS, accuracy, icl_predict, label_free_diagnostics, repeat_a
 log = logging.getLogger(__name__)
 
 
-def check_pool(settings: ICLSettings, data: TaskData) -> None:
+def check_pool(run: ICLSettings, data: TaskData) -> None:
     """The unlabelled pool must hold N demonstrations besides the queries they are drawn for (before any model
     loads)."""
-    excluded = min(settings.block_size, len(data.train)) if settings.support_sampling == "shared" else 1
-    if settings.protocol == "clean" and settings.N > len(data.train) - excluded:
-        raise ConfigError(f"N={settings.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
+    excluded = min(run.block_size, len(data.train)) if run.support_sampling == "shared" else 1
+    if run.protocol == "clean" and run.N > len(data.train) - excluded:
+        raise ConfigError(f"N={run.N} is larger than the unlabelled pool allows ({len(data.train)} examples, "
                           f"{excluded} of them queries left out of their own demonstrations); "
                           "lower N (or block_size) or raise dataset.num_examples")
 
 
-def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) -> dict:
+def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) -> dict:
     """Zero-shot, supervised ICL and T rounds of unsupervised ICL of ``scorer`` on ``data``; results in
-    ``cfg.output_dir``.
+    ``run.output_dir``.
 
     A transductive task (``data.transductive``: MMLU's subjects, a file of the user's) relabels its test
     questions only, each round drawing their demonstrations among themselves.
     """
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
+    out_dir = Path(run.output_dir)
+    seed_everything(run.seed)
     labelled = has_labels(data)  # False: a file without a label column, predict-only (data/files.py)
     gold = {"test": data.test_labels, "train": data.train_labels}
     splits, pool_split = (("test",), "test") if data.transductive else (SPLITS, "train")
     # The original's vision script draws demonstrations unlike its text scripts (class-weighted, no quotas),
     # relabels the unlabelled pool with one prompt per example, not a vote, and not after the last round: no
     # round reads those labels (the last round then has no pool diagnostics), unless they are the product (own data).
-    vision_original = cfg.protocol == "original" and modality(cfg.dataset) == "image"
-    repeats = {"test": cfg.num_repeats, "train": 1 if vision_original else cfg.num_repeats}  # prompts per query
+    vision_original = run.protocol == "original" and modality(run.dataset) == "image"
+    repeats = {"test": run.num_repeats, "train": 1 if vision_original else run.num_repeats}  # prompts per query
     last_round_splits = ("test",) if vision_original and not isinstance(data, FileData) else splits
     encoded = scorer.encoder.encode_splits(data)
-    log.info("%s: %d unlabelled / %d test examples, label mode %s", cfg.dataset.name,
+    log.info("%s: %d unlabelled / %d test examples, label mode %s", run.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 
     state = RunState(out_dir / "state.json", {
-        "task": cfg.dataset.name, "model": asdict(cfg.model), "template": cfg.template.text,
-        "labels": list(cfg.labelset.names), "label_mode": scorer.mode, "N": cfg.N,
-        "num_repeats": cfg.num_repeats, "seed": cfg.seed, "support_sampling": cfg.support_sampling,
-        "block_size": cfg.block_size if cfg.support_sampling == "shared" else None, "protocol": cfg.protocol,
+        "task": run.dataset.name, "model": asdict(run.model), "template": run.template.text,
+        "labels": list(run.labelset.names), "label_mode": scorer.mode, "N": run.N,
+        "num_repeats": run.num_repeats, "seed": run.seed, "support_sampling": run.support_sampling,
+        "block_size": run.block_size if run.support_sampling == "shared" else None, "protocol": run.protocol,
         "data": fingerprint_digest([data.train, data.test, *([data.train_labels.tolist(), data.test_labels.tolist()]
                                                              if labelled else [None, None]), data.supervised_pool]),
     })
@@ -88,14 +88,14 @@ def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) ->
             log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
         return out
 
-    def icl(pool, pool_labels, rng_stage, desc, protocol=cfg.protocol):
+    def icl(pool, pool_labels, rng_stage, desc, protocol=run.protocol):
         """predict(split) of an ICL stage: majority-vote predictions (and each repeat's, as
         ``<split>_votes``) with demonstrations from ``pool`` labelled by ``pool_labels``."""
         def predict(split):
             predicted = icl_predict(
-                scorer, pool, pool_labels, encoded[split], n=cfg.N, num_repeats=repeats[split],
-                rng_key=(cfg.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
-                support_sampling=cfg.support_sampling, block_size=cfg.block_size, protocol=protocol,
+                scorer, pool, pool_labels, encoded[split], n=run.N, num_repeats=repeats[split],
+                rng_key=(run.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
+                support_sampling=run.support_sampling, block_size=run.block_size, protocol=protocol,
                 class_weighted=vision_original, desc=f"{desc} [{split}]")
             return {split: predicted.majority.tolist(), f"{split}_votes": predicted.votes.tolist(),
                     f"{split}_label_logprob": predicted.label_logprob.round(6).tolist()}
@@ -117,9 +117,9 @@ def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) ->
 
     # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
     supervised = None
-    if cfg.supervised_icl and not labelled:
+    if run.supervised_icl and not labelled:
         log.info("no labels (dataset.label_field unset): the supervised baseline is skipped")
-    if cfg.supervised_icl and labelled:
+    if run.supervised_icl and labelled:
         if data.supervised_pool is None:  # the pool's own examples (a transductive query never demonstrates itself)
             demonstrations, demonstration_labels = encoded[pool_split], gold[pool_split]
         else:
@@ -127,16 +127,16 @@ def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) ->
             demonstration_labels = data.supervised_labels
         # a labelled pool smaller than N (MMLU's validation split: 10 questions in some subjects) is
         # drawn from with replacement, as the original does
-        supervised_protocol = cfg.protocol if len(demonstrations) >= cfg.N else "original"
+        supervised_protocol = run.protocol if len(demonstrations) >= run.N else "original"
         supervised = stage("supervised_icl", ("test",), icl(demonstrations, demonstration_labels, 0, "supervised ICL",
                                                             protocol=supervised_protocol), repeats)
 
     # ---- unsupervised ICL: relabel with the previous round's pseudo-labels
     rounds, diagnostics, pseudo, stopped_after = [], [], zero_shot, None
-    for t in range(1, cfg.T + 1):
+    for t in range(1, run.T + 1):
         labels = np.asarray(pseudo[pool_split], dtype=np.int64)
-        pseudo = stage(f"round_{t}", last_round_splits if t == cfg.T else splits,
-                       icl(encoded[pool_split], labels, t, f"round {t}/{cfg.T}"), repeats)
+        pseudo = stage(f"round_{t}", last_round_splits if t == run.T else splits,
+                       icl(encoded[pool_split], labels, t, f"round {t}/{run.T}"), repeats)
         rounds.append(pseudo)
         if pool_split not in pseudo:  # the original's vision script: the last round leaves the pool as it was
             diagnostics.append(None)
@@ -145,15 +145,15 @@ def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) ->
                                                   pseudo.get(f"{pool_split}_label_logprob"), scorer.encoder.num_labels))
         log.info("round %d: %.1f%% of the unlabelled pool's labels flipped, vote agreement %.1f%%", t,
                  100 * diagnostics[-1]["flip_fraction"], 100 * diagnostics[-1]["vote_agreement"])
-        if cfg.stop_when_flips_below is not None and diagnostics[-1]["flip_fraction"] < cfg.stop_when_flips_below:
+        if run.stop_when_flips_below is not None and diagnostics[-1]["flip_fraction"] < run.stop_when_flips_below:
             stopped_after = t
             log.info("round %d flipped fewer than %g of the labels: stopping (stop_when_flips_below)", t,
-                     cfg.stop_when_flips_below)
+                     run.stop_when_flips_below)
             break
 
     # ---- results
     results = {
-        "task": cfg.dataset.name, "model": cfg.model.name,
+        "task": run.dataset.name, "model": run.model.name,
         "num_train": len(data.train), "num_test": len(data.test), "skipped_rows": data.skipped_rows,
         "zero_shot": {f"{s}_accuracy": accuracy(zero_shot[s], gold[s]) for s in splits} if labelled else {},
         "supervised_icl": {**scores(supervised, ("test",)), "pool_size": len(demonstrations),
@@ -162,16 +162,16 @@ def run_classification(cfg: ICLSettings, data: TaskData, scorer: LabelScorer) ->
                    for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
         "stopped_after_round": stopped_after,
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
-        "settings": {"N": cfg.N, "T": cfg.T, "num_repeats": cfg.num_repeats, "seed": cfg.seed,
-                     "label_mode": scorer.mode, "support_sampling": cfg.support_sampling, "protocol": cfg.protocol,
-                     "transductive": data.transductive, "stop_when_flips_below": cfg.stop_when_flips_below,
-                     "block_size": cfg.block_size, "template": cfg.template.text, "labels": list(cfg.labelset.names),
-                     "device": "vllm" if cfg.backend == "vllm" else str(resolve_device(cfg.device))},
+        "settings": {"N": run.N, "T": run.T, "num_repeats": run.num_repeats, "seed": run.seed,
+                     "label_mode": scorer.mode, "support_sampling": run.support_sampling, "protocol": run.protocol,
+                     "transductive": data.transductive, "stop_when_flips_below": run.stop_when_flips_below,
+                     "block_size": run.block_size, "template": run.template.text, "labels": list(run.labelset.names),
+                     "device": "vllm" if run.backend == "vllm" else str(resolve_device(run.device))},
     }
     if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
-        file_run_results(out_dir, results, data, zero_shot, rounds, list(cfg.labelset.names), cfg.dataset.num_examples)
-    elif cfg.save_predictions:
-        fields = Template(cfg.template.text).fields
+        file_run_results(out_dir, results, data, zero_shot, rounds, list(run.labelset.names), run.dataset.num_examples)
+    elif run.save_predictions:
+        fields = Template(run.template.text).fields
         write_jsonl(out_dir / "predictions.jsonl", [
             {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
              "rounds": [r[s][i] if s in r else None for r in rounds]}

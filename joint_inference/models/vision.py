@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.hub import TaskData
 from ..core.errors import ConfigError
 from ..data.features import cached_features
+from ..data.hub import TaskData
 from ..prompts.images import IMAGE_MARKER
 from .language import resolve_dtype
 

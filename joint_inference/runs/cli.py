@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core.distributed import is_main_process
 from ..core.errors import ConfigError, exit_on_config_error
-from .rundir import run_directory
-from .config import SCHEMAS, config_option, options, own_keys
 from ..core.utils import check_writable_dir
+from .config import SCHEMAS, config_option, options, own_keys
+from .rundir import run_directory
 
 log = logging.getLogger(__name__)
 HUB_RETRIES = re.compile(r"thrown while requesting|^Retrying in|^Rate limited")

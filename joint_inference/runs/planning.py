@@ -88,20 +88,20 @@ def throughput(model_name: str, device_type: str, dtype: str, n: int, directory:
             "gpu": machine.get("gpu")}
 
 
-def model_throughput(cfg, device) -> dict | None:
-    dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
-    return throughput(cfg.model.name, device.type, dtype, cfg.N)
+def model_throughput(run, device) -> dict | None:
+    dtype = str(resolve_dtype(run.model.dtype, device)).replace("torch.", "")
+    return throughput(run.model.name, device.type, dtype, run.N)
 
 
 # ------------------------------------------------------------------------------------ counts
-def classification_plan(cfg: ICLSettings, data: TaskData, encoder: PromptEncoder) -> list[dict]:
+def classification_plan(run: ICLSettings, data: TaskData, encoder: PromptEncoder) -> list[dict]:
     """[{stage, prompts, tokens}] of a classification run (the counting rule of this module's docstring)."""
 
     encoded = encoder.encode_splits(data)
     splits, pool_split = (("test",), "test") if data.transductive else (("test", "train"), "train")
     bos, separator = len(encoder.bos), len(encoder.separator)
     label_tokens = float(np.mean([len(ids) for ids in encoder.label_ids]))
-    shared = cfg.support_sampling == "shared"
+    shared = run.support_sampling == "shared"
 
     def demonstration_tokens(pool) -> float:
         return float(np.mean([len(ex.prefix) + len(ex.suffix) for ex in pool])) + label_tokens + separator
@@ -110,30 +110,30 @@ def classification_plan(cfg: ICLSettings, data: TaskData, encoder: PromptEncoder
         return len(queries), float(sum(bos + len(q.prefix) for q in queries))
 
     def icl(queries, pool) -> tuple[int, float]:
-        context = bos + cfg.N * demonstration_tokens(pool)
+        context = bos + run.N * demonstration_tokens(pool)
         own = sum(len(q.prefix) for q in queries)
-        runs = -(-len(queries) // cfg.block_size) if shared else len(queries)  # demonstration sets run per vote
-        return cfg.num_repeats * len(queries), cfg.num_repeats * (runs * context + own)
+        runs = -(-len(queries) // run.block_size) if shared else len(queries)  # demonstration sets run per vote
+        return run.num_repeats * len(queries), run.num_repeats * (runs * context + own)
 
     def stage(name, counts):
         return {"stage": name, "prompts": sum(p for p, _ in counts), "tokens": round(sum(t for _, t in counts))}
 
     stages = [stage("zero-shot", [zero_shot(encoded[s]) for s in splits])]
-    if cfg.supervised_icl and labelled(data):
+    if run.supervised_icl and labelled(data):
         pool = encoded[pool_split] if data.supervised_pool is None else encoder.encode_all(data.supervised_pool)
         stages.append(stage("supervised ICL (baseline)", [icl(encoded["test"], pool)]))
-    for t in range(1, cfg.T + 1):
+    for t in range(1, run.T + 1):
         stages.append(stage(f"round {t}", [icl(encoded[s], encoded[pool_split]) for s in splits]))
     return stages
 
 
-def plan_summary(cfg, stages: list[dict], device) -> dict:
+def plan_summary(run, stages: list[dict], device) -> dict:
     """The stages, their total, and the wall-time estimate (None when no benchmark matches)."""
     total = {"stage": "total", "prompts": sum(s["prompts"] for s in stages), "tokens": sum(s["tokens"] for s in stages)}
-    speed = model_throughput(cfg, device)
+    speed = model_throughput(run, device)
     seconds = None if speed is None else total["tokens"] / speed["tokens_per_s"]
     return {"stages": stages, "total": total, "estimate_seconds": seconds, "throughput": speed,
-            "model": cfg.model.name, "device": device.type}
+            "model": run.model.name, "device": device.type}
 
 
 def duration(seconds: float) -> str:
@@ -179,17 +179,17 @@ def step_seconds(model_name: str, device_type: str, directory: Path = BENCHMARKS
     return None
 
 
-def finetuning_plan(cfg, data, encoder, device) -> dict:
+def finetuning_plan(run, data, encoder, device) -> dict:
     """Steps, evaluations, prompts and tokens of a fine-tuning run, and its wall time scaled from the
     benchmark's seconds per step by the examples per step (None when no benchmark matches)."""
     encoded = encoder.encode_splits(data)
-    b, n, steps = cfg.batch_size, cfg.N, cfg.num_iterations
+    b, n, steps = run.batch_size, run.N, run.num_iterations
     bos, separator = len(encoder.bos), len(encoder.separator)
     label_tokens = float(np.mean([len(ids) for ids in encoder.label_ids]))
     pool = encoded["train"]
     alone = float(np.mean([bos + len(ex.prefix) for ex in pool]))  # a task-encoder prompt: one example
     labelled = float(np.mean([len(ex.prefix) + len(ex.suffix) for ex in pool])) + label_tokens + separator
-    evaluations = steps // cfg.eval_freq + (steps % cfg.eval_freq != 0) + 1  # step 0, every eval_freq, the last
+    evaluations = steps // run.eval_freq + (steps % run.eval_freq != 0) + 1  # step 0, every eval_freq, the last
     test_tokens = sum(bos + len(ex.prefix) for ex in encoded["test"])
     stages = [{"stage": "evaluations (zero-shot + every eval_freq)", "prompts": evaluations * len(encoded["test"]),
                "tokens": evaluations * test_tokens},
@@ -197,10 +197,10 @@ def finetuning_plan(cfg, data, encoder, device) -> dict:
                "prompts": steps * (b * n + 2 * b),
                "tokens": round(steps * (b * n * alone + 2 * b * (bos + n * labelled)))}]
     total = {"stage": "total", "prompts": sum(s["prompts"] for s in stages), "tokens": sum(s["tokens"] for s in stages)}
-    speed = step_seconds(cfg.model.name, device.type)
+    speed = step_seconds(run.model.name, device.type)
     seconds = None if speed is None else steps * speed["seconds_per_step"] * b * n / speed["examples_per_step"]
     return {"stages": stages, "total": total, "estimate_seconds": seconds, "step_benchmark": speed, "throughput": None,
-            "model": cfg.model.name, "device": device.type}
+            "model": run.model.name, "device": device.type}
 
 
 def finetuning_estimate_line(plan: dict) -> str:
@@ -216,7 +216,7 @@ def finetuning_estimate_line(plan: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- the guard
-def check_size(cfg: ICLSettings | FTSettings, data: TaskData, text_encoder: Callable[[], PromptEncoder | None],
+def check_size(run: ICLSettings | FTSettings, data: TaskData, text_encoder: Callable[[], PromptEncoder | None],
                device) -> dict | None:
     """The one check of a run's size, before the model loads: the counts of :func:`classification_plan` or
     :func:`finetuning_plan` and the wall time they take at the measured throughput. ``dry_run=true``: print
@@ -226,29 +226,29 @@ def check_size(cfg: ICLSettings | FTSettings, data: TaskData, text_encoder: Call
     ``text_encoder()``: the run's prompt encoder, built where it is needed (None for image tasks, which have
     no dry run); its labels are checked as the scorer checks them (labels that the tokenizer cannot tell apart
     are an error here already)."""
-    finetuning = isinstance(cfg, FTSettings)
-    guard = device.type == "cpu" and not cfg.allow_long_cpu_run
-    measured = step_seconds(cfg.model.name, device.type) if finetuning else model_throughput(cfg, device)
-    if not cfg.dry_run and not (guard and measured is not None):
+    finetuning = isinstance(run, FTSettings)
+    guard = device.type == "cpu" and not run.allow_long_cpu_run
+    measured = step_seconds(run.model.name, device.type) if finetuning else model_throughput(run, device)
+    if not run.dry_run and not (guard and measured is not None):
         return None
-    if modality(cfg.dataset) != "text":
-        if cfg.dry_run:
+    if modality(run.dataset) != "text":
+        if run.dry_run:
             raise ConfigError("dry_run=true counts the prompts of text tasks; image tasks have no dry run yet")
         return None
     encoder = text_encoder()
-    resolve_label_mode(cfg.label_mode, encoder.label_ids, encoder.label_names)
+    resolve_label_mode(run.label_mode, encoder.label_ids, encoder.label_names)
     if finetuning:
-        plan = finetuning_plan(cfg, data, encoder, device)
-        text = finetuning_plan_text(cfg, data, plan, device)
+        plan = finetuning_plan(run, data, encoder, device)
+        text = finetuning_plan_text(run, data, plan, device)
     else:
-        plan = plan_summary(cfg, classification_plan(cfg, data, encoder), device)
-        text = format_plan(plan_title(cfg, data, device), plan)
-    if cfg.dry_run:
+        plan = plan_summary(run, classification_plan(run, data, encoder), device)
+        text = format_plan(plan_title(run, data, device), plan)
+    if run.dry_run:
         print(text, flush=True)
         return {"dry_run": plan}
     seconds = plan["estimate_seconds"]
     if seconds is not None and seconds > LONG_CPU_RUN_SECONDS:
-        raise ConfigError(finetuning_too_long(cfg, plan, seconds) if finetuning else too_long(cfg, data, plan, seconds))
+        raise ConfigError(finetuning_too_long(run, plan, seconds) if finetuning else too_long(run, data, plan, seconds))
     if seconds is not None and not finetuning:
         log.info("%s", estimate_line(plan))
     return None
@@ -259,76 +259,76 @@ def examples_text(data: TaskData) -> str:
             else f"{len(data.train)} unlabelled + {len(data.test)} test examples")
 
 
-def plan_title(cfg: ICLSettings, data: TaskData, device) -> str:
-    return (f"dry run of {cfg.dataset.name} / {cfg.model.name} on {device}: {examples_text(data)}; N={cfg.N}, "
-            f"T={cfg.T}, {cfg.num_repeats} votes, {cfg.support_sampling} demonstrations. Nothing was scored or written.")
+def plan_title(run: ICLSettings, data: TaskData, device) -> str:
+    return (f"dry run of {run.dataset.name} / {run.model.name} on {device}: {examples_text(data)}; N={run.N}, "
+            f"T={run.T}, {run.num_repeats} votes, {run.support_sampling} demonstrations. Nothing was scored or written.")
 
 
-def too_long(cfg: ICLSettings, data: TaskData, plan: dict, seconds: float) -> str:
+def too_long(run: ICLSettings, data: TaskData, plan: dict, seconds: float) -> str:
     speed = plan["throughput"]
     cpu = f"{speed['cpu_count']}-core CPU" if speed["cpu_count"] else "CPU"
     return (f"this run would take about {duration(seconds)} on a CPU ({plan['total']['prompts']:,} prompts, "
             f"{plan['total']['tokens']:,} tokens at the {speed['tokens_per_s']:.0f} tokens/s measured for "
-            f"{cfg.model.name} on a {cpu} in {speed['benchmark']}; this run: {examples_text(data)}, N={cfg.N}, "
-            f"T={cfg.T}, {cfg.num_repeats} votes). The defaults (N=16, T=8, 5 votes, 3,000 examples) are the paper's "
+            f"{run.model.name} on a {cpu} in {speed['benchmark']}; this run: {examples_text(data)}, N={run.N}, "
+            f"T={run.T}, {run.num_repeats} votes). The defaults (N=16, T=8, 5 votes, 3,000 examples) are the paper's "
             f"GPU setting. For a run of minutes: {QUICKSTART} (300 examples, N=8, T=2, 3 votes: about 10 min), or "
             "lower dataset.num_examples, N, T or num_repeats; dry_run=true prints the counts and the estimate. To run "
             "it on this CPU anyway: allow_long_cpu_run=true")
 
 
-def finetuning_plan_text(cfg: FTSettings, data: TaskData, plan: dict, device) -> str:
+def finetuning_plan_text(run: FTSettings, data: TaskData, plan: dict, device) -> str:
     rows = [*plan["stages"], plan["total"]]
     width = max(len(r["stage"]) for r in rows) + 2
-    return "\n".join([f"dry run of fine-tuning {cfg.dataset.name} / {cfg.model.name} on {device}: "
-                      f"{len(data.train)} pool / {len(data.test)} test examples, B={cfg.batch_size}, N={cfg.N}, "
-                      f"{cfg.num_iterations} steps. Nothing was trained or written.",
+    return "\n".join([f"dry run of fine-tuning {run.dataset.name} / {run.model.name} on {device}: "
+                      f"{len(data.train)} pool / {len(data.test)} test examples, B={run.batch_size}, N={run.N}, "
+                      f"{run.num_iterations} steps. Nothing was trained or written.",
                       f"  {'stage':<{width}}{'prompts':>12}{'tokens':>14}"]
                      + [f"  {r['stage']:<{width}}{r['prompts']:>12,}{r['tokens']:>14,}" for r in rows]
                      + ["  " + finetuning_estimate_line(plan)])
 
 
-def finetuning_too_long(cfg: FTSettings, plan: dict, seconds: float) -> str:
+def finetuning_too_long(run: FTSettings, plan: dict, seconds: float) -> str:
     return (f"this fine-tuning run would take about {duration(seconds)} on a CPU like the benchmark's "
-            f"({cfg.num_iterations} steps of B={cfg.batch_size} x N={cfg.N} examples; "
+            f"({run.num_iterations} steps of B={run.batch_size} x N={run.N} examples; "
             f"{plan['step_benchmark']['benchmark']}). The defaults are the paper's GPU setting. For a run of minutes: "
             f"{UFT_QUICK}; dry_run=true prints the counts and the estimate. To run it on this CPU anyway: "
             "allow_long_cpu_run=true")
 
 
-def subjects_plan(cfg: ICLSettings, subjects: list[TaskData], encoder: PromptEncoder, device) -> dict:
+def subjects_plan(run: ICLSettings, subjects: list[TaskData], encoder: PromptEncoder, device) -> dict:
     """``dry_run=true`` over every subject of an all-subjects run (MMLU): each subject's counts summed."""
     totals: dict[str, dict] = {}
     for data in subjects:
-        for stage in classification_plan(cfg, data, encoder):
+        for stage in classification_plan(run, data, encoder):
             into = totals.setdefault(stage["stage"], {"stage": stage["stage"], "prompts": 0, "tokens": 0})
             into["prompts"] += stage["prompts"]
             into["tokens"] += stage["tokens"]
-    plan = plan_summary(cfg, list(totals.values()), device)
-    print(format_plan(f"dry run of {cfg.dataset.name} ({len(subjects)} subjects) / {cfg.model.name} on "
-                      f"{device}: N={cfg.N}, T={cfg.T}, {cfg.num_repeats} votes. Nothing was scored or written.", plan),
+    plan = plan_summary(run, list(totals.values()), device)
+    print(format_plan(f"dry run of {run.dataset.name} ({len(subjects)} subjects) / {run.model.name} on "
+                      f"{device}: N={run.N}, T={run.T}, {run.num_repeats} votes. Nothing was scored or written.", plan),
           flush=True)
     return {"dry_run": plan}
 
 
 # ------------------------------------------------------------------------------ behind an API
-def api_dry_run(cfg: TextICLSettings, run: Callable[[TextICLSettings, DryRunTally], dict]) -> dict:
-    """Count the requests of ``run(settings, tally)`` (a run whose API clients count into ``tally``, in a
-    temporary directory) with nothing sent; print and return the tally and the cost."""
-    api = cfg.api
-    cache_dir = api.cache_dir or str(Path(cfg.output_dir) / "api_cache")
+def api_dry_run(run: TextICLSettings, counting_run: Callable[[TextICLSettings, DryRunTally], dict]) -> dict:
+    """Count the requests of ``counting_run(settings, tally)`` (the run, its API clients counting into ``tally``,
+    in a temporary directory) with nothing sent; print and return the tally and the cost."""
+    api = run.api
+    cache_dir = api.cache_dir or str(Path(run.output_dir) / "api_cache")
     tally = DryRunTally()
     quiet = logging.getLogger("joint_inference")
     level = quiet.level
     with tempfile.TemporaryDirectory(prefix="joint_inference_dry_run.") as tmp:
         # allow_long_cpu_run: the CPU guard estimates local scoring; nothing runs locally here
-        counted = replace(cfg, dry_run=False, output_dir=tmp, progress=False, allow_long_cpu_run=True,
+        counted = replace(run, dry_run=False, output_dir=tmp, progress=False, allow_long_cpu_run=True,
                           api=replace(api, cache_dir=cache_dir))
         quiet.setLevel(logging.WARNING)  # the stages' accuracies of stand-in answers mean nothing
         try:
-            run(counted, tally)
+            counting_run(counted, tally)
         finally:
             quiet.setLevel(level)
-    m = cfg.model
+    m = run.model
     price_in, price_out = m.price_per_million_input_tokens, m.price_per_million_output_tokens
     summary = {**tally.__dict__, "base_url": m.base_url, "model": m.name,
                "cost_usd": cost(tally.prompt_tokens, tally.output_tokens, price_in, price_out),

@@ -25,11 +25,11 @@ from ..core.settings import FTSettings, ICLSettings, MMLUSettings, TextICLSettin
 from ..core.utils import resolve_batch_size, resolve_device, seed_everything
 from ..data.hub import ALL_SUBJECTS, TaskData
 from ..data.tasks import load_data, modality, row_check
+from ..methods import uft
 from ..methods.finetune import add_lora
 from ..methods.generation import CotFormat, load_generative_task, run_generation, sampling_settings
 from ..methods.mmmu import check_mmmu, run_mmmu
 from ..methods.subjects import run_all_subjects
-from ..methods import uft
 from ..methods.uicl import check_pool, run_classification
 from ..models.language import context_length, load_model, load_tokenizer
 from ..prompts.encoders import build_prompt_encoder
@@ -131,6 +131,9 @@ class Parts:
         self.image = modality(settings.dataset) == "image"
         self.tokenizer = cache(lambda: load_tokenizer(settings.model))
         self.encoder = cache(lambda: prompt_encoder(settings, self.tokenizer()))
+        # the longest example the model takes (read from its config; a random model's or an API's: unchecked)
+        local = settings.backend in ("hf", "vllm") and not settings.model.random_init
+        self.context = cache(lambda: context_length(settings.model) if local else None)
 
     def text_encoder(self):
         """The prompt encoder of a text task (an image task's needs its model's image features: None)."""
@@ -138,12 +141,10 @@ class Parts:
 
     def data(self, settings: ICLSettings | FTSettings | None = None) -> TaskData:
         """The task's sample; a text row that the model cannot score is refused (or skipped) as it is read."""
-        s = settings or self.settings
+        s = settings or self.settings  # a subject's settings differ in their data set alone
 
         def check():
-            # the longest example a model takes (read from its config; a random model's or an API's: unchecked)
-            local = s.backend in ("hf", "vllm") and not s.model.random_init
-            context = context_length(s.model) if local else None
+            context = self.context()
             return row_check(s.template.text, self.encoder() if context else None, context)
 
         return load_data(s.dataset, s.labelset.names, s.template.text, check)
@@ -200,7 +201,8 @@ def make_generator(settings: TextICLSettings, sampling: SamplingSettings, tally:
     if settings.backend == "hf":
         device = resolve_device(settings.device)
         model, tokenizer = load_model(settings.model, device)
-        batch_size = resolve_batch_size(settings.forward_batch_size, device, cpu_default=16)  # decoding gains from bigger batches
+        # decoding gains from bigger batches
+        batch_size = resolve_batch_size(settings.forward_batch_size, device, cpu_default=16)
         return HFGenerator(model, tokenizer, sampling, batch_size, settings.progress)
     from ..models.vllm_engine import build_vllm_engine
 

@@ -30,10 +30,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..api.client import ENDPOINTS, APIClient
 from ..core.errors import ConfigError
 from ..prompts.templates import EncodedExample, PromptEncoder
 from .scorer import assemble_prompts, label_weights, resolve_label_mode
-from ..api.client import ENDPOINTS, APIClient
 
 log = logging.getLogger(__name__)
 PROMPT_FORMATS = ("tokens", "text")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 
+from ..api.client import ENDPOINTS, APIClient
 from ..core.errors import ConfigError
 from .generators import SamplingSettings, cut_at_stop
-from ..api.client import ENDPOINTS, APIClient
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 
 from ..core.errors import ConfigError
+from ..models.vllm_engine import build_vllm_engine
 from ..prompts.templates import EncodedExample, PromptEncoder
 from .scorer import assemble_prompts, label_weights, resolve_label_mode
-from ..models.vllm_engine import build_vllm_engine
 
 MIN_VLLM = "0.10.2"  # the first with logprobs_mode="processed_logprobs"
 
