@@ -1,7 +1,9 @@
 """Requests per second of backend=openai against the local OpenAI-compatible server (tests/openai_server.py).
 
-    python scripts/bench_api.py --out benchmarks/cpu_api_local_server.json
-    python scripts/bench_api.py --model gemma3_270m --num-prompts 64     # the embedded Gemma behind the server
+    python -m scripts.bench_api --out benchmarks/cpu_api_local_server.json
+    python -m scripts.bench_api --model gemma3_270m --num-prompts 64     # the embedded Gemma behind the server
+
+Run as a module from the repository's root: the server is the tests' (``tests.openai_server``).
 
 Scores the same 8-shot SST-2-style classification prompts (one-token completions with top-20 log-probs, token-id
 prompts) through the API client at several concurrencies, then again from the client's cache, and checks that
@@ -19,9 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
     from joint_inference.models.language import load_model
     from joint_inference.models.tiny import synthetic_sentences
     from joint_inference.prompts.templates import PromptEncoder, Template
-    from joint_inference.runs.config import config_option
+    from joint_inference.runs.config import config_option, read_model
     from joint_inference.scoring.api import APIScorer
     from tests.openai_server import OpenAICompatibleServer
 
@@ -51,7 +50,7 @@ def main() -> None:
         cfg = config_option("model", args.model)
         cfg.dtype = "float32"
     torch.set_num_threads(args.torch_threads)
-    model, tokenizer = load_model(cfg, torch.device("cpu"))
+    model, tokenizer = load_model(read_model(cfg), torch.device("cpu"))
     encoder = PromptEncoder(tokenizer, Template("{sentence}\nThe sentiment of the sentence is {y}."),
                             ["negative", "positive"], fold_shared_label_tokens=True)
     sentences = synthetic_sentences(args.num_prompts + args.N, length=12, seed=1)
@@ -80,7 +79,7 @@ def main() -> None:
         print(f"from the cache: {args.num_prompts / seconds:.1f} requests/s", flush=True)
     figures = {
         "what": "backend=openai classification requests against tests/openai_server.py in the same process",
-        "command": "python scripts/bench_api.py " + " ".join(sys.argv[1:]),
+        "command": "python -m scripts.bench_api " + " ".join(sys.argv[1:]),
         "model": args.model, "num_prompts": args.num_prompts, "N": args.N, "prompt_tokens": tokens,
         "requests": runs, "cache_requests_per_s": args.num_prompts / seconds,
         "cache_same_scores": bool(torch.allclose(cached, reference)),

@@ -33,7 +33,7 @@ from joint_inference.models.language import load_model, resolve_dtype
 from joint_inference.models.shapes import SHAPES, random_lm
 from joint_inference.models.tiny import synthetic_sentences
 from joint_inference.prompts.templates import PromptEncoder, Template
-from joint_inference.runs.config import config_option
+from joint_inference.runs.config import config_option, read_model
 from joint_inference.scoring.scorer import Scorer, label_weights, split_body_head
 
 
@@ -115,7 +115,7 @@ def main() -> None:
         model_cfg = config_option("model", args.model)
         if args.dtype:
             model_cfg.dtype = args.dtype
-        model, tokenizer = load_model(model_cfg, device)
+        model, tokenizer = load_model(read_model(model_cfg), device)
     encoder = PromptEncoder(tokenizer, Template("{sentence}\nThe sentiment of the sentence is {y}."),
                             ["negative", "positive"])
     batch_size = resolve_batch_size(args.batch_size or "auto", device)

@@ -22,7 +22,7 @@ from ..core.errors import ConfigError
 from ..data.features import cached_features
 
 INSTALL = ("pip install open_clip_torch==3.3.0 einops einops-exts && pip install --no-deps open_flamingo==2.0.1 "
-           "(README: Vision / OpenFlamingo)")
+           "(docs/vision.md: OpenFlamingo)")
 
 
 def _import(name: str):
