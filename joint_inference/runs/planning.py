@@ -297,6 +297,7 @@ def finetuning_too_long(run: FTSettings, plan: dict, seconds: float) -> str:
 
 def subjects_plan(run: ICLSettings, subjects: list[TaskData], encoder: PromptEncoder, device) -> dict:
     """``dry_run=true`` over every subject of an all-subjects run (MMLU): each subject's counts summed."""
+    resolve_label_mode(run.label_mode, encoder.label_ids, encoder.label_names)
     totals: dict[str, dict] = {}
     for data in subjects:
         for stage in classification_plan(run, data, encoder):

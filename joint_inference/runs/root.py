@@ -111,8 +111,7 @@ def all_subjects(settings: ICLSettings, subjects: list, tally: DryRunTally | Non
 def subject_datasets(cfg: DictConfig, settings) -> list | None:
     """[(subject, its dataset settings)] of a run over every subject (``dataset.subject=all``), else None."""
     dataset = settings.dataset
-    if settings.dataset.kind != "classification" or not isinstance(dataset, MMLUSettings) or \
-            dataset.subject != ALL_SUBJECTS:
+    if not isinstance(dataset, MMLUSettings) or dataset.subject != ALL_SUBJECTS:
         return None
     if not dataset.subjects:
         raise ConfigError(f"dataset.subjects of {dataset.name!r} is empty; name the subjects to run")
