@@ -115,3 +115,21 @@ def test_an_unreachable_hub_is_one_line(caplog, monkeypatch):
         assert [r.getMessage() for r in caplog.records][-1] == "something else"
     finally:
         hub.removeFilter(quiet)
+
+
+def test_a_state_recorded_with_the_models_config_as_written_resumes(tmp_path):
+    """Earlier versions recorded the model's config unresolved (``pretrained: ${.name}``); such a run directory
+    resumes, and a setting that really differs is still refused by name."""
+    from joint_inference.core.errors import ConfigError
+    from joint_inference.reporting.results import RunState
+
+    model = {"name": "tiny", "pretrained": "tiny", "base_url": "http://127.0.0.1:1/v1"}
+    written = {"fingerprint": {"task": "sst2", "model": {**model, "pretrained": "${.name}"}, "N": 2},
+               "stages": {"zero_shot/test": {"test": [0, 1]}}, "seconds": 1.0, "prompts": 2}
+    (tmp_path / "state.json").write_text(json.dumps(written))
+    state = RunState(tmp_path / "state.json", {"task": "sst2", "model": model, "N": 2})
+    assert "zero_shot/test" in state
+    with pytest.raises(ConfigError, match=r"keys differ: \['N'\]"):
+        RunState(tmp_path / "state.json", {"task": "sst2", "model": model, "N": 3})
+    with pytest.raises(ConfigError, match=r"keys differ: \['model'\]"):
+        RunState(tmp_path / "state.json", {"task": "sst2", "model": {**model, "name": "other"}, "N": 2})

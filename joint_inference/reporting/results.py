@@ -15,6 +15,16 @@ STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # 
 STATE_KEYS = {"fingerprint", "stages", "seconds", "prompts"}  # what RunState writes to state.json
 
 
+def as_written_before(saved, current):
+    """A fingerprint as this version writes it, from one that earlier versions wrote with the model's config as
+    written: an interpolation there (``pretrained: ${.name}``) stands for the value it has now."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return {key: as_written_before(value, current.get(key)) for key, value in saved.items()}
+    if isinstance(saved, str) and saved.startswith("${") and saved.endswith("}"):
+        return current
+    return saved
+
+
 class RunState:
     """Finished stages of a run, written atomically after each one.
 
@@ -33,7 +43,7 @@ class RunState:
             saved = read_json(self.path, fix)
             if not isinstance(saved, dict) or not STATE_KEYS <= saved.keys():
                 raise ConfigError(f"{self.path} is damaged (a run's state holds {sorted(STATE_KEYS)}); {fix}")
-            differ = differing_keys(fingerprint, saved["fingerprint"])
+            differ = differing_keys(fingerprint, as_written_before(saved["fingerprint"], fingerprint))
             if differ:
                 raise ConfigError(
                     f"{self.path.parent} holds a run with a different configuration (keys differ: {differ}); "
