@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,83 @@ def test_the_key_never_reaches_hydras_files_or_the_console(tiny_llama, tiny_llam
     assert not key_leaks(out) and KEY not in done.stdout + done.stderr
 
 
+def cached_answers(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.json")) if directory.exists() else []
+
+
+def test_an_answer_that_cannot_be_read_is_one_error_and_never_cached(tiny_llama, tiny_llama_dir, tiny_sst2_root,
+                                                                    tmp_path):
+    """A server that leaves out the log-probs, or sends them in a form no client reads, costs one ``error:``
+    (no traceback) and leaves nothing in the cache, so the same command asks again once the server is fixed;
+    an unreadable answer that an earlier version cached is asked for again, not replayed."""
+    from joint_inference.runs.root import run_icl as run
+
+    model, tokenizer = tiny_llama
+    cache = tmp_path / "cache"
+    config = lambda name, url: api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / name, url,  # noqa: E731
+                                          f"api.cache_dir={quoted(cache)}", size=SMALL)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, logprobs=False) as srv:
+        with pytest.raises(ConfigError, match="returned no log-probs.*the answer was not cached"):
+            run(config("none", srv.url))
+    assert cached_answers(cache) == []
+
+    def words_for_numbers(answer):  # {" positive": "high"}: a server's bug
+        for choice in answer["choices"]:
+            choice["logprobs"]["top_logprobs"] = [{t: "high" for t in top} for top in choice["logprobs"]["top_logprobs"]]
+        return answer
+
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as srv:
+        completions = srv.completions
+        srv.completions = lambda body: words_for_numbers(completions(body))
+        with pytest.raises(ConfigError, match="a form this client cannot read.*the answer was not cached"):
+            run(config("words", srv.url))
+        assert cached_answers(cache) == []
+        srv.completions = completions  # the server is fixed: the same command runs through
+        first = run(config("words", srv.url))
+        sent = len(posts(srv))
+        spoiled = cached_answers(cache)[0]  # as an earlier version could have cached it
+        spoiled.write_text(json.dumps({**json.loads(spoiled.read_text()),
+                                       "response": words_for_numbers(json.loads(spoiled.read_text())["response"])}))
+        again = run(config("again", srv.url))
+        assert len(posts(srv)) == sent + 1  # that answer alone is asked for again
+    assert again["rounds"] == first["rounds"] and again["zero_shot"] == first["zero_shot"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_requests_is_one_line_and_the_answers_are_kept(tiny_llama, tiny_llama_dir, tiny_sst2_root,
+                                                                     tmp_path):
+    """SIGINT while requests are in flight: exit code 130, one line saying what is kept and how to resume, no
+    traceback; the answers that arrived are in the cache, and the same command then finishes asking only for
+    the others."""
+    import signal
+
+    model, tokenizer = tiny_llama
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, delay_s=0.3) as srv:
+        command = [sys.executable, str(REPO / "unsupervised_icl_llm.py"), "backend=openai", "model=openai_compatible",
+                   "model.name=tiny", f"model.pretrained={tiny_llama_dir}", f"model.base_url={srv.url}",
+                   "label_mode=first", f"dataset.data_root={tiny_sst2_root}", *SMALL, "api.concurrency=1",
+                   "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+        started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                   env=env)
+        deadline = time.monotonic() + 120
+        while len(posts(srv)) < 3 and time.monotonic() < deadline and started.poll() is None:
+            time.sleep(0.05)
+        started.send_signal(signal.SIGINT)
+        _, stderr = started.communicate(timeout=60)
+        assert started.returncode == 130, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1].startswith("interrupted: what finished is kept in")
+        assert "Traceback" not in stderr
+        kept = cached_answers(tmp_path / "run" / "api_cache")
+        assert kept
+        sent, srv.delay_s = len(posts(srv)), 0.0
+        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        # every request of the second start is one the cache lacked: the kept answers were not paid for again
+        assert len(posts(srv)) - sent == len(cached_answers(tmp_path / "run" / "api_cache")) - len(kept) > 0
+
+
 # ---------------------------------------------------------------------------------- dry run
 def test_dry_run_counts_requests_tokens_and_cost_and_sends_nothing(tiny_llama_dir, tiny_sst2_root, tmp_path,
                                                                    server, capsys):
@@ -381,9 +459,11 @@ class ScriptedClient:
     def body(self, fields):
         return {"model": "m", **fields}
 
-    def post_many(self, path, bodies, desc=None, prompt_tokens=None):
+    def post_many(self, path, bodies, desc=None, prompt_tokens=None, check=None):
         self.bodies += bodies
-        return [{"choices": [{"index": i, "text": f"{self.text} #{i}"} for i in range(b.get("n", 1))]} for b in bodies]
+        answers = [{"choices": [{"index": i, "text": f"{self.text} #{i}"} for i in range(b.get("n", 1))]} for b in bodies]
+        assert check is None or all(check(a) is None for a in answers)
+        return answers
 
 
 def test_responses_are_cut_as_the_local_backends_cut_them():

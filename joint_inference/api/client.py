@@ -42,6 +42,9 @@ ENDPOINTS = {"completions": "completions", "chat": "chat/completions"}  # model.
 INSTALL = "pip install -r requirements_api.txt (or pip install 'joint-inference[api]')"
 
 
+Check = Callable[[dict], str | None]  # what keeps a server's answer from being read, or None
+
+
 class APIError(ConfigError):
     """The server could not give an answer (gone, refusing, out of retries). A :class:`ConfigError`, so the
     entry scripts print it as one ``error: ...`` line and exit with code 2."""
@@ -176,10 +179,12 @@ class APIClient:
         return {"model": self.settings.model, **fields, **self.settings.extra_body}
 
     def post_many(self, path: str, bodies: list[dict], desc: str | None = None,
-                  prompt_tokens: list[int] | None = None) -> list[dict]:
+                  prompt_tokens: list[int] | None = None, check: Check | None = None) -> list[dict]:
         """The server's JSON answer to each body, in order: from the cache, else sent (``api.concurrency`` at
         a time, identical bodies once). Raises :class:`APIError` when one cannot be had; the answers that
-        arrived before are cached. ``prompt_tokens`` (exact counts) only feed a dry run's tally."""
+        arrived before are cached. ``check(answer)``: what keeps an answer from being read, or None; such an
+        answer is an error and is never cached (a cached one is asked for again), so a rerun asks the server
+        again. ``prompt_tokens`` (exact counts) only feed a dry run's tally."""
         url = self.settings.url(path)
         keys = [request_key(url, b) for b in bodies]
         results: list[dict | None] = [None] * len(bodies)
@@ -189,6 +194,9 @@ class APIClient:
                 todo[key].append(i)
                 continue
             hit = self.cache.get(key) if self.cache else None
+            if hit is not None and check is not None and check(hit) is not None:
+                log.warning("a cached answer of %s cannot be read (%s); asking again", url, check(hit))
+                hit = None
             if hit is not None:
                 results[i] = hit
                 self.usage.cache_hits += 1
@@ -198,18 +206,19 @@ class APIClient:
                         disable=not self.settings.show_progress or desc is None, leave=False, unit="req")
         try:
             if todo:
-                self._send_all(url, [(key, bodies[idx[0]], idx) for key, idx in todo.items()], results, progress)
+                self._send_all(url, [(key, bodies[idx[0]], idx) for key, idx in todo.items()], results, progress,
+                               check)
         finally:
             progress.close()
             self._write_usage()
         return results  # type: ignore[return-value]
 
     # ---------------------------------------------------------------------------------- internals
-    def _send_all(self, url, jobs, results, progress) -> None:
+    def _send_all(self, url, jobs, results, progress, check: Check | None) -> None:
         self._stop.clear()
         start = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=min(self.settings.concurrency, len(jobs)))
-        futures = {pool.submit(self._post, url, body, key): idx for key, body, idx in jobs}
+        futures = {pool.submit(self._post, url, body, key, check): idx for key, body, idx in jobs}
         try:
             pending = set(futures)
             while pending:
@@ -229,7 +238,7 @@ class APIClient:
             self.usage.seconds += time.perf_counter() - start
         pool.shutdown(wait=True)
 
-    def _post(self, url: str, body: dict, key: str) -> dict:
+    def _post(self, url: str, body: dict, key: str, check: Check | None = None) -> dict:
         httpx, s = self._httpx, self.settings
         last = ""
         for attempt in range(s.max_retries + 1):
@@ -249,7 +258,11 @@ class APIClient:
                                        f"{self._redact(response.text[:300])!r}") from None
                     if not isinstance(answer, dict) or not answer.get("choices"):
                         raise APIError(f"{url} answered without choices: {self._redact(json.dumps(answer)[:300])}")
-                    self._record(answer)
+                    self._record(answer)  # paid for, read or not
+                    problem = check(answer) if check else None
+                    if problem is not None:
+                        raise APIError(f"{self._redact(problem)} (the answer was not cached: the same command asks "
+                                       "the server again)")
                     if self.cache:
                         self.cache.put(key, url, body.get("model"), answer)
                     return answer
@@ -349,12 +362,15 @@ class DryRunClient(APIClient):
     def close(self) -> None:
         pass
 
-    def post_many(self, path, bodies, desc=None, prompt_tokens=None):
-        """Cached answers where the cache has them (the run follows them, as a rerun would), else ``None``."""
+    def post_many(self, path, bodies, desc=None, prompt_tokens=None, check=None):
+        """Cached answers where the cache has them and ``check`` reads them (the run follows them, as a rerun
+        would), else ``None``."""
         url, seen, answers = self.settings.url(path), set(), [None] * len(bodies)
         for i, body in enumerate(bodies):
             key = request_key(url, body)
             hit = self.cache.get(key) if self.cache else None
+            if hit is not None and check is not None and check(hit) is not None:
+                hit = None  # a real run asks again
             if hit is not None:
                 answers[i] = hit
             if key in seen:

@@ -94,13 +94,17 @@ def check_command_line(args: list[str], config_dir: Path, schema: type | None = 
 
 def run_script(run, cfg: DictConfig) -> None:
     """An entry script's body: ``run(cfg)`` holding its run directory (:mod:`~joint_inference.runs.rundir`),
-    with bad input as ``error: ...``, then the results table that the run wrote to results.md, printed
-    so that it is the last thing on the console."""
+    with bad input as ``error: ...`` and Ctrl-C as one line saying what is kept, then the results table that
+    the run wrote to results.md, printed so that it is the last thing on the console."""
     typed_newlines(cfg)
     hub, quiet = logging.getLogger("huggingface_hub.utils._http"), OneHubRetryLine()
     hub.addFilter(quiet)
     try:
         exit_on_config_error(lambda cfg: run_in_directory(run, cfg), cfg)
+    except KeyboardInterrupt:
+        print(f"interrupted: what finished is kept in {cfg.output_dir} (each finished stage, the answers an API "
+              "returned, the last checkpoint); start the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     finally:
         hub.removeFilter(quiet)
     table = Path(cfg.output_dir) / "results.md"

@@ -162,7 +162,7 @@ class APIScorer:
         if self.prompt_format == "text":
             self._check_round_trip(seqs)
         answers = self.client.post_many(ENDPOINTS[self.endpoint], [self.request(s) for s in seqs], desc,
-                                        prompt_tokens=[len(s) for s in seqs])
+                                        prompt_tokens=[len(s) for s in seqs], check=self.unreadable)
         floored_before = self.floored
         # a dry run answers what is not cached with None: equal label scores keep the run going for the tally
         rows = [[0.0] * len(self.columns) if answer is None else self._read(answer) for answer in answers]
@@ -178,6 +178,20 @@ class APIScorer:
             log.warning("%d of the first %d prompts tokenize back to other ids than the hf backend scores (a server "
                         "with this tokenizer reads slightly different prompts); model.prompt_format=tokens sends the "
                         "ids themselves", differ, min(64, len(seqs)))
+
+    def unreadable(self, answer: dict) -> str | None:
+        """What keeps an answer from being read (it is then neither used nor cached), or None."""
+        try:
+            pairs = self._top(answer)
+            if not all(isinstance(token, str) and (lp is None or isinstance(lp, (int, float)) and not
+                                                   isinstance(lp, bool)) for token, lp in pairs):
+                raise TypeError("a token that is not text, or a log-prob that is not a number")
+        except ConfigError as err:
+            return str(err)
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            return (f"the server at {self.client.settings.url(ENDPOINTS[self.endpoint])} answered with top log-probs "
+                    f"in a form this client cannot read ({type(err).__name__}: {err})")
+        return None
 
     def _top(self, answer: dict) -> list[tuple[str, float]]:
         """(token, log-prob) pairs of the first generated token's top alternatives."""

@@ -61,7 +61,8 @@ class APIGenerator:
         answers: list = [None] * len(prompts)
         for path in {p for p, _ in requests}:  # completions and chat prompts never mix in practice
             idx = [i for i, (p, _) in enumerate(requests) if p == path]
-            for i, a in zip(idx, self.client.post_many(path, [requests[i][1] for i in idx], desc)):
+            check = lambda answer: unreadable(answer, n)  # noqa: E731
+            for i, a in zip(idx, self.client.post_many(path, [requests[i][1] for i in idx], desc, check=check)):
                 answers[i] = a
         texts = []
         for answer in answers:
@@ -69,11 +70,25 @@ class APIGenerator:
                 text = stand_in_response(min(s.max_new_tokens, self.client.output_tokens))
                 texts.append([cut_at_stop(text, s.stop, s.stop_after)] * n)
                 continue
-            choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
-            raw = [(c.get("message") or {}).get("content") if "message" in c else c.get("text") for c in choices]
-            got = [cut_at_stop(t or "", s.stop, s.stop_after) for t in raw]
-            if len(got) < n:
-                raise ConfigError(f"the server answered {len(got)} choices where n={n} were asked; it may not support "
-                                  "n: use temperature=0 or num_repeats=1")
-            texts.append(got[:n])
+            texts.append([cut_at_stop(t or "", s.stop, s.stop_after) for t in response_texts(answer)][:n])
         return [t * num_samples if s.greedy else t for t in texts]
+
+
+def response_texts(answer: dict) -> list[str | None]:
+    """The texts of an answer's choices, in their order (a chat message's content, or a completion's text)."""
+    choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
+    return [(c.get("message") or {}).get("content") if "message" in c else c.get("text") for c in choices]
+
+
+def unreadable(answer: dict, n: int) -> str | None:
+    """What keeps a generation answer from being read (it is then neither used nor cached), or None."""
+    try:
+        texts = response_texts(answer)
+    except (KeyError, TypeError, AttributeError) as err:
+        return f"the server answered choices in a form this client cannot read ({type(err).__name__}: {err})"
+    if not all(t is None or isinstance(t, str) for t in texts):
+        return "the server answered choices whose text is not text"
+    if len(texts) < n:
+        return (f"the server answered {len(texts)} choices where n={n} were asked; it may not support n: use "
+                "temperature=0 or num_repeats=1")
+    return None
