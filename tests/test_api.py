@@ -306,6 +306,33 @@ def test_the_key_is_sent_but_never_written(tiny_llama, tiny_llama_dir, tiny_sst2
     assert not key_leaks(tmp_path / "run") and KEY not in out.out + out.err
 
 
+@pytest.mark.parametrize("override", [f"model.api_key_env={KEY}", f"+model.api_key={KEY}",
+                                      f"model.extra_body={{authorization:'Bearer {KEY}'}}", f"seed={KEY}"])
+def test_a_key_typed_on_the_command_line_is_refused_before_anything_is_written(override, tmp_path):
+    """Hydra writes every override into the run directory's .hydra record: a value that looks like a key is refused
+    before Hydra starts, with exit code 2, one ``error:`` line that does not echo it, and no file written."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "unsupervised_icl_llm.py"), "backend=openai",
+                           "model=openai_compatible", "model.name=tiny", "model.base_url=http://127.0.0.1:9/v1",
+                           override, f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "looks like an API key" in done.stderr and KEY not in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists() and not key_leaks(tmp_path)
+
+
+def test_the_key_is_read_without_the_whitespace_around_it(server, monkeypatch):
+    """A key file saved on Windows gives "key\r\n"; the key is what is sent, and a key that cannot be one (not
+    ASCII) is refused without being echoed."""
+    monkeypatch.setenv("OPENAI_API_KEY", f"  {KEY}\r\n")
+    client(server.url).post_many("completions", [{"model": "tiny", "prompt": "a", "max_tokens": 1}])
+    assert posts(server)[-1]["authorization"] == f"Bearer {KEY}"
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + "é")
+    with pytest.raises(ConfigError, match=r"\$OPENAI_API_KEY holds characters that no key has") as err:
+        client(server.url)
+    assert KEY not in str(err.value)
+
+
 @pytest.mark.slow
 def test_the_key_never_reaches_hydras_files_or_the_console(tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path):
     """The entry script in a subprocess: Hydra's config dumps (.hydra/), its log and the console stay clean too."""

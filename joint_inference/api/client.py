@@ -148,7 +148,11 @@ class APIClient:
         except ModuleNotFoundError:
             raise ConfigError(f"backend=openai needs httpx, which is not installed: {INSTALL}") from None
         self.settings = settings
-        self._key = os.environ.get(settings.api_key_env) or None
+        # a key file saved on Windows ends in "\r\n": the whitespace around a key is not part of it
+        self._key = (os.environ.get(settings.api_key_env) or "").strip() or None
+        if self._key and not (self._key.isascii() and self._key.isprintable() and " " not in self._key):
+            raise ConfigError(f"${settings.api_key_env} holds characters that no key has (not ASCII, or spaces or "
+                              "control characters inside it); set it to the key alone")
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"

@@ -25,6 +25,8 @@ from .rundir import run_directory
 
 log = logging.getLogger(__name__)
 HUB_RETRIES = re.compile(r"thrown while requesting|^Retrying in|^Rate limited")
+# what an API key or access token looks like (OpenAI, Hugging Face, GitHub): never a setting's value
+KEY_LIKE = re.compile(r"(?<![A-Za-z0-9])(sk-[A-Za-z0-9_-]{20,}|hf_[A-Za-z0-9]{30,}|(ghp|github_pat)_[A-Za-z0-9_]{20,})")
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -58,7 +60,16 @@ def check_command_line(args: list[str], config_dir: Path, schema: type | None = 
     """What Hydra reads before a script's code runs and reports as a page of text with exit code 1, or
     a traceback: an option of a config group that ``config_dir`` lacks (``dataset=sst3``), and a run
     (or, with ``-m``, sweep) directory that cannot be created or written. Left to Hydra: other config
-    folders (``--config-dir``), Hydra's own groups, values it interpolates."""
+    folders (``--config-dir``), Hydra's own groups, values it interpolates. First of all, a value that looks
+    like an API key: Hydra would write it into the run directory's ``.hydra`` record, so it is refused (without
+    being echoed) before anything is written."""
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and KEY_LIKE.search(value):
+            raise ConfigError(f"{key.lstrip('+~')}= holds what looks like an API key; a key is never a setting (it "
+                              "would be written to the run directory): export it in the environment (OPENAI_API_KEY, "
+                              "or the variable that model.api_key_env names) and leave it off the command line. "
+                              "Nothing was written")
     if any(arg.split("=")[0] in ("-cp", "--config-path", "-cd", "--config-dir") for arg in args):
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
