@@ -276,6 +276,20 @@ def cuda_without_a_gpu(attempt):
     attempt.icl("device=cuda")
 
 
+@case("holds files that no run of this project wrote (", "results.json", "Use a new or empty run directory",
+      kept="*.*")
+def files_of_the_users_in_the_run_directory(attempt):
+    shutil.rmtree(attempt.run_dir / ".run")  # what is there now, no run of this project recorded writing
+    attempt.cli("unsupervised_icl_llm")
+
+
+@case("lies in the run directory", "copy the file elsewhere and point dataset.path at the copy")
+def own_file_in_the_run_directory(attempt):
+    write_jsonl(attempt.run_dir / "mine.jsonl", [{"text": r["sentence"]} for r in sst2_rows(12)])
+    attempt.icl("dataset=local", f"dataset.path={attempt.run_dir / 'mine.jsonl'}", "labelset.names=[bad,good]",
+                "template.text='{text} It was {y}.'")
+
+
 @case("could not load model '/a/local/path/that/does/not/exist': no such file or directory",
       "Point it at a folder holding config.json")
 def model_path_that_does_not_exist(attempt):

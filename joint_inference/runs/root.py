@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..api.client import APIClient, DryRunClient, DryRunTally, client_settings
 from ..core.distributed import process_state
 from ..core.errors import ConfigError
-from ..core.settings import FTSettings, ICLSettings, MMLUSettings, TextICLSettings
+from ..core.settings import FTSettings, ICLSettings, LocalDataSettings, MMLUSettings, TextICLSettings
 from ..core.utils import resolve_batch_size, resolve_device, seed_everything
 from ..data.hub import ALL_SUBJECTS, TaskData
 from ..data.tasks import load_data, modality, row_check
@@ -44,6 +44,7 @@ def run_icl(cfg: DictConfig) -> dict:
     """unsupervised_icl_llm.py and unsupervised_icl_vlm.py: by the task's kind, classification (text or images;
     MMLU's all-subjects runs), generation (GSM8K, MMLU-Pro) or MMMU through an API."""
     settings = read_settings(cfg)
+    check_input_is_not_written(settings)
     subjects = subject_datasets(cfg, settings)
     if settings.dry_run and settings.backend == "openai":  # requests, tokens and cost of a model behind an API
         return api_dry_run(settings, lambda counted, tally: in_context(counted, subjects, tally))
@@ -53,6 +54,7 @@ def run_icl(cfg: DictConfig) -> dict:
 def run_finetuning(cfg: DictConfig) -> dict:
     """unsupervised_ft_llm.py and unsupervised_ft_vlm.py."""
     settings: FTSettings = read_settings(cfg)
+    check_input_is_not_written(settings)
     seed_everything(settings.seed)  # before the LoRA adapters are drawn
     parts = Parts(settings)
     uft.check_rules(settings)
@@ -106,6 +108,18 @@ def all_subjects(settings: ICLSettings, subjects: list, tally: DryRunTally | Non
         return subjects_plan(settings, [parts.data(run) for _, run in runs], parts.text_encoder(), parts.device)
     first = parts.data(runs[0][1])
     return run_all_subjects(settings, runs, parts.data, parts.scorer(first))
+
+
+def check_input_is_not_written(settings: ICLSettings | FTSettings) -> None:
+    """The user's own file is read, never written: it may not lie in the run directory, where the run writes."""
+    dataset = settings.dataset
+    if not isinstance(dataset, LocalDataSettings) or not dataset.path:
+        return
+    path, out = Path(dataset.path).expanduser().resolve(), Path(settings.output_dir).expanduser().resolve()
+    if out in path.parents:
+        raise ConfigError(f"dataset.path={dataset.path} lies in the run directory {out}, where the run writes its "
+                          "results and predictions (it could overwrite its own input); copy the file elsewhere and "
+                          "point dataset.path at the copy")
 
 
 def subject_datasets(cfg: DictConfig, settings) -> list | None:

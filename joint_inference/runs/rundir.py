@@ -101,10 +101,15 @@ def hold(directory: Path, entry: str, hydra_dir: Path | None):
 
 def claim(directory: Path, entry: str, ours: dict[str, bytes]) -> None:
     """Record ``entry`` and this run's ``.hydra`` files as the directory's, unless it holds results: then
-    they must be ``entry``'s, and their record stays until this run finishes."""
+    they must be ``entry``'s, and their record stays until this run finishes. Files that no run of this
+    project wrote (no record says so) are never overwritten: such a directory is refused."""
     saved = directory / RECORD / "run.json"
-    fresh = not any(p.name not in NOT_RESULTS and p.suffix != ".log" for p in directory.iterdir())
-    if fresh or not saved.exists():
+    others = sorted(p.name for p in directory.iterdir() if p.name not in NOT_RESULTS and p.suffix != ".log")
+    if others and not saved.exists():
+        raise ConfigError(f"{directory} holds files that no run of this project wrote ({', '.join(others[:5])}"
+                          f"{', ...' if len(others) > 5 else ''}); a run would overwrite them. Use a new or empty run "
+                          "directory (hydra.run.dir=...), or move those files away")
+    if not others:
         atomic_write_json(saved, {"entry": entry})
         save_copy(directory, "results", ours)
         return
