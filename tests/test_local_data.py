@@ -12,7 +12,7 @@ import pytest
 
 from joint_inference.core.errors import ConfigError
 from joint_inference.models.tiny import WORDS
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, write_jsonl
 
 NAMES = ["negative", "positive"]
 TEMPLATE = "{text}\nThe sentiment is {y}."
@@ -214,6 +214,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     write_csv(tmp_path / "ragged.csv", ["text", "id"], [["a", 1], ["b, c", 2, 3]])
     write_csv(tmp_path / "three.csv", ["text"], [["a film"], ["the film"], ["this film"]])
     write_csv(tmp_path / "bad_labels.csv", ["text", "label"], [["a film", "positive"], ["the film", "great"]])
+    write_jsonl(tmp_path / "typed.jsonl", [{"text": "a film"}, {"text": ["a", "list"]}, {"text": 5}, {"text": "fine"}])
     return {
         "missing file": ([f"dataset.path={tmp_path / 'nope.csv'}"], "no such file"),
         "no path": (["dataset.path=null"], "set dataset.path="),
@@ -236,6 +237,11 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no label names": ([f"dataset.path={good}", "labelset.names=null"], "set labelset.names="),
         "no template": ([f"dataset.path={good}", "template.text=null"], "needs a prompt"),
         "duplicate label names": ([f"dataset.path={good}", "labelset.names=[good,good]"], "duplicate names"),
+        "values that are not text": ([f"dataset.path={tmp_path / 'typed.jsonl'}"],
+                                     "2 row(s) have an input that is not text: line 2 (its field 'text' is list "
+                                     "['a', 'list'], not text), line 3 (its field 'text' is int 5, not text)"),
+        "a formatted field": ([f"dataset.path={good}", "template.text='{text:.20}\nIt was {y}.'"],
+                              "formats a field ({text:.20}): a field is written as the row has it, so write {text}"),
     }
 
 
@@ -243,7 +249,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                                   "JSON line cut short", "ragged CSV", "template field", "text field", "label field",
                                   "label read by the prompt", "empty rows", "unknown label",
                                   "more classes than examples", "no label names", "no template",
-                                  "duplicate label names"])
+                                  "duplicate label names", "values that are not text", "a formatted field"])
 def test_bad_input_names_the_problem_and_writes_nothing(tiny_llama_dir, tmp_path, case):
     overrides, message = bad_inputs(tmp_path / "files")[case]
     out = tmp_path / "run"

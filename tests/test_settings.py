@@ -1,6 +1,7 @@
 """Typed settings: every shipped config passes, and each kind of bad value is refused by name."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -173,6 +174,20 @@ BAD = [  # (script, override, what the error must say)
 def test_a_bad_value_is_refused_by_name(script, override, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
         check_settings(compose(script, ["output_dir=/tmp/x", *override.split()]), SCHEMAS[script])
+
+
+@pytest.mark.parametrize(("override", "where"), [
+    ("template.text='${oc.env:HOME}: {sentence} It was {y}.'", "template.text"),
+    ("labelset.names=[negative,'${oc.env:USER,someone}']", "labelset.names[1]"),
+    ("model.name='${oc.env:HOME}'", "model.name"),
+])
+def test_a_template_label_or_name_may_not_call_a_resolver(override, where):
+    """They are written into the prompts and results as they are: ${oc.env:...} would write the environment
+    there. A reference to another key (GSM8K's zero-shot prompt is its prompt style's) is no resolver."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}=.*calls a resolver"):
+        check_settings(compose("unsupervised_icl_llm", ["output_dir=/tmp/x", override]), SCHEMAS["unsupervised_icl_llm"])
+    check_settings(compose("unsupervised_icl_llm", ["output_dir=/tmp/x", "dataset=gsm8k"]),
+                   SCHEMAS["unsupervised_icl_llm"])
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -28,7 +28,7 @@ import numpy as np
 from ..core.errors import ConfigError
 from ..core.settings import LocalDataSettings
 from ..prompts.templates import Template
-from .hub import TaskData, capped_subset, protocol_sample
+from .hub import TaskData, capped_subset, protocol_sample, text_field_problem
 
 log = logging.getLogger(__name__)
 FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines (or a JSON array of objects)",
@@ -239,6 +239,18 @@ def load_file_task(ds: LocalDataSettings, label_names: Sequence[str] | None, tem
         log.warning("%s: %d row(s) with an empty input (%s) left out (dataset.on_bad_row=skip): %s", path.name,
                     len(bad), fields, show([where[i] for i in bad]))
         kept = np.setdiff1d(kept, bad)
+    # values that are not text (numbers, lists, structs, bytes of a JSON Lines or Parquet file) would reach the
+    # prompt as Python writes them: refused by row, as a data set's are
+    typed = {int(i): problem for i in kept if (problem := text_field_problem(rows[i], inputs))}
+    if typed:
+        where_typed = [f"{where[i]} ({problem})" for i, problem in typed.items()]
+        if ds.on_bad_row == "error":
+            raise ConfigError(f"{path.name}: {len(typed)} row(s) have an input that is not text: "
+                              f"{show(where_typed, 3)}. Write those values as text in the file, or set "
+                              "dataset.on_bad_row=skip to leave the rows out")
+        log.warning("%s: %d row(s) with an input that is not text left out (dataset.on_bad_row=skip): %s", path.name,
+                    len(typed), show(where_typed, 3))
+        kept = np.setdiff1d(kept, list(typed))
 
     labels = file_labels([rows[i].get(label_field) for i in kept], names, [where[i] for i in kept], label_field,
                          path.name) if label_field else None

@@ -28,10 +28,15 @@ class Template:
         if self.text.count("{" + LABEL_FIELD + "}") != 1:
             raise ConfigError(f"template must contain '{{{LABEL_FIELD}}}' exactly once, got {self.text!r}")
         try:
-            list(string.Formatter().parse(self.text))
+            parsed = list(string.Formatter().parse(self.text))
         except ValueError as err:
             raise ConfigError(f"template {self.text!r} has unbalanced braces ({err}); write a literal brace as "
                               "{{ or }}") from None
+        for _, field, spec, conversion in parsed:
+            if field is not None and (spec or conversion):
+                written = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                raise ConfigError(f"template {self.text!r} formats a field ({written}): a field is written as the "
+                                  f"row has it, so write {{{field}}} (a literal brace is {{{{ or }}}})")
         if not self.text.split("{" + LABEL_FIELD + "}")[0].strip():
             raise ConfigError(f"template {self.text!r} has no text before '{{{LABEL_FIELD}}}': a label is read from "
                               "the text before it, so the example goes first, e.g. '{sentence}\\nIt was {y}.'")

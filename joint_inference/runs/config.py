@@ -10,6 +10,7 @@ anything is loaded or written. What it returns is what every layer below receive
 """
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from ..core.settings import (
 
 GROUPS = ("model", "dataset", "template", "labelset", "estimator", "prompt_style", "hydra")  # not the script's own keys
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+RESOLVER_CALL = re.compile(r"\$\{[^}]*:")  # ${oc.env:HOME}: a resolver's call, not a reference to another key
 # what to do where a key reads a group that the config lacks
 UNRESOLVED_HINTS = {"prompt_style": "; GSM8K's prompts come from the prompt_style group: keep `- prompt_style: "
                                     "cot_wei2022` in the defaults list (choices: cot_wei2022, qwen_math)"}
@@ -164,6 +166,7 @@ def check_settings(cfg: DictConfig, schema: type) -> None:
     (behind an API exactly when ``backend=openai``), then each group against its schema: unknown keys,
     types, choices, ranges and keys the config lacks."""
     check_node(cfg, schema, "", skip=GROUPS)
+    check_written_as_is(cfg)
     behind_api = model_schema(cfg.model) is APIModelSettings
     if (cfg.backend == "openai") != behind_api:
         raise ConfigError(f"model={cfg.model.name} is behind an API: add backend=openai" if behind_api else
@@ -172,6 +175,34 @@ def check_settings(cfg: DictConfig, schema: type) -> None:
     for name in ("model", "dataset", "template", "labelset", "prompt_style", "estimator"):
         if name in cfg:  # fine-tuning alone has an estimator, the text scripts a prompt style
             check_node(cfg[name], group_schema(name, cfg), f"{name}.")
+
+
+def check_written_as_is(cfg: DictConfig) -> None:
+    """A template, a label name and a model's or data set's name reach the prompts and the results as they are
+    written, so none may call a resolver: ``${oc.env:HOME}`` would write the environment into them. (A
+    reference to another key, ``${prompt_style.zero_shot}``, is text of the config itself.)"""
+    for where, only in (("template", None), ("labelset", None), ("model", "name"), ("dataset", "name")):
+        if where not in cfg:
+            continue
+        value = OmegaConf.to_container(cfg[where], resolve=False)
+        if only:
+            value = {only: value.get(only)}
+        for path, text in texts_of(value, where):
+            if RESOLVER_CALL.search(text):
+                raise ConfigError(f"{path}={text!r} calls a resolver: a template, a label or a name is written into "
+                                  "the prompts and the results as it is, so write its text itself")
+
+
+def texts_of(value, path: str):
+    """(path, text) of every string in a plain config value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from texts_of(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from texts_of(item, f"{path}[{i}]")
+    elif isinstance(value, str):
+        yield path, value
 
 
 def check_node(node: DictConfig, schema: type, prefix: str, skip=()) -> None:
