@@ -198,6 +198,22 @@ def truncated_checkpoint(attempt):
     attempt.ft()
 
 
+@case("checkpoint.pt loads but does not hold what this run's checkpoints hold (KeyError", "Delete it to train again",
+      base="ft")
+def checkpoint_without_its_optimizer(attempt):
+    checkpoint = attempt.run_dir / "checkpoint.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["optimizer"]
+    torch.save(saved, checkpoint)
+    attempt.ft()
+
+
+@case("checkpoint.pt loads but is not a checkpoint of this project", "Delete it to train again", base="ft")
+def checkpoint_of_something_else(attempt):
+    torch.save([1, 2, 3], attempt.run_dir / "checkpoint.pt")
+    attempt.ft()
+
+
 @case("has trained 2 steps, more than num_iterations=1", "set num_iterations to 2 or more", base="ft")
 def fewer_iterations_than_done(attempt):
     attempt.ft("num_iterations=1")

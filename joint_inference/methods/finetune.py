@@ -329,6 +329,11 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+# what the training loop keeps of itself in a checkpoint
+TRAINING_STATE = ("step", "seconds", "zero_shot", "window", "metrics", "history", "last_labels", "flip_rates",
+                  "stopped_at")
+
+
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     """The checkpoint at ``path``; a ConfigError naming the keys when it was made with another config, or
     naming the file and the fix when it cannot be read."""
@@ -339,7 +344,11 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         raise ConfigError(f"{path} is damaged ({type(err).__name__}: {reason}); nothing else in {path.parent} was "
                           "changed. Delete it to train again from step 0, or use a new run directory "
                           "(hydra.run.dir=...)") from None
-    saved = ckpt["fingerprint"]
+    saved = ckpt.get("fingerprint") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} loads but is not a checkpoint of this project (no fingerprint); nothing else in "
+                          f"{path.parent} was changed. Delete it to train again from step 0, or use a new run "
+                          "directory (hydra.run.dir=...)")
     differ = differing_keys(fingerprint, saved)
     if differ:
         raise ConfigError(
@@ -405,11 +414,19 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
     generator = torch.Generator().manual_seed(settings.seed)
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, fingerprint)
-        encoder.load_trainable_state(ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_states(ckpt["rng"], generator)
-        state = ckpt["state"]
+        try:
+            encoder.load_trainable_state(ckpt["trainable"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_states(ckpt["rng"], generator)
+            state = ckpt["state"]
+            if missing := [key for key in TRAINING_STATE if key not in state]:
+                raise KeyError(f"its state lacks {missing}")
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise ConfigError(f"{ckpt_path} loads but does not hold what this run's checkpoints hold "
+                              f"({type(err).__name__}: {str(err)[:200]}); nothing else in {ckpt_path.parent} was "
+                              "changed. Delete it to train again from step 0, or use a new run directory "
+                              "(hydra.run.dir=...)") from None
         if state["step"] > settings.num_iterations:  # resuming would only relabel the longer run's results
             raise ConfigError(f"{ckpt_path} has trained {state['step']} steps, more than num_iterations="
                               f"{settings.num_iterations}; to resume, set num_iterations to {state['step']} or more "
