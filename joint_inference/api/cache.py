@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..core.errors import ConfigError
+
 
 def request_key(url: str, body: dict) -> str:
     """SHA-256 of the URL and the body, canonical JSON (sorted keys): the same request gives the same key."""
@@ -42,13 +44,18 @@ class RequestCache:
         return self.path(key).exists()
 
     def put(self, key: str, url: str, model: str | None, response: dict) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
+        path, tmp = self.path(key), None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps({"url": url, "model": model, "response": response}) + "\n")
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as err:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise ConfigError(f"could not keep an answer in the cache {self.root} ({err.strerror or err}); the "
+                                  "answers kept before stay there. Free some space or make it writable (or choose "
+                                  "another api.cache_dir), then start the same command again") from None
             raise

@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError
-from ..core.utils import atomic_write_json
+from ..core.utils import atomic_write_json, check_writable_dir
 from .cache import RequestCache, request_key
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ class APIClient:
                                   limits=httpx.Limits(max_connections=2 * settings.concurrency + 8,
                                                       max_keepalive_connections=2 * settings.concurrency + 8))
         self._httpx = httpx
+        if settings.cache_dir:  # answers paid for must have somewhere to go
+            check_writable_dir(settings.cache_dir, "api.cache_dir")
         self.cache = RequestCache(settings.cache_dir) if settings.cache_dir else None
         self.usage = Usage()
         self._saved = Usage()  # what the usage file held before this client

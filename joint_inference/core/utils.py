@@ -19,20 +19,30 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+TEMPORARY = ".*.tmp"  # what atomic_write writes before it renames: a killed write leaves one behind
+
+
 def atomic_write(path: str | Path, write, binary: bool = False) -> None:
-    """Call ``write(file)`` so that readers see the old file or the new one, never half of it."""
+    """Call ``write(file)`` so that readers see the old file or the new one, never half of it. A disk that is
+    full or a folder that cannot be written is a ConfigError naming the file (the old one stays)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise ConfigError(f"could not write {path} ({err.strerror or err}); free some space on the disk or make "
+                              "the folder writable, then start the same command again: what was saved before is "
+                              "kept") from None
         raise
 
 

@@ -77,12 +77,22 @@ def check_command_line(args: list[str], config_dir: Path, schema: type | None = 
     from hydra.errors import OverrideParseException
 
     directory_key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    running = not any(arg.startswith(("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")) for arg in args)
+    if running and not any(arg.split("=")[0] == directory_key for arg in args):  # Hydra's default: a folder here
+        check_writable_dir("multirun" if directory_key == "hydra.sweep.dir" else "outputs", directory_key)
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
         try:
             override = OverridesParser.create().parse_overrides([arg])[0]
         except OverrideParseException:
+            key, _, value = arg.partition("=")
+            if not value.isascii():  # Hydra's lexer stops at the first letter beyond ASCII, with no hint
+                items = value[1:-1].split(",") if value[:1] == "[" and value[-1:] == "]" else None
+                quoted = ("[" + ",".join(f'"{item.strip()}"' for item in items) + "]" if items is not None
+                          else f'"{value}"')
+                raise ConfigError(f"{key}={value}: an unquoted value may hold ASCII characters only; quote the text, "
+                                  f"e.g. '{key}={quoted}' (in single quotes for the shell)") from None
             continue  # Hydra says what is wrong with the syntax
         key, value = override.key_or_group, override.value()
         if key == directory_key and isinstance(value, str) and "${" not in value:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..core.distributed import process_state
 from ..core.errors import ConfigError
-from ..core.utils import atomic_write, atomic_write_json, read_json
+from ..core.utils import TEMPORARY, atomic_write, atomic_write_json, read_json
 
 RECORD = ".run"  # lock, run.json (the entry script), results/ and running/ (copies of .hydra)
 NOT_RESULTS = (".hydra", RECORD)  # with the logs, what a directory holds before any result
@@ -96,6 +96,8 @@ def hold(directory: Path, entry: str, hydra_dir: Path | None):
         lock.close()
         restore(directory, "results", hydra_dir)
         raise
+    for stale in directory.rglob(TEMPORARY):  # a write that was killed before its rename (this run holds the lock)
+        stale.unlink(missing_ok=True)
     return lock, ours
 
 
