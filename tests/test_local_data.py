@@ -215,6 +215,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     write_csv(tmp_path / "three.csv", ["text"], [["a film"], ["the film"], ["this film"]])
     write_csv(tmp_path / "bad_labels.csv", ["text", "label"], [["a film", "positive"], ["the film", "great"]])
     write_jsonl(tmp_path / "typed.jsonl", [{"text": "a film"}, {"text": ["a", "list"]}, {"text": 5}, {"text": "fine"}])
+    # a cell longer than the csv module's own limit (128 KiB), and longer than the model's context
+    write_csv(tmp_path / "long.csv", ["text"], [["a good film"], ["the film " * 20000], ["a bad film"]])
     return {
         "missing file": ([f"dataset.path={tmp_path / 'nope.csv'}"], "no such file"),
         "no path": (["dataset.path=null"], "set dataset.path="),
@@ -238,8 +240,10 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no template": ([f"dataset.path={good}", "template.text=null"], "needs a prompt"),
         "duplicate label names": ([f"dataset.path={good}", "labelset.names=[good,good]"], "duplicate names"),
         "values that are not text": ([f"dataset.path={tmp_path / 'typed.jsonl'}"],
-                                     "2 row(s) have an input that is not text: line 2 (its field 'text' is list "
-                                     "['a', 'list'], not text), line 3 (its field 'text' is int 5, not text)"),
+                                     "2 row(s) cannot be scored: line 2 (its field 'text' is list ['a', 'list'], "
+                                     "not text), line 3 (its field 'text' is int 5, not text)"),
+        "a row longer than the context": ([f"dataset.path={tmp_path / 'long.csv'}"],
+                                         "1 row(s) cannot be scored: line 3 (alone it is "),
         "a formatted field": ([f"dataset.path={good}", "template.text='{text:.20}\nIt was {y}.'"],
                               "formats a field ({text:.20}): a field is written as the row has it, so write {text}"),
     }
@@ -249,7 +253,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                                   "JSON line cut short", "ragged CSV", "template field", "text field", "label field",
                                   "label read by the prompt", "empty rows", "unknown label",
                                   "more classes than examples", "no label names", "no template",
-                                  "duplicate label names", "values that are not text", "a formatted field"])
+                                  "duplicate label names", "values that are not text", "a row longer than the context",
+                                  "a formatted field"])
 def test_bad_input_names_the_problem_and_writes_nothing(tiny_llama_dir, tmp_path, case):
     overrides, message = bad_inputs(tmp_path / "files")[case]
     out = tmp_path / "run"

@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 from ..core.errors import ConfigError
 from ..core.settings import LocalDataSettings
 from ..prompts.templates import Template
-from .hub import TaskData, capped_subset, protocol_sample, text_field_problem
+from .hub import RowCheck, TaskData, capped_subset, protocol_sample, text_field_problem
 
 log = logging.getLogger(__name__)
 FORMATS = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON Lines", ".json": "JSON Lines (or a JSON array of objects)",
@@ -84,7 +84,9 @@ def read_table(path: Path) -> tuple[list[dict], list[str], list[str]]:
 
 
 def read_csv(path: Path, delimiter: str = ",") -> tuple[list[dict], list[str], list[str]]:
-    """Every cell as text (a number stays as written); blank lines skipped; a header row required."""
+    """Every cell as text (a number stays as written); blank lines skipped; a header row required. A cell may be
+    as long as a document is (the csv module's own limit is 128 KiB): the model's context decides what is too long."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         header = next(reader, None)
@@ -194,9 +196,12 @@ def check_local_settings(ds: LocalDataSettings, names: Sequence[str] | None, tem
                           "braces, {y} where the label goes)")
 
 
-def load_file_task(ds: LocalDataSettings, label_names: Sequence[str] | None, template_text: str | None) -> FileData:
+def load_file_task(ds: LocalDataSettings, label_names: Sequence[str] | None, template_text: str | None,
+                   row_check: Callable[[], RowCheck] | None = None) -> FileData:
     """The rows of ``ds.path`` as a task: transductive (every row a query and a pool example) unless a
-    labelled file asks for the protocol's 2/3-1/3 split (``dataset.transductive=false``)."""
+    labelled file asks for the protocol's 2/3-1/3 split (``dataset.transductive=false``). ``row_check()``:
+    what else keeps a text row from being scored (an example longer alone than the model's context), built
+    once the file has been read."""
     check_local_settings(ds, label_names, template_text)
     names = [str(n) for n in label_names]
     path = Path(str(ds.path)).expanduser()
@@ -240,15 +245,17 @@ def load_file_task(ds: LocalDataSettings, label_names: Sequence[str] | None, tem
                     len(bad), fields, show([where[i] for i in bad]))
         kept = np.setdiff1d(kept, bad)
     # values that are not text (numbers, lists, structs, bytes of a JSON Lines or Parquet file) would reach the
-    # prompt as Python writes them: refused by row, as a data set's are
-    typed = {int(i): problem for i in kept if (problem := text_field_problem(rows[i], inputs))}
+    # prompt as Python writes them, and an example longer alone than the context fits no prompt: refused by
+    # row, as a data set's are
+    check = row_check() if row_check and not image_field else None
+    typed = {int(i): problem for i in kept
+             if (problem := text_field_problem(rows[i], inputs) or (check(rows[i]) if check else None))}
     if typed:
         where_typed = [f"{where[i]} ({problem})" for i, problem in typed.items()]
         if ds.on_bad_row == "error":
-            raise ConfigError(f"{path.name}: {len(typed)} row(s) have an input that is not text: "
-                              f"{show(where_typed, 3)}. Write those values as text in the file, or set "
-                              "dataset.on_bad_row=skip to leave the rows out")
-        log.warning("%s: %d row(s) with an input that is not text left out (dataset.on_bad_row=skip): %s", path.name,
+            raise ConfigError(f"{path.name}: {len(typed)} row(s) cannot be scored: {show(where_typed, 3)}. Mend "
+                              "those rows in the file, or set dataset.on_bad_row=skip to leave them out")
+        log.warning("%s: %d row(s) that cannot be scored left out (dataset.on_bad_row=skip): %s", path.name,
                     len(typed), show(where_typed, 3))
         kept = np.setdiff1d(kept, list(typed))
 

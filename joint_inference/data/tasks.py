@@ -29,7 +29,7 @@ def load_data(dataset, label_names: Sequence[str] | None, template: str | None,
     label set are checked first, then a text task's rows by the check that ``row_check()`` builds (it may
     read the model's config and tokenizer: :func:`row_check`)."""
     if isinstance(dataset, LocalDataSettings):  # dataset=local: the user's own file, labelled or not (files.py)
-        return load_file_task(dataset, label_names, template)
+        return load_file_task(dataset, label_names, template, row_check)
     Template(template)
     check_label_set(label_names, dataset)
     if modality(dataset) == "image":
