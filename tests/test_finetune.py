@@ -458,8 +458,8 @@ def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir, tiny_
 
 @pytest.mark.slow
 def test_batch_not_divisible_by_the_processes_is_an_error(tmp_path, tiny_llama_dir, tiny_sst2_root):
-    launched = launch_two(tmp_path, tiny_llama_dir, tiny_sst2_root, "batch_size=3")
+    launched = launch_two(tmp_path / "run", tiny_llama_dir, tiny_sst2_root, "batch_size=3")
     assert launched.returncode != 0
     assert "B=3 is not divisible by the number of processes P=2" in launched.stderr
     assert "set batch_size to a multiple of 2" in launched.stderr
-    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "run" / "results.json").exists()

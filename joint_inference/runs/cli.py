@@ -139,9 +139,11 @@ def run_in_directory(run, cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     hydra = HydraConfig.get()
-    ours = Path(hydra.runtime.output_dir).resolve() == Path(cfg.output_dir).resolve() and hydra.output_subdir
+    hydra_out, out = Path(hydra.runtime.output_dir).resolve(), Path(cfg.output_dir).resolve()
+    ours = hydra_out == out and hydra.output_subdir
+    inside = hydra_out.relative_to(out).parts[0] if out in hydra_out.parents else None  # Hydra's, not the user's
     with run_directory(cfg.output_dir, hydra.job.name,
-                       Path(hydra.runtime.output_dir) / hydra.output_subdir if ours else None):
+                       Path(hydra.runtime.output_dir) / hydra.output_subdir if ours else None, inside):
         return run(cfg)
 
 

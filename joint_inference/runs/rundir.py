@@ -29,12 +29,13 @@ NOT_RESULTS = (".hydra", RECORD)  # with the logs, what a directory holds before
 
 
 @contextmanager
-def run_directory(directory: str | Path, entry: str, hydra_dir: Path | None):
+def run_directory(directory: str | Path, entry: str, hydra_dir: Path | None, hydra_folder: str | None = None):
     """Hold ``directory`` for a run of the entry script ``entry`` (its name, e.g. ``unsupervised_icl_llm``).
 
     Refused with a ConfigError: a directory that cannot be written, one held by a running process, one
     holding the results of another entry script. ``hydra_dir``: the ``.hydra`` folder that Hydra wrote
-    for this run in ``directory`` (None when it writes none there). A ConfigError in the run (other
+    for this run in ``directory`` (None when it writes none there); ``hydra_folder``: the folder of
+    ``directory`` that holds Hydra's run directory, where that lies inside it. A ConfigError in the run (other
     settings, bad data) puts the record of the results back; a finished run's record becomes it. Under
     several processes the main one holds the directory and tells the others what it decided, so that
     all stop together.
@@ -44,7 +45,7 @@ def run_directory(directory: str | Path, entry: str, hydra_dir: Path | None):
     held, refusal = None, None
     if state.is_main_process:
         try:
-            held = hold(directory, entry, hydra_dir)
+            held = hold(directory, entry, hydra_dir, hydra_folder)
         except ConfigError as err:
             refusal = str(err)
     if state.num_processes > 1:
@@ -67,7 +68,7 @@ def run_directory(directory: str | Path, entry: str, hydra_dir: Path | None):
             held[0].close()
 
 
-def hold(directory: Path, entry: str, hydra_dir: Path | None):
+def hold(directory: Path, entry: str, hydra_dir: Path | None, hydra_folder: str | None = None):
     """(the locked lock file, this run's ``.hydra`` files) of a directory that this run may use; on
     refusal the directory's ``.hydra`` record is put back."""
     try:
@@ -91,7 +92,7 @@ def hold(directory: Path, entry: str, hydra_dir: Path | None):
     ours = {p.name: p.read_bytes() for p in sorted(hydra_dir.glob("*.yaml"))} if hydra_dir else {}
     save_copy(directory, "running", ours)
     try:
-        claim(directory, entry, ours)
+        claim(directory, entry, ours, hydra_folder)
     except ConfigError:
         lock.close()
         restore(directory, "results", hydra_dir)
@@ -101,12 +102,13 @@ def hold(directory: Path, entry: str, hydra_dir: Path | None):
     return lock, ours
 
 
-def claim(directory: Path, entry: str, ours: dict[str, bytes]) -> None:
+def claim(directory: Path, entry: str, ours: dict[str, bytes], hydra_folder: str | None = None) -> None:
     """Record ``entry`` and this run's ``.hydra`` files as the directory's, unless it holds results: then
     they must be ``entry``'s, and their record stays until this run finishes. Files that no run of this
     project wrote (no record says so) are never overwritten: such a directory is refused."""
     saved = directory / RECORD / "run.json"
-    others = sorted(p.name for p in directory.iterdir() if p.name not in NOT_RESULTS and p.suffix != ".log")
+    others = sorted(p.name for p in directory.iterdir()
+                    if p.name not in (*NOT_RESULTS, hydra_folder) and p.suffix != ".log")
     if others and not saved.exists():
         raise ConfigError(f"{directory} holds files that no run of this project wrote ({', '.join(others[:5])}"
                           f"{', ...' if len(others) > 5 else ''}); a run would overwrite them. Use a new or empty run "
