@@ -200,8 +200,8 @@ class APIClient:
                 todo[key].append(i)
                 continue
             hit = self.cache.get(key) if self.cache else None
-            if hit is not None and check is not None and check(hit) is not None:
-                log.warning("a cached answer of %s cannot be read (%s); asking again", url, check(hit))
+            if hit is not None and check is not None and (problem := check(hit)) is not None:
+                log.warning("a cached answer of %s cannot be read (%s); asking again", url, problem)
                 hit = None
             if hit is not None:
                 results[i] = hit

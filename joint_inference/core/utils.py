@@ -22,9 +22,19 @@ log = logging.getLogger(__name__)
 TEMPORARY = ".*.tmp"  # what atomic_write writes before it renames: a killed write leaves one behind
 
 
-def atomic_write(path: str | Path, write, binary: bool = False) -> None:
-    """Call ``write(file)`` so that readers see the old file or the new one, never half of it. A disk that is
-    full or a folder that cannot be written is a ConfigError naming the file (the old one stays)."""
+class WriteError(ConfigError):
+    """A file that could not be written (a full disk, a folder that cannot be written); ``reason`` says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"could not write {path} ({reason}); free some space on the disk or make the folder "
+                         "writable, then start the same command again: what was saved before is kept")
+        self.reason = reason
+
+
+def atomic_write(path: str | Path, write, binary: bool = False, durable: bool = True) -> None:
+    """Call ``write(file)`` so that readers see the old file or the new one, never half of it; ``durable``:
+    on the disk before this returns (fsync). A disk that is full or a folder that cannot be written is a
+    :class:`WriteError` naming the file (the old one stays)."""
     path = Path(path)
     tmp = None
     try:
@@ -32,22 +42,21 @@ def atomic_write(path: str | Path, write, binary: bool = False) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise ConfigError(f"could not write {path} ({err.strerror or err}); free some space on the disk or make "
-                              "the folder writable, then start the same command again: what was saved before is "
-                              "kept") from None
+            raise WriteError(path, err.strerror or str(err)) from None
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text))
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(text), durable=durable)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

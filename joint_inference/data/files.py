@@ -231,33 +231,18 @@ def load_file_task(ds: LocalDataSettings, label_names: Sequence[str] | None, tem
         raise ConfigError(f"dataset.label_field={label_field!r} is also an input of the prompt (template.text or "
                           "dataset.text_fields); the method must never read the labels. Take it out of the template")
 
-    # empty inputs: an error naming the rows, or left out (dataset.on_bad_row=skip)
+    # empty inputs, then values that are not text (numbers, lists, structs, bytes of a JSON Lines or Parquet file:
+    # they would reach the prompt as Python writes them) and examples longer alone than the model's context:
+    # an error naming the rows, or left out (dataset.on_bad_row=skip), as a data set's are
     checked = inputs + ([image_field] if image_field else [])
-    bad = [i for i, row in enumerate(rows) if any(is_empty(row.get(f)) for f in checked)]
-    kept = np.arange(len(rows))
-    if bad:
-        fields = ", ".join(checked)
-        if ds.on_bad_row == "error":
-            raise ConfigError(f"{path.name}: {len(bad)} row(s) have an empty input ({fields}): "
-                              f"{show([where[i] for i in bad])}. "
-                              "Fill them in or delete them, or set dataset.on_bad_row=skip to leave them out")
-        log.warning("%s: %d row(s) with an empty input (%s) left out (dataset.on_bad_row=skip): %s", path.name,
-                    len(bad), fields, show([where[i] for i in bad]))
-        kept = np.setdiff1d(kept, bad)
-    # values that are not text (numbers, lists, structs, bytes of a JSON Lines or Parquet file) would reach the
-    # prompt as Python writes them, and an example longer alone than the context fits no prompt: refused by
-    # row, as a data set's are
+    empty = [i for i, row in enumerate(rows) if any(is_empty(row.get(f)) for f in checked)]
+    kept = leave_out(np.arange(len(rows)), empty, [where[i] for i in empty], ds.on_bad_row, path.name,
+                     f"have an empty input ({', '.join(checked)})", "Fill them in or delete them")
     check = row_check() if row_check and not image_field else None
-    typed = {int(i): problem for i in kept
-             if (problem := text_field_problem(rows[i], inputs) or (check(rows[i]) if check else None))}
-    if typed:
-        where_typed = [f"{where[i]} ({problem})" for i, problem in typed.items()]
-        if ds.on_bad_row == "error":
-            raise ConfigError(f"{path.name}: {len(typed)} row(s) cannot be scored: {show(where_typed, 3)}. Mend "
-                              "those rows in the file, or set dataset.on_bad_row=skip to leave them out")
-        log.warning("%s: %d row(s) that cannot be scored left out (dataset.on_bad_row=skip): %s", path.name,
-                    len(typed), show(where_typed, 3))
-        kept = np.setdiff1d(kept, list(typed))
+    unscorable = {int(i): problem for i in kept
+                  if (problem := text_field_problem(rows[i], inputs) or (check(rows[i]) if check else None))}
+    kept = leave_out(kept, list(unscorable), [f"{where[i]} ({problem})" for i, problem in unscorable.items()],
+                     ds.on_bad_row, path.name, "cannot be scored", "Mend those rows in the file", limit=3)
 
     labels = file_labels([rows[i].get(label_field) for i in kept], names, [where[i] for i in kept], label_field,
                          path.name) if label_field else None
@@ -313,6 +298,20 @@ def load_file_task(ds: LocalDataSettings, label_names: Sequence[str] | None, tem
                     columns=[c for c in columns], rows_in_file=len(rows),
                     source_rows={split: p for split, p in positions.items()}, label_field=label_field,
                     file_rows={split: [rows[i] for i in p.tolist()] for split, p in positions.items()})
+
+
+def leave_out(kept: np.ndarray, bad: list[int], locations: list[str], on_bad_row: str, file: str, what: str,
+              fix: str, limit: int = 5) -> np.ndarray:
+    """``kept`` without the rows ``bad`` (found at ``locations``, which ``what`` describes): an error naming
+    them and ``fix``, or, with ``dataset.on_bad_row=skip``, left out with a warning."""
+    if not bad:
+        return kept
+    if on_bad_row == "error":
+        raise ConfigError(f"{file}: {len(bad)} row(s) {what}: {show(locations, limit)}. {fix}, or set "
+                          "dataset.on_bad_row=skip to leave them out")
+    log.warning("%s: %d row(s) that %s left out (dataset.on_bad_row=skip): %s", file, len(bad), what,
+                show(locations, limit))
+    return np.setdiff1d(kept, bad)
 
 
 def file_labels(values: Sequence, names: Sequence[str], where: Sequence[str], column: str, file: str) -> np.ndarray:

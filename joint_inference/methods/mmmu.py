@@ -318,18 +318,13 @@ def round_prompts(task: MMMUTask, fmt: MMMUFormat, previous: dict, n_shots: int,
 
 
 # -------------------------------------------------------------------------------------------- run
-def check_mmmu(run: TextICLSettings) -> None:
-    """MMMU runs through an API (before anything loads)."""
+def run_mmmu(run: TextICLSettings, load_generator: Callable) -> dict:
+    """Zero-shot and T rounds of unsupervised ICL on every subject, with the generator that ``load_generator()``
+    gives (called once, where a stage is left to answer); results in ``run.output_dir``."""
     if run.backend != "openai":
         raise ConfigError(f"dataset={run.dataset.name} runs a vision-language model behind an API: add backend=openai "
                           "(e.g. +experiment=mmmu_gpt4o, or model=openai_compatible model.name=<a vision model> "
                           "model.base_url=<its server>)")
-
-
-def run_mmmu(run: TextICLSettings, load_generator: Callable) -> dict:
-    """Zero-shot and T rounds of unsupervised ICL on every subject, with the generator that ``load_generator()``
-    gives (called once, where a stage is left to answer); results in ``run.output_dir``."""
-    check_mmmu(run)
     out_dir, d = Path(run.output_dir), run.dataset
     seed_everything(run.seed)
     fmt = MMMUFormat.from_template(run.template)

@@ -52,6 +52,15 @@ def embedded_gguf(name: str) -> Path:
         raise ConfigError(f"embedded model {name!r} is not installed: {install}") from None
 
 
+def snapshot_dir(name: str) -> Path:
+    """Where embedded model ``name`` is kept converted to a transformers snapshot."""
+    return cache_dir() / "models" / name
+
+
+def converted(name: str) -> bool:
+    return (snapshot_dir(name) / "config.json").exists()
+
+
 def embedded_snapshot(name: str) -> Path:
     """A transformers snapshot of an embedded GGUF model, converted once and cached.
 
@@ -62,8 +71,8 @@ def embedded_snapshot(name: str) -> Path:
 
     if name not in EMBEDDED:
         raise ConfigError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED)}")
-    target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
+    target = snapshot_dir(name)
+    if converted(name):
         return target
     gguf = embedded_gguf(name)
     log.info("converting %s to a transformers snapshot in %s (once)", gguf, target)
@@ -145,7 +154,7 @@ def load_tokenizer(model):
         from .tiny import tiny_tokenizer
 
         return tiny_tokenizer(**model.random_init)
-    if model.embedded and not model.tokenizer and not (cache_dir() / "models" / model.embedded / "config.json").exists():
+    if model.embedded and not model.tokenizer and not converted(model.embedded):
         gguf = embedded_gguf(model.embedded)
         source, kwargs = gguf.parent, {"gguf_file": gguf.name}
     else:

@@ -43,7 +43,9 @@ from ..core.settings import (
     VisionLMSettings,
 )
 
-GROUPS = ("model", "dataset", "template", "labelset", "estimator", "prompt_style", "hydra")  # not the script's own keys
+# the config groups, each read by the schema of the option chosen, in the order they are checked
+OPTIONS = ("model", "dataset", "template", "labelset", "estimator", "prompt_style")
+GROUPS = (*OPTIONS, "hydra")  # not the script's own keys
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 RESOLVER_CALL = re.compile(r"\$\{[^}]*:")  # ${oc.env:HOME}: a resolver's call, not a reference to another key
 # what to do where a key reads a group that the config lacks
@@ -60,7 +62,7 @@ def read_settings(cfg: DictConfig, schema: type | None = None):
     schema = schema or script_schema(cfg)
     check_settings(cfg, schema)
     values = {key: plain(cfg[key]) for key in cfg if key not in GROUPS}
-    for name in ("model", "dataset", "template", "labelset", "prompt_style", "estimator"):
+    for name in OPTIONS:
         if name in cfg:
             values[name] = to_settings(group_schema(name, cfg), plain(cfg[name]))
     return to_settings(schema, values)
@@ -126,7 +128,6 @@ def model_schema(model: DictConfig) -> type:
     return APIModelSettings if "base_url" in model else CausalLMSettings
 
 
-
 def dataset_schema(dataset: DictConfig) -> type:
     """Which kind of data set a dataset config describes (its ``kind`` and ``modality``; a file of the
     user's names its ``path``; MMLU lists its ``subjects``)."""
@@ -172,7 +173,7 @@ def check_settings(cfg: DictConfig, schema: type) -> None:
         raise ConfigError(f"model={cfg.model.name} is behind an API: add backend=openai" if behind_api else
                           "backend=openai sends requests to a server: choose model=openai_compatible (with "
                           "model.name=... model.base_url=...) or model=gpt-4o-2024-08-06")
-    for name in ("model", "dataset", "template", "labelset", "prompt_style", "estimator"):
+    for name in OPTIONS:
         if name in cfg:  # fine-tuning alone has an estimator, the text scripts a prompt style
             check_node(cfg[name], group_schema(name, cfg), f"{name}.")
 

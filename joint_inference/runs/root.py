@@ -28,7 +28,7 @@ from ..data.tasks import load_data, modality, row_check
 from ..methods import uft
 from ..methods.finetune import add_lora
 from ..methods.generation import CotFormat, load_generative_task, run_generation, sampling_settings
-from ..methods.mmmu import check_mmmu, run_mmmu
+from ..methods.mmmu import run_mmmu
 from ..methods.subjects import run_all_subjects
 from ..methods.uicl import check_pool, run_classification
 from ..models.language import context_length, load_model, load_tokenizer
@@ -81,8 +81,7 @@ def in_context(settings: ICLSettings, subjects: list | None, tally: DryRunTally 
     if settings.dry_run and kind != "classification":
         raise ConfigError("dry_run=true counts the prompts of classification tasks; generation tasks (responses of "
                           "unknown length) have no dry run yet")
-    if kind == "mmmu":
-        check_mmmu(settings)
+    if kind == "mmmu":  # run_mmmu refuses another backend before it asks for the generator
         return run_mmmu(settings, lambda: api_generator(settings, sampling_settings(settings), tally, settings.seed))
     if kind == "generation":
         task = load_generative_task(settings.dataset, settings.protocol)
@@ -106,8 +105,9 @@ def all_subjects(settings: ICLSettings, subjects: list, tally: DryRunTally | Non
     parts = Parts(settings, tally)
     if settings.dry_run:
         return subjects_plan(settings, [parts.data(run) for _, run in runs], parts.text_encoder(), parts.device)
-    first = parts.data(runs[0][1])
-    return run_all_subjects(settings, runs, parts.data, parts.scorer(first))
+    first = parts.data(runs[0][1])  # read before the model loads: a file that cannot be read stops the run first
+    return run_all_subjects(settings, runs, lambda run: first if run is runs[0][1] else parts.data(run),
+                            parts.scorer(first))
 
 
 def check_input_is_not_written(settings: ICLSettings | FTSettings) -> None:
