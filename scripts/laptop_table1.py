@@ -189,13 +189,18 @@ def markdown(runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine_facts() -> dict:
+    """What the figures were measured on."""
+    import torch
+
+    from joint_inference.models.language import cpu_has_bf16_matmul
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "cpu_bf16_matmul": cpu_has_bf16_matmul()}
+
+
 def write(runs: dict, out: Path, started: float) -> None:
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    try:
-        import torch
-        machine["torch"] = torch.__version__
-    except ImportError:
-        pass
+    machine = machine_facts()
     report = {"settings": {**SETTINGS, "tasks": TASKS, "mmlu_subjects": MMLU_SUBJECTS, "seeds": SEEDS,
                            "local_splits": LOCAL_SPLITS, "dataset.sample_seed": 42},
               "machine": machine, "seconds_this_invocation": time.time() - started,

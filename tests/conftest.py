@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 CONFIG_DIR = str(REPO / "configs")
 
+@pytest.fixture(autouse=True)
+def fp32_by_default(monkeypatch):
+    """``model.dtype=auto`` means fp32 in tests on every CPU, as on one without bf16 matrix units: the tests
+    compare runs against fp32 references computed in the test. The bf16 path is tested where it is named
+    (test_models.py), by setting ``model.dtype=bfloat16`` or undoing this patch."""
+    from joint_inference.models import language
+
+    monkeypatch.setattr(language, "cpu_has_bf16_matmul", lambda: False)
+
+
 def build_tiny_model(kind: str, directory: Path, **dims) -> Path:
     """Save a random 2-layer model + locally trained tokenizer to ``directory``."""
     model, tokenizer = tiny_causal_lm(kind, **dims)

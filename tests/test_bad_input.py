@@ -26,9 +26,9 @@ from joint_inference.runs.cli import check_command_line
 from joint_inference.runs.rundir import run_directory
 from tests.conftest import CONFIG_DIR, REPO, compose, write_jsonl
 
-ICL = ["model.embedded=null", "model.name=tiny", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=1",
+ICL = ["model.embedded=null", "model.name=tiny", "model.dtype=float32", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=1",
        "device=cpu", "forward_batch_size=4", "progress=false"]
-FT = ["model.embedded=null", "model.name=tiny", "device=cpu", "batch_size=2", "N=4", "num_iterations=2",
+FT = ["model.embedded=null", "model.name=tiny", "model.dtype=float32", "device=cpu", "batch_size=2", "N=4", "num_iterations=2",
       "eval_freq=2", "ckpt_freq=2", "progress=false", "lora.r=4"]
 ARGS = {"unsupervised_icl_llm": ICL, "unsupervised_ft_llm": FT}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two cores: a process each

@@ -93,7 +93,7 @@ CASES = {
                                                                  "labelset.names=[positive,positive]"], code=2),
     "refused_missing_weights": Case("unsupervised_icl_llm", [*ICL, "model=gpt2"], code=2),
     "refused_ft_bad_range": Case("unsupervised_ft_llm", [*FT, "gamma=-1"], code=2),
-    "gemma_sst2": Case("unsupervised_icl_llm", ["model=gemma3_270m", "device=cpu", "progress=false",
+    "gemma_sst2": Case("unsupervised_icl_llm", ["model=gemma3_270m", "model.dtype=float32", "device=cpu", "progress=false",
                                                "dataset.num_examples=24", "N=2", "T=1", "num_repeats=1",
                                                "save_predictions=true"], gemma=True),
 }

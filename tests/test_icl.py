@@ -341,7 +341,7 @@ def test_two_processes_shard_queries_with_the_same_predictions(tiny_llama_dir, t
     the prompts and gather the scores: the predictions equal one process's under the same seed."""
     from joint_inference.runs.root import run_icl as run
 
-    args = [f"model.pretrained={tiny_llama_dir}", "model.embedded=null", "model.name=tiny",
+    args = [f"model.pretrained={tiny_llama_dir}", "model.embedded=null", "model.name=tiny", "model.dtype=float32",
             f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
             "progress=false", "save_predictions=true", f"support_sampling={sampling}", "block_size=3"]
     run(compose("unsupervised_icl_llm", args + ["device=cpu", f"output_dir={tmp_path / 'one'}"]))

@@ -25,7 +25,8 @@ pytestmark = [
 def gemma():
     from joint_inference.models.language import load_model
 
-    return load_model(compose("unsupervised_icl_llm", ["model=gemma3_270m"]).model, torch.device("cpu"))
+    return load_model(compose("unsupervised_icl_llm", ["model=gemma3_270m", "model.dtype=float32"]).model,
+                      torch.device("cpu"))
 
 
 def test_real_model_scorer_matches_full_logits(gemma):

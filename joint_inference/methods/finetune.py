@@ -334,9 +334,10 @@ TRAINING_STATE = ("step", "seconds", "zero_shot", "window", "metrics", "history"
                   "stopped_at")
 
 
-def load_checkpoint(path: Path, fingerprint: dict) -> dict:
+def load_checkpoint(path: Path, fingerprint: dict, unrecorded: dict | None = None) -> dict:
     """The checkpoint at ``path``; a ConfigError naming the keys when it was made with another config, or
-    naming the file and the fix when it cannot be read."""
+    naming the file and the fix when it cannot be read. ``unrecorded``: the values of fingerprint keys that
+    earlier versions did not record yet (what their checkpoints had)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # what torch raises varies with the cut
@@ -349,7 +350,7 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict:
         raise ConfigError(f"{path} loads but is not a checkpoint of this project (no fingerprint); nothing else in "
                           f"{path.parent} was changed. Delete it to train again from step 0, or use a new run "
                           "directory (hydra.run.dir=...)")
-    differ = differing_keys(fingerprint, saved)
+    differ = differing_keys(fingerprint, {**(unrecorded or {}), **saved})
     if differ:
         raise ConfigError(
             f"{path} is a checkpoint of a different configuration (keys differ: {differ}); "
@@ -382,7 +383,7 @@ def evaluation_line(evaluated: dict) -> str:
 
 
 def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_labels: np.ndarray | None, settings,
-        fingerprint: dict, ckpt_path: Path, metrics_path: Path, progress: bool = True,
+        fingerprint: dict, ckpt_path: Path, metrics_path: Path, progress: bool = True, unrecorded: dict | None = None,
         on_step: Callable[[int, dict], None] | None = None, pool_size: int | None = None,
         test_size: int | None = None, num_classes: int | None = None) -> dict:
     """Train for ``settings.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
@@ -401,7 +402,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
     accuracies are None and the rest is the same. The original checks its rule
     before the update of the step whose labels it reads; here that step's update is made. Under
     several processes (data-parallel, see :func:`train_step`) all hold this same state; the main
-    one writes the checkpoint, and all read it to resume.
+    one writes the checkpoint, and all read it to resume. ``unrecorded``: see :func:`load_checkpoint`.
     """
     b, n, opt = settings.batch_size, settings.N, settings.optimization
     pool_size = len(pool_labels) if pool_labels is not None else pool_size
@@ -413,7 +414,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
                                           opt.min_lr, settings.num_iterations)
     generator = torch.Generator().manual_seed(settings.seed)
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, fingerprint)
+        ckpt = load_checkpoint(ckpt_path, fingerprint, unrecorded)
         try:
             encoder.load_trainable_state(ckpt["trainable"])
             optimizer.load_state_dict(ckpt["optimizer"])

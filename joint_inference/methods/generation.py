@@ -37,8 +37,9 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.settings import GenerationSettings, GenerationTemplate, TextICLSettings
-from ..core.utils import fingerprint_digest, seed_everything
+from ..core.utils import fingerprint_digest, resolve_device, seed_everything
 from ..data.hub import load_split
+from ..models.language import compute_dtype, dtype_before_recorded
 from ..reporting.results import RunState, write_jsonl, write_results
 from ..scoring.generators import SamplingSettings
 from .answers import (
@@ -359,12 +360,14 @@ def run_generation(run: TextICLSettings, task: GenerativeTask, fmt: CotFormat, l
     log.info("%s: %d questions, %d-shot prompts, %d votes, %s backend, protocol %s", run.dataset.name,
              len(task.rows), n_shots, run.num_repeats, run.backend, run.protocol)
 
+    device = resolve_device(run.device) if run.backend == "hf" else None
+    dtype = compute_dtype(run.model, run.backend, device)
     state = RunState(out_dir / "state.json", {
         "task": run.dataset.name, "model": asdict(run.model), "backend": run.backend,
         "template": template, "N": n_shots, "num_repeats": run.num_repeats,
         "seed": run.seed, "sampling": [run.max_new_tokens, run.temperature, run.top_p], "protocol": run.protocol,
-        "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]),
-    })
+        "data": fingerprint_digest([task.sources, task.rows, task.gold, task.exemplars]), "dtype": dtype,
+    }, unrecorded={"dtype": dtype_before_recorded(run.model, run.backend, device)})
     stage = partial(answer_stage, state, cache(load_generator), task)
 
     # ---- round 0: zero-shot chain of thought
@@ -395,7 +398,8 @@ def run_generation(run: TextICLSettings, task: GenerativeTask, fmt: CotFormat, l
         "settings": {"N": n_shots, "T": run.T, "num_repeats": run.num_repeats, "seed": run.seed,
                      "protocol": run.protocol, "backend": run.backend, "temperature": run.temperature,
                      "top_p": run.top_p, "max_new_tokens": run.max_new_tokens,
-                     "prompt_style": run.prompt_style.name if run.prompt_style else None, "template": template},
+                     "prompt_style": run.prompt_style.name if run.prompt_style else None, "template": template,
+                     "dtype": dtype},
     }
     def per_question(stage):
         return [{"answer": a, "correct": ok, "response": r}

@@ -20,6 +20,7 @@ from ..core.utils import fingerprint_digest, flatten, resolve_device
 from ..data.files import FileData
 from ..data.files import labelled as has_labels
 from ..data.hub import TaskData
+from ..models.language import compute_dtype, dtype_before_recorded
 from ..reporting.files import file_finetuning_results
 from ..reporting.plots import plot_learning_curve
 from ..reporting.results import interval, interval_note, pct, write_results
@@ -162,7 +163,7 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
     recorded = {k: v for k, v in flatten(composed).items() if k not in RUNTIME_KEYS}
     fingerprint = {**recorded, "label_mode": scorer.mode,
                    "schedule_steps": run.num_iterations if run.optimization.schedule == "cosine" else None,
-                   "data": fingerprint_digest([data.train, data.test])}
+                   "data": fingerprint_digest([data.train, data.test]), "dtype": compute_dtype(run.model, "hf", device)}
     on_step = None
     log_to_wandb = run.wandb and is_main_process()
     if log_to_wandb:
@@ -173,7 +174,8 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
     state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, settings=run,
                 fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
                 progress=run.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
-                num_classes=scorer.encoder.num_labels)
+                num_classes=scorer.encoder.num_labels,
+                unrecorded={"dtype": dtype_before_recorded(run.model, "hf", device)})
 
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
     if is_main_process():
@@ -194,6 +196,7 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
                      "N": run.N, "gamma": run.gamma, "lr": run.optimization.lr, "calibrate": run.calibrate,
                      "calibrate_task_encoder": run.calibrate_task_encoder, "max_norm": run.max_norm,
                      "label_mode": scorer.mode, "seed": run.seed, "device": str(device),
+                     "dtype": fingerprint["dtype"],
                      "processes": num_processes, "num_iterations": run.num_iterations,
                      "config": {k: v for k, v in recorded.items() if k != "seed"}},  # every other setting, flattened
         "data_fingerprint": fingerprint["data"],

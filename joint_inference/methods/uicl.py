@@ -19,6 +19,7 @@ from ..data.files import FileData
 from ..data.files import labelled as has_labels
 from ..data.hub import TaskData
 from ..data.tasks import modality
+from ..models.language import compute_dtype, dtype_before_recorded
 from ..prompts.templates import Template
 from ..reporting.files import file_run_results
 from ..reporting.results import RunState, stage_name, write_jsonl, write_results
@@ -57,6 +58,8 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
     repeats = {"test": run.num_repeats, "train": 1 if vision_original else run.num_repeats}  # prompts per query
     last_round_splits = ("test",) if vision_original and not isinstance(data, FileData) else splits
     encoded = scorer.encoder.encode_splits(data)
+    device = resolve_device(run.device)
+    dtype = compute_dtype(run.model, run.backend, device)
     log.info("%s: %d unlabelled / %d test examples, label mode %s", run.dataset.name,
              len(data.train), len(data.test), scorer.mode)
 
@@ -67,7 +70,8 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
         "block_size": run.block_size if run.support_sampling == "shared" else None, "protocol": run.protocol,
         "data": fingerprint_digest([data.train, data.test, *([data.train_labels.tolist(), data.test_labels.tolist()]
                                                              if labelled else [None, None]), data.supervised_pool]),
-    })
+        "dtype": dtype,
+    }, unrecorded={"dtype": dtype_before_recorded(run.model, run.backend, device)})
 
     def stage(name, stage_splits, predict, prompts_per_query: dict):
         """``predict(split)`` for each split of stage ``name`` and its test accuracy on the console.
@@ -166,7 +170,7 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
                      "label_mode": scorer.mode, "support_sampling": run.support_sampling, "protocol": run.protocol,
                      "transductive": data.transductive, "stop_when_flips_below": run.stop_when_flips_below,
                      "block_size": run.block_size, "template": run.template.text, "labels": list(run.labelset.names),
-                     "device": "vllm" if run.backend == "vllm" else str(resolve_device(run.device))},
+                     "device": "vllm" if run.backend == "vllm" else str(device), "dtype": dtype},
     }
     if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
         file_run_results(out_dir, results, data, zero_shot, rounds, list(run.labelset.names), run.dataset.num_examples)

@@ -123,16 +123,43 @@ def context_length(model) -> int | None:
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX or AVX512-BF16, as torch reports
+    them): there bf16 runs several times faster than fp32 (docs/speed.md), elsewhere slower."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that support it, else fp32."""
+    """``auto``: bf16 on GPUs that support it and on CPUs with bf16 matrix units, else fp32."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_bf16_matmul():
             return torch.bfloat16
         return torch.float32
     try:
         return getattr(torch, name)
     except AttributeError:
         raise ConfigError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def compute_dtype(model, backend: str, device: torch.device) -> str | None:
+    """The dtype this process computes a run in, as its fingerprint and results.json record it (a run never
+    resumes in another): ``model.dtype`` resolved; vLLM's as given (it resolves ``auto`` itself); None behind
+    an API (the server's)."""
+    if backend == "openai":
+        return None
+    if backend == "vllm":
+        return str(model.dtype)
+    return str(resolve_dtype(model.dtype, device)).removeprefix("torch.")
+
+
+def dtype_before_recorded(model, backend: str, device: torch.device) -> str | None:
+    """:func:`compute_dtype` of a run written before the dtype was recorded: ``auto`` meant fp32 on every CPU."""
+    if backend == "hf" and device.type == "cpu" and model.dtype == "auto":
+        return "float32"
+    return compute_dtype(model, backend, device)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
@@ -206,12 +233,13 @@ def load_model(model, device: torch.device, tokenizer=None):
         return network, tokenizer
     source, gguf_file = resolve_weights(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    dtype = resolve_dtype(model.dtype, device)
     if quantized is not None:  # bitsandbytes places the 4-bit weights itself; they cannot be moved after
         kwargs.update(quantization_config=quantized, device_map={"": device.index or 0})
     try:
         network = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=resolve_dtype(model.dtype, device),
+            dtype=dtype,
             attn_implementation=resolve_attention(model.attn_implementation, device),
             **kwargs,
         )
@@ -220,4 +248,7 @@ def load_model(model, device: torch.device, tokenizer=None):
     if quantized is None:
         network.to(device)
     network.eval().requires_grad_(False)
+    log.info("%s: weights in %s on %s%s", model.name, str(dtype).removeprefix("torch."), device,
+             " (model.dtype=auto: this CPU has bf16 matrix units; model.dtype=float32 for the exact path)"
+             if model.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16 else "")
     return network, tokenizer

@@ -29,10 +29,11 @@ class RunState:
     """Finished stages of a run, written atomically after each one.
 
     Starting again in the same run directory skips what is finished. The fingerprint holds
-    everything that determines the results; a mismatch is an error naming the keys.
+    everything that determines the results; a mismatch is an error naming the keys. ``unrecorded``: the
+    values of keys that earlier versions did not record yet (what those runs had), for their state files.
     """
 
-    def __init__(self, path: str | Path, fingerprint: dict):
+    def __init__(self, path: str | Path, fingerprint: dict, unrecorded: dict | None = None):
         self.path = Path(path)
         self.stages: dict[str, Any] = {}
         self.seconds = 0.0
@@ -43,7 +44,8 @@ class RunState:
             saved = read_json(self.path, fix)
             if not isinstance(saved, dict) or not STATE_KEYS <= saved.keys():
                 raise ConfigError(f"{self.path} is damaged (a run's state holds {sorted(STATE_KEYS)}); {fix}")
-            differ = differing_keys(fingerprint, as_written_before(saved["fingerprint"], fingerprint))
+            differ = differing_keys(fingerprint, {**(unrecorded or {}),
+                                                 **as_written_before(saved["fingerprint"], fingerprint)})
             if differ:
                 raise ConfigError(
                     f"{self.path.parent} holds a run with a different configuration (keys differ: {differ}); "

@@ -237,12 +237,13 @@ class Scorer:
         return torch.tensor(columns, dtype=torch.long), weights
 
     def _project(self, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """Output logits for ``hidden`` rows, restricted to ``columns`` (all when None)."""
+        """Output logits for ``hidden`` rows, restricted to ``columns`` (all when None). The label columns are
+        read in fp32 whatever the model's dtype (a few rows: free, and the label margins keep their digits)."""
         weight, bias = self.head.weight, getattr(self.head, "bias", None)
         if columns is not None:
             columns = columns.to(weight.device)
-            weight = weight.index_select(0, columns)
-            bias = None if bias is None else bias.index_select(0, columns)
+            weight = weight.index_select(0, columns).float()
+            bias = None if bias is None else bias.index_select(0, columns).float()
         logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
