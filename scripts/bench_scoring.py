@@ -10,8 +10,8 @@ batched scorer (length-sorted batches, output projection only at the query and o
 label columns); and shared mode (one demonstration set per block of queries, encoded once and
 reused through its key/value cache). The script checks that all three predict the same labels
 and prints/writes the figures as JSON, with a paper round's seconds extrapolated from them, the
-matrix-product FLOPs each way does and its model FLOP utilisation (MFU) against a bf16 (fp32 for fp32
-models) matrix-product peak measured in the same run. ``--shape`` builds a random model of a real
+matrix-product FLOPs each way does and its model FLOP utilisation (MFU) against the matrix-product peak of
+the model's dtype measured in the same run (``--also-dtype``: that dtype's peak for its figures). ``--shape`` builds a random model of a real
 model's shape on the device (joint_inference/models/shapes.py): a GPU benchmark with no weights to download.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def forward_flops(model, new_tokens: int, context: int = 0, head_rows: int = 0, 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matrix product in ``dtype`` on ``device``: the MFU's denominator."""
-    size = 8192 if device.type == "cuda" else 1024
+    size = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
@@ -88,6 +88,21 @@ def naive_label_logprobs(model, encoder: PromptEncoder, prompt, labels) -> torch
     return torch.log_softmax(logprobs[first_tokens], -1)
 
 
+def profile(scorer: Scorer, prompts, labels) -> None:
+    """Where the batched scorer's time goes: the operators by their own CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with torch.inference_mode():
+        scorer.label_logprobs(prompts[:2], labels[:2])
+        with profiler(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            scorer.label_logprobs(prompts, labels)
+            seconds = time.perf_counter() - start
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"{len(prompts)} prompts in {seconds:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma3_270m", help="a configs/model/ name")
@@ -105,6 +120,11 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="override the model config's dtype")
     parser.add_argument("--also-dtype", default=None,
                         help="also time the batched and shared scorers with the model in this dtype (e.g. bfloat16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the scorers' model body through torch.compile (dynamic shapes; compile time excluded)")
+    parser.add_argument("--profile", type=int, default=0, metavar="P",
+                        help="only profile the batched scorer on P prompts: torch.profiler's table of the operators "
+                             "that take the time, no benchmark")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -120,6 +140,8 @@ def main() -> None:
                             ["negative", "positive"])
     batch_size = resolve_batch_size(args.batch_size or "auto", device)
     scorer = Scorer(model, encoder, "first", batch_size=batch_size, show_progress=False)
+    if args.compile:
+        scorer.body = torch.compile(scorer.body, dynamic=True)
 
     pool_size = max(200, args.N + 1)
     rows, gold, source = load_sentences(pool_size + args.num_prompts, args.words)
@@ -134,6 +156,9 @@ def main() -> None:
     lengths = [len(encoder.assemble(p, lab)[0]) for p, lab in zip(prompts, labels)]
     num_tokens = sum(lengths)
     num_naive = min(args.naive_prompts or len(prompts), len(prompts))
+    if args.profile:
+        profile(scorer, prompts[:args.profile], labels[:args.profile])
+        return
 
     def timed(fn):
         if device.type == "cuda":
@@ -177,7 +202,8 @@ def main() -> None:
                       for block, prefix in zip(blocks, prefixes)),
     }
     seconds = {"naive": naive_s, "batched": batched_s, "shared": shared_s}
-    peak = matmul_peak_flops(device, model.dtype)
+    dtype = model.dtype
+    peak = matmul_peak_flops(device, dtype)
 
     low_precision = {}
     if args.also_dtype:  # the batched and shared scorers again, in a lower precision, against the same naive loop
@@ -186,7 +212,11 @@ def main() -> None:
             scorer.label_logprobs(prompts[:2], labels[:2])
             low_batched, low_batched_s = timed(lambda: scorer.label_logprobs(prompts, labels))
             low_shared, low_shared_s = timed(shared)
+        low_peak = matmul_peak_flops(device, model.dtype)
         low_precision = {args.also_dtype: {
+            "matmul_peak_flops_per_s": low_peak,
+            "mfu": {"batched": flops["batched"] / low_batched_s / low_peak,
+                    "shared": flops["shared"] / low_shared_s / low_peak},
             "batched_seconds": low_batched_s, "batched_speedup": naive_s / low_batched_s,
             "batched_predictions_agree": agree(naive, low_batched),
             "shared_seconds": low_shared_s, "shared_speedup": naive_s / low_shared_s,
@@ -196,7 +226,7 @@ def main() -> None:
     round_prompts = 3000 * 5  # a paper round: 3,000 examples x 5 votes
     figures = {
         "model": f"random, {args.shape}-shaped" if args.shape else args.model, "device": str(device),
-        "dtype": str(model.dtype).replace("torch.", ""), "transformers": transformers.__version__,
+        "dtype": str(dtype).replace("torch.", ""), "transformers": transformers.__version__,
         "num_prompts": len(prompts), "naive_prompts": num_naive, "N": args.N, "batch_size": batch_size,
         "final_batch_size": scorer.batch_size, "data": source,
         "num_tokens": num_tokens, "tokens_per_prompt": num_tokens / len(prompts),
@@ -215,7 +245,7 @@ def main() -> None:
         "flops": flops,
         "flops_ideal_speedup": {way: flops["naive"] / flops[way] for way in ("batched", "shared")},
         "mfu": {way: flops[way] / seconds[way] / peak for way in seconds},
-        "naive_vs_lower_precision": low_precision,
+        "naive_vs_lower_precision": low_precision, "compiled": args.compile,
     }
     report_figures(figures, args.out)
 

@@ -204,14 +204,21 @@ def test_linear_task_encoder_run(tmp_path, tiny_llama_dir, tiny_sst2_root):
     assert [h["step"] for h in linear["history"]] == [0, 2, 4]
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_llama_dir, tiny_sst2_root):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_llama_dir, tiny_sst2_root, dtype):
+    """In bf16 too (the default on CPUs with bf16 units): the frozen weights in bf16, the LoRA parameters and
+    the optimizer's state in fp32, so the checkpoint restores them exactly."""
     def trainable(out, steps):
         results = run(compose("unsupervised_ft_llm", overrides(out, tiny_llama_dir, tiny_sst2_root,
-                                                               f"num_iterations={steps}", "ckpt_freq=2")))
+                                                               f"num_iterations={steps}", "ckpt_freq=2",
+                                                               f"model.dtype={dtype}")))
         return torch.load(out / "checkpoint.pt", weights_only=True), results
 
-    first, _ = trainable(tmp_path / "resumed", 3)
-    assert first["state"]["step"] == 3
+    first, first_results = trainable(tmp_path / "resumed", 3)
+    assert first["state"]["step"] == 3 and first_results["settings"]["dtype"] == dtype
+    assert {value.dtype for value in first["trainable"].values()} == {torch.float32}
+    moments = [t for state in first["optimizer"]["state"].values() for t in state.values() if t.numel() > 1]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
     resumed, resumed_results = trainable(tmp_path / "resumed", 6)
     straight, straight_results = trainable(tmp_path / "straight", 6)
     assert resumed["state"]["step"] == straight["state"]["step"] == 6

@@ -73,7 +73,10 @@ def test_every_classification_preset_dry_runs(name, tmp_path, capsys):
     if script == "unsupervised_ft_llm":
         assert f"B={cfg.batch_size}, N={cfg.N}, {cfg.num_iterations} steps" in capsys.readouterr().out
     else:
-        assert [s["stage"] for s in plan["stages"]][-1] == f"round {cfg.T}"
+        stages = [s["stage"] for s in plan["stages"]]
+        assert f"round {cfg.T}" in stages and f"round {cfg.T + 1}" not in stages
+        # the random-label control costs what its round costs: the test queries' share of round 1
+        assert ("control: random labels" in stages) == ("random_labels" in cfg.controls)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 

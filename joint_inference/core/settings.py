@@ -73,6 +73,7 @@ class ICLSettings(Settings):
     protocol: str = key("clean", "original")
     block_size: int = key(low=1)
     supervised_icl: bool = key()
+    controls: list[str] = key()
     save_predictions: bool = key()
 
 

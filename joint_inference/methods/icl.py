@@ -117,6 +117,7 @@ def icl_predict(
     block_size: int = 32,
     protocol: str = "clean",
     class_weighted: bool = False,
+    shown_labels: np.ndarray | None = None,
     desc: str | None = None,
 ) -> ICLPredictions:
     """Majority-vote predictions of ``num_repeats`` n-shot prompts per query, with each vote and the
@@ -128,7 +129,9 @@ def icl_predict(
     ``support_sampling="per_query"`` (the original's) draws a demonstration set per query and
     repeat; ``"shared"`` draws one per block of ``block_size`` queries and repeat and encodes it
     once for the whole block. ``class_weighted``: each demonstration a class-weighted draw instead
-    (:func:`class_weighted_support`, the original's vision script).
+    (:func:`class_weighted_support`, the original's vision script). ``shown_labels``: the labels the prompts
+    show for the pool's examples, when not ``pool_labels`` (the draws still follow ``pool_labels``: the
+    ``random_labels`` control).
     """
     check_support_sampling(support_sampling, block_size)
     step = 1 if support_sampling == "per_query" else block_size
@@ -143,16 +146,17 @@ def icl_predict(
                                 protocol=protocol)
 
     draws = [[draw(block, rng) for _ in range(num_repeats)] for block, rng in zip(blocks, rngs)]
+    shown = pool_labels if shown_labels is None else np.asarray(shown_labels)
     if support_sampling == "per_query":
         prompts = [[pool[d] for d in demos] + [queries[b[0]]] for b, ds in zip(blocks, draws) for demos in ds]
-        labels = [pool_labels[demos].tolist() for ds in draws for demos in ds]
+        labels = [shown[demos].tolist() for ds in draws for demos in ds]
         scores = torch.stack(shard_map(lambda idx: scorer.label_logprobs(
             [prompts[i] for i in idx], [labels[i] for i in idx], read="query", desc=desc), len(prompts)))
     else:
         def score_blocks(idx):
             """(block queries, repeats, K) per block: each repeat's demonstrations encoded once."""
             return [torch.stack([scorer.shared_label_logprobs(
-                [pool[d] for d in demos], pool_labels[demos].tolist(), queries[blocks[b].start:blocks[b].stop]).cpu()
+                [pool[d] for d in demos], shown[demos].tolist(), queries[blocks[b].start:blocks[b].stop]).cpu()
                 for demos in draws[b]], 1) for b in tqdm(idx, desc=desc, disable=desc is None or not scorer.show_progress)]
 
         scores = torch.cat(shard_map(score_blocks, len(blocks)))

@@ -24,6 +24,7 @@ from ..prompts.templates import Template
 from ..reporting.files import file_run_results
 from ..reporting.results import RunState, stage_name, write_jsonl, write_results
 from ..scoring.scorer import LabelScorer
+from .controls import batch_calibrated, paired_gain, random_labelling
 from .icl import SPLITS, accuracy, icl_predict, label_free_diagnostics, repeat_accuracy, zero_shot_logprobs
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,16 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
             log.info("%s: test accuracy %.4f", stage_name(name), accuracy(out["test"], gold["test"]))
         return out
 
-    def icl(pool, pool_labels, rng_stage, desc, protocol=run.protocol):
+    def icl(pool, pool_labels, rng_stage, desc, protocol=run.protocol, shown_labels=None):
         """predict(split) of an ICL stage: majority-vote predictions (and each repeat's, as
-        ``<split>_votes``) with demonstrations from ``pool`` labelled by ``pool_labels``."""
+        ``<split>_votes``) with demonstrations from ``pool`` drawn by ``pool_labels`` (and shown with them,
+        or with ``shown_labels``)."""
         def predict(split):
             predicted = icl_predict(
                 scorer, pool, pool_labels, encoded[split], n=run.N, num_repeats=repeats[split],
                 rng_key=(run.seed, rng_stage, SPLITS.index(split)), queries_are_pool=pool is encoded[split],
                 support_sampling=run.support_sampling, block_size=run.block_size, protocol=protocol,
-                class_weighted=vision_original, desc=f"{desc} [{split}]")
+                class_weighted=vision_original, shown_labels=shown_labels, desc=f"{desc} [{split}]")
             return {split: predicted.majority.tolist(), f"{split}_votes": predicted.votes.tolist(),
                     f"{split}_label_logprob": predicted.label_logprob.round(6).tolist()}
 
@@ -114,10 +116,13 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
         return {**{f"{s}_accuracy": accuracy(stage_predictions[s], gold[s]) for s in splits},
                 "test_accuracy_mean": spread["mean"], "test_accuracy_std": spread["std"]}
 
+    def zero_shot_predict(split):
+        """Zero-shot predictions, with the label log-probs that batch calibration reads."""
+        logprobs = zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").float().cpu()
+        return {split: logprobs.argmax(-1).tolist(), f"{split}_logprobs": logprobs.numpy().round(6).tolist()}
+
     # ---- round 0: zero-shot
-    zero_shot = stage("zero_shot", splits, lambda split: {
-        split: zero_shot_logprobs(scorer, encoded[split], f"zero-shot [{split}]").argmax(-1).tolist()},
-        dict.fromkeys(SPLITS, 1))
+    zero_shot = stage("zero_shot", splits, zero_shot_predict, dict.fromkeys(SPLITS, 1))
 
     # ---- baseline: supervised N-shot ICL with the true labels (never used by UICL)
     supervised = None
@@ -155,6 +160,21 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
                      run.stop_when_flips_below)
             break
 
+    # ---- controls (methods/controls.py): round 1's draws shown with random labels; batch-calibrated zero-shot
+    controls = {}
+    if "random_labels" in run.controls:
+        shown = random_labelling(len(encoded[pool_split]), scorer.encoder.num_labels, run.seed)
+        controls["random_labels"] = stage("control_random_labels", ("test",), icl(
+            encoded[pool_split], np.asarray(zero_shot[pool_split], dtype=np.int64), 1, "control: random labels",
+            shown_labels=shown), repeats)
+    if "batch_calibrated" in run.controls:
+        def calibrate(split):
+            for s in [s for s in dict.fromkeys((split, pool_split)) if f"{s}_logprobs" not in zero_shot]:
+                log.info("zero-shot [%s]: label log-probs scored again (a state file from before they were kept)", s)
+                zero_shot.update(zero_shot_predict(s))
+            return {split: batch_calibrated(zero_shot[f"{split}_logprobs"], zero_shot[f"{pool_split}_logprobs"]).tolist()}
+        controls["batch_calibrated"] = stage("control_batch_calibrated", ("test",), calibrate, {"test": 0})
+
     # ---- results
     results = {
         "task": run.dataset.name, "model": run.model.name,
@@ -165,11 +185,13 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
         "rounds": [{"round": t, **scores(r, tuple(s for s in splits if s in r)), "diagnostics": d}
                    for t, (r, d) in enumerate(zip(rounds, diagnostics), 1)],
         "stopped_after_round": stopped_after,
+        **control_results(controls, rounds, zero_shot, gold["test"], scores, labelled, run.seed),
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"N": run.N, "T": run.T, "num_repeats": run.num_repeats, "seed": run.seed,
                      "label_mode": scorer.mode, "support_sampling": run.support_sampling, "protocol": run.protocol,
                      "transductive": data.transductive, "stop_when_flips_below": run.stop_when_flips_below,
                      "block_size": run.block_size, "template": run.template.text, "labels": list(run.labelset.names),
+                     "controls": list(run.controls),
                      "device": "vllm" if run.backend == "vllm" else str(device), "dtype": dtype},
     }
     if isinstance(data, FileData):  # own data: predictions.csv/.jsonl always; results without accuracies if unlabelled
@@ -178,9 +200,26 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
         fields = Template(run.template.text).fields
         write_jsonl(out_dir / "predictions.jsonl", [
             {"split": s, **{f: row[f] for f in fields}, "label": int(gold[s][i]), "zero_shot": zero_shot[s][i],
-             "rounds": [r[s][i] if s in r else None for r in rounds]}
+             "rounds": [r[s][i] if s in r else None for r in rounds],
+             **({"controls": {name: c[s][i] if s in c else None for name, c in controls.items()}} if controls else {})}
             for s in splits for i, row in enumerate(data.test if s == "test" else data.train)])
     if labelled:
         write_results(out_dir, results)
     log.info("results in %s", out_dir)
     return results
+
+
+def control_results(controls: dict, rounds: list, zero_shot: dict, gold, scores, labelled: bool, seed: int) -> dict:
+    """results.json's ``controls`` (each control's scores) and ``gain_over_best_control``: the last round's
+    accuracy minus that of the control that scored best, on the same test questions, with its paired interval."""
+    if not controls:
+        return {}
+    out = {"controls": {name: scores(c, ("test",)) if "test_votes" in c else
+                        ({"test_accuracy": accuracy(c["test"], gold)} if labelled else {})
+                        for name, c in controls.items()}}
+    if labelled:
+        method = rounds[-1]["test"] if rounds else zero_shot["test"]
+        best = max(controls, key=lambda name: out["controls"][name]["test_accuracy"])
+        out["gain_over_best_control"] = {"method": f"round {len(rounds)}" if rounds else "zero-shot",
+                                         "control": best, **paired_gain(method, controls[best]["test"], gold, seed)}
+    return out

@@ -54,6 +54,8 @@ def plot_rounds(accuracies: dict[str, float] | None, title: str, path: Path, num
     ax.axhline(100 * accuracies["zero_shot"], color="C7", linestyle="--", label="zero-shot")
     if "supervised_icl" in accuracies:
         ax.axhline(100 * accuracies["supervised_icl"], color="C2", linestyle=":", label="supervised ICL (true labels)")
+    for i, (stage, a) in enumerate((s, a) for s, a in accuracies.items() if s.startswith("control_")):
+        ax.axhline(100 * a, color=f"C{3 + i}", linestyle="-.", label=stage.replace("control_", "control: ").replace("_", " "))
     ax.set(ylabel="test accuracy (%)", title=title, xticks=list(steps))
     legend_outside(ax)
     if shown:

@@ -11,7 +11,8 @@ from ..core.errors import ConfigError
 from ..core.utils import atomic_write_json, atomic_write_text, differing_keys, read_json, wilson_interval
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL"}  # others: round_<t>
+STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL",  # others: round_<t>
+               "control_random_labels": "control: random labels", "control_batch_calibrated": "control: batch-calibrated"}
 STATE_KEYS = {"fingerprint", "stages", "seconds", "prompts"}  # what RunState writes to state.json
 
 
@@ -94,6 +95,7 @@ def stage_accuracies(results: dict) -> dict[str, float]:
     if results.get("supervised_icl"):
         accuracies["supervised_icl"] = results["supervised_icl"]["test_accuracy"]
     accuracies.update({f"round_{r['round']}": r["test_accuracy"] for r in results["rounds"]})
+    accuracies.update({f"control_{name}": c["test_accuracy"] for name, c in results.get("controls", {}).items()})
     return accuracies
 
 
@@ -109,6 +111,7 @@ def markdown_table(results: dict) -> str:
     if results.get("supervised_icl"):
         stages.append(("supervised ICL (true labels)", results["supervised_icl"]))
     stages += [(f"unsupervised ICL, round {r['round']}", r) for r in results["rounds"]]
+    stages += [(CONTROL_ROWS[name], c) for name, c in results.get("controls", {}).items()]
     spread = any("test_accuracy_mean" in r for _, r in stages)
     train = any(r.get("train_accuracy") is not None for _, r in stages)
     columns = ["stage", "test accuracy", "95% interval", *["mean ± std over votes"] * spread,
@@ -136,7 +139,31 @@ def markdown_table(results: dict) -> str:
     if train:
         lines.append(f"* **train accuracy**: on the {results.get('num_train')} unlabelled examples, against labels "
                      "the method never reads.")
-    return "\n".join(lines + diagnostics_table(results)) + "\n"
+    return "\n".join(lines + control_lines(results) + diagnostics_table(results)) + "\n"
+
+
+CONTROL_ROWS = {"random_labels": "control: random labels (round 1's draws)",
+                "batch_calibrated": "control: batch-calibrated zero-shot"}
+
+
+def control_lines(results: dict) -> list[str]:
+    """results.md lines that say what the controls are and the method's gain over the best of them."""
+    if not results.get("controls"):
+        return []
+    lines = ["* **controls**: label-free baselines at the method's cost (docs/controls.md). *random labels*: round 1's "
+             "demonstrations and votes, each demonstration shown with a uniformly random class, so only their format "
+             "remains; *batch-calibrated*: zero-shot, each class's probability minus its mean over the unlabelled pool."]
+    gain = results.get("gain_over_best_control")
+    if gain:
+        lines += ["", f"**{gain['method']} against the best control ({CONTROL_ROWS[gain['control']]})**: "
+                      f"{100 * gain['gain']:+.1f} points on the same {gain['n']} test questions, 95% interval "
+                      f"{100 * gain['low']:+.1f} to {100 * gain['high']:+.1f} ({gain['interval']}; "
+                      f"{gain['method_only_right']} questions right only with the method, "
+                      f"{gain['control_only_right']} only with the control). "
+                      + ("The method beats its controls." if gain["low"] > 0 else
+                         "The interval holds 0: no gain over the controls is shown." if gain["high"] >= 0 else
+                         "The control beats the method.")]
+    return lines
 
 
 def diagnostics_table(results: dict) -> list[str]:

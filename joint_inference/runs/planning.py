@@ -124,6 +124,8 @@ def classification_plan(run: ICLSettings, data: TaskData, encoder: PromptEncoder
         stages.append(stage("supervised ICL (baseline)", [icl(encoded["test"], pool)]))
     for t in range(1, run.T + 1):
         stages.append(stage(f"round {t}", [icl(encoded[s], encoded[pool_split]) for s in splits]))
+    if "random_labels" in run.controls:  # batch_calibrated reads the zero-shot scores: no prompts of its own
+        stages.append(stage("control: random labels", [icl(encoded["test"], encoded[pool_split])]))
     return stages
 
 

@@ -26,6 +26,7 @@ from ..core.utils import resolve_batch_size, resolve_device, seed_everything
 from ..data.hub import ALL_SUBJECTS, TaskData
 from ..data.tasks import load_data, modality, row_check
 from ..methods import uft
+from ..methods.controls import check_controls
 from ..methods.finetune import add_lora
 from ..methods.generation import CotFormat, load_generative_task, run_generation, sampling_settings
 from ..methods.mmmu import run_mmmu
@@ -78,6 +79,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
 def in_context(settings: ICLSettings, subjects: list | None, tally: DryRunTally | None = None) -> dict:
     """The in-context run of ``settings``; ``tally``: the API clients count requests into it (a dry run)."""
     kind = settings.dataset.kind
+    check_controls(settings.controls, kind, settings.protocol)
     if settings.dry_run and kind != "classification":
         raise ConfigError("dry_run=true counts the prompts of classification tasks; generation tasks (responses of "
                           "unknown length) have no dry run yet")

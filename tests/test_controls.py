@@ -1,0 +1,189 @@
+"""Controls (methods/controls.py): each uses its method's draws and calls, batch calibration and the paired
+interval against slow references written here, and the run's reports."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from joint_inference.core.errors import ConfigError
+from joint_inference.methods import controls as ctl
+from joint_inference.methods import uicl
+from tests.conftest import compose
+
+
+def icl_config(model_dir, data_root, out_dir, *extra):
+    return compose("unsupervised_icl_llm", [
+        f"model.pretrained={model_dir}", "model.embedded=null", "model.name=tiny_llama", "dataset=sst2",
+        f"dataset.data_root={data_root}", "dataset.num_examples=24", "N=3", "T=2", "num_repeats=3",
+        "device=cpu", "forward_batch_size=5", "progress=false", "save_predictions=true", f"output_dir={out_dir}",
+        *extra])
+
+
+# ------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("controls, kind, protocol, message", [
+    (["majority_vote"], "classification", "clean", r"'majority_vote' does not apply here \(classification tasks take "
+                                                   r"random_labels, batch_calibrated\)"),
+    (["random_labels"], "generation", "clean", r"'random_labels' does not apply here \(generation tasks take none"),
+    (["random_labels"], "classification", "original", r"protocol=original: the original release runs no controls"),
+    (["batch_calibrated", "batch_calibrated"], "classification", "clean", "names a control twice"),
+])
+def test_a_control_that_does_not_apply_is_refused(controls, kind, protocol, message):
+    with pytest.raises(ConfigError, match=message):
+        ctl.check_controls(controls, kind, protocol)
+
+
+def test_a_refused_control_stops_the_run_before_any_work(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from joint_inference.runs.root import run_icl as run
+
+    with pytest.raises(ConfigError, match="majority_vote"):
+        run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[majority_vote]"))
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+# ------------------------------------------------------------------------ same draws, same calls
+def recorded_calls(monkeypatch) -> dict[str, list]:
+    """Every prompt the scorer is asked for, by the stage that asks (its progress label): (demonstrations'
+    token ids, their shown labels, the query's token ids)."""
+    from joint_inference.scoring.scorer import Scorer
+
+    calls: dict[str, list] = {}
+    label_logprobs = Scorer.label_logprobs
+
+    def recording(self, prompts, labels, read="query", desc=None):
+        calls.setdefault(desc, []).extend((tuple(ex.prefix for ex in p[:-1]), tuple(lab), p[-1].prefix)
+                                          for p, lab in zip(prompts, labels))
+        return label_logprobs(self, prompts, labels, read, desc)
+
+    monkeypatch.setattr(Scorer, "label_logprobs", recording)
+    return calls
+
+
+def test_random_labels_is_round_1_with_only_the_shown_labels_changed(tiny_llama_dir, tiny_sst2_root, tmp_path,
+                                                                      monkeypatch):
+    """The control asks the scorer for round 1's test prompts: the same demonstrations, in the same order, for
+    the same queries, as many, each demonstration shown with the class the random labelling gave its pool
+    example instead of its pseudo-label."""
+    from joint_inference.runs.root import run_icl as run
+    from tests.conftest import settings_of, task_data
+
+    calls = recorded_calls(monkeypatch)
+    cfg = icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[random_labels]", "T=1")
+    results = run(cfg)
+    control, round_1 = calls["control: random labels [test]"], calls["round 1/1 [test]"]
+    assert len(control) == results["num_test"] * results["settings"]["num_repeats"]
+    assert [(demos, query) for demos, _, query in control] == [(demos, query) for demos, _, query in round_1]
+
+    from joint_inference.models.language import load_tokenizer
+    from joint_inference.runs.root import prompt_encoder
+
+    settings = settings_of(cfg)
+    pool = prompt_encoder(settings, load_tokenizer(settings.model)).encode_all(task_data(cfg).train)
+    index = {ex.prefix: i for i, ex in enumerate(pool)}
+    stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
+    pseudo = np.asarray(stages["zero_shot/train"]["train"])
+    random = ctl.random_labelling(len(pool), 2, settings.seed)
+    assert (random != pseudo).any() and (random == pseudo).any()  # neither the pseudo-labels nor their opposite
+    for (demos, shown, _), (_, round_labels, _) in zip(control, round_1):
+        assert list(round_labels) == pseudo[[index[d] for d in demos]].tolist()
+        assert list(shown) == random[[index[d] for d in demos]].tolist()
+
+
+def test_random_labels_with_the_pseudo_labels_shown_is_round_1_exactly(tiny_llama_dir, tiny_sst2_root, tmp_path,
+                                                                        monkeypatch):
+    """The pseudo-labels shown in place of random ones: the control's votes and predictions are round 1's."""
+    from joint_inference.runs.root import run_icl as run
+
+    cfg = icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[random_labels]", "T=1")
+    first = run(cfg)
+    stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
+    monkeypatch.setattr(uicl, "random_labelling", lambda size, k, seed: np.asarray(stages["zero_shot/train"]["train"]))
+    again = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "identity", "controls=[random_labels]", "T=1"))
+    identity = json.loads((tmp_path / "identity" / "state.json").read_text())["stages"]
+    for key in ("test", "test_votes"):
+        assert identity["control_random_labels/test"][key] == identity["round_1/test"][key]
+    assert again["controls"]["random_labels"]["test_accuracy"] == again["rounds"][0]["test_accuracy"]
+    assert first["rounds"] == again["rounds"]  # the control changes nothing of the method
+
+
+def test_controls_join_a_finished_run_at_their_own_cost(tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
+    """Controls asked of a finished run directory score their prompts only (the method's stages are reused);
+    batch calibration scores none. A state file from before the zero-shot log-probs were kept gets them
+    scored again, and the same predictions as a run that kept them."""
+    from joint_inference.runs.root import run_icl as run
+
+    plain = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run"))
+    assert "controls" not in plain
+    calls = recorded_calls(monkeypatch)
+    both = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[random_labels,batch_calibrated]"))
+    assert list(calls) == ["control: random labels [test]"]
+    votes = both["settings"]["num_repeats"]
+    assert both["timing"]["prompts_scored"] - plain["timing"]["prompts_scored"] == both["num_test"] * votes
+    assert both["rounds"] == plain["rounds"] and set(both["controls"]) == {"random_labels", "batch_calibrated"}
+
+    state_path = tmp_path / "run" / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("zero_shot/test", "zero_shot/train"):
+        state["stages"][key] = {k: v for k, v in state["stages"][key].items() if not k.endswith("_logprobs")}
+    del state["stages"]["control_batch_calibrated/test"]
+    state_path.write_text(json.dumps(state))
+    calls.clear()
+    old = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[random_labels,batch_calibrated]"))
+    assert sorted(calls) == ["zero-shot [test]", "zero-shot [train]"]
+    assert old["controls"] == both["controls"]
+
+
+# ------------------------------------------------------------------------------- batch calibration
+def test_batch_calibration_against_a_slow_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, 3)) + np.array([2.0, 0.0, -1.0])  # a bias toward class 0
+    logprobs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    pool = logprobs[:5]
+    prior = [sum(np.exp(pool[i][k]) for i in range(5)) / 5 for k in range(3)]
+    want = [max(range(3), key=lambda k: np.exp(logprobs[q][k]) - prior[k]) for q in range(7)]
+    assert ctl.batch_calibrated(logprobs, pool).tolist() == want
+    # a known value: every example leans to class 0 by the same amount; calibration removes the lean
+    lean = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.85, 0.15]]))  # the pool's mean: 0.78, 0.22
+    assert ctl.batch_calibrated(lean, lean).tolist() == [0, 1, 0]
+
+
+# ------------------------------------------------------------------------------- the paired interval
+def test_paired_gain_against_the_exact_bootstrap_distribution():
+    """Six questions: the exact bootstrap distribution of the mean paired difference (all 6^6 resamples,
+    enumerated) against the 10,000 drawn: the same 2.5% and 97.5% quantiles to within one step of 1/6."""
+    gold = np.array([0, 1, 0, 1, 1, 0])
+    method = np.array([0, 1, 0, 1, 0, 0])  # 5 right
+    control = np.array([1, 1, 0, 0, 0, 0])  # 3 right
+    got = ctl.paired_gain(method, control, gold)
+    assert got["gain"] == pytest.approx(2 / 6)
+    assert (got["method_only_right"], got["control_only_right"]) == (2, 0)
+    difference = (method == gold).astype(float) - (control == gold)
+    exact = np.sort([difference[list(resample)].mean() for resample in itertools.product(range(6), repeat=6)])
+    low, high = np.quantile(exact, [0.025, 0.975])
+    assert abs(got["low"] - low) <= 1 / 6 + 1e-9 and abs(got["high"] - high) <= 1 / 6 + 1e-9
+    assert got["low"] >= 0  # the control is never right alone: no resample shows it ahead
+    same = ctl.paired_gain(method, method, gold)
+    assert (same["gain"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ reports
+def test_the_reports_show_the_controls_and_the_gain_over_the_best(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from joint_inference.runs.root import run_icl as run
+
+    results = run(icl_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run",
+                             "controls=[random_labels,batch_calibrated]"))
+    controls = results["controls"]
+    best = max(controls, key=lambda name: controls[name]["test_accuracy"])
+    gain = results["gain_over_best_control"]
+    assert gain["control"] == best and gain["method"] == "round 2"
+    assert gain["gain"] == pytest.approx(results["rounds"][-1]["test_accuracy"] - controls[best]["test_accuracy"])
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| control: random labels (round 1's draws) |" in table and "| control: batch-calibrated zero-shot |" in table
+    assert f"{100 * gain['gain']:+.1f} points on the same {results['num_test']} test questions" in table
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"]
+    assert np.mean([r["controls"]["batch_calibrated"] == r["label"] for r in test]) == pytest.approx(
+        controls["batch_calibrated"]["test_accuracy"])
+    assert results["settings"]["controls"] == ["random_labels", "batch_calibrated"]
