@@ -26,7 +26,9 @@ def icl_config(model_dir, data_root, out_dir, *extra):
 @pytest.mark.parametrize("controls, kind, protocol, message", [
     (["majority_vote"], "classification", "clean", r"'majority_vote' does not apply here \(classification tasks take "
                                                    r"random_labels, batch_calibrated\)"),
-    (["random_labels"], "generation", "clean", r"'random_labels' does not apply here \(generation tasks take none"),
+    (["random_labels"], "generation", "clean", r"'random_labels' does not apply here \(generation tasks take "
+                                               r"majority_vote\)"),
+    (["majority_vote"], "mmmu", "clean", r"'majority_vote' does not apply here \(mmmu tasks take none yet\)"),
     (["random_labels"], "classification", "original", r"protocol=original: the original release runs no controls"),
     (["batch_calibrated", "batch_calibrated"], "classification", "clean", "names a control twice"),
 ])
@@ -156,7 +158,7 @@ def test_paired_gain_against_the_exact_bootstrap_distribution():
     gold = np.array([0, 1, 0, 1, 1, 0])
     method = np.array([0, 1, 0, 1, 0, 0])  # 5 right
     control = np.array([1, 1, 0, 0, 0, 0])  # 3 right
-    got = ctl.paired_gain(method, control, gold)
+    got = ctl.paired_gain(method == gold, control == gold)
     assert got["gain"] == pytest.approx(2 / 6)
     assert (got["method_only_right"], got["control_only_right"]) == (2, 0)
     difference = (method == gold).astype(float) - (control == gold)
@@ -164,7 +166,7 @@ def test_paired_gain_against_the_exact_bootstrap_distribution():
     low, high = np.quantile(exact, [0.025, 0.975])
     assert abs(got["low"] - low) <= 1 / 6 + 1e-9 and abs(got["high"] - high) <= 1 / 6 + 1e-9
     assert got["low"] >= 0  # the control is never right alone: no resample shows it ahead
-    same = ctl.paired_gain(method, method, gold)
+    same = ctl.paired_gain(method == gold, method == gold)
     assert (same["gain"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
 
 
@@ -187,3 +189,38 @@ def test_the_reports_show_the_controls_and_the_gain_over_the_best(tiny_llama_dir
     assert np.mean([r["controls"]["batch_calibrated"] == r["label"] for r in test]) == pytest.approx(
         controls["batch_calibrated"]["test_accuracy"])
     assert results["settings"]["controls"] == ["random_labels", "batch_calibrated"]
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_majority_vote_samples_the_zero_shot_prompt_as_often_as_the_method_samples(tmp_path, monkeypatch):
+    """GSM8K, N=3, T=3, 3 votes: the method samples 3 zero-shot answers and 3 per round per question (12);
+    the control samples the zero-shot prompt 12 times and keeps the most frequent answer."""
+    from tests.test_uicl_generation import GOLD, QUESTIONS, ScriptedGenerator, query_of, run_scripted, \
+        scripted_config, write_jsonl
+
+    rows = [{"question": q, "answer": f"Add them.\n#### {g}"} for q, g in zip(QUESTIONS, GOLD)]
+    write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl", rows)
+
+    class Votes(ScriptedGenerator):
+        """The control's call (the sixth) answers question 0 wrong in 7 of its 12 samples, the others right."""
+
+        def generate(self, prompts, num_samples=1, seed=0):
+            out = super().generate(prompts, num_samples, seed)
+            if len(self.calls) == 6:
+                out = [[s.replace(f"is {GOLD[0]}.", "is 999.") if i < 7 and query_of(p) == 0 else s
+                        for i, s in enumerate(samples)] for p, samples in zip(prompts, out)]
+            return out
+
+    gen = Votes(lambda stage, q, p: GOLD[q] if q != 5 or stage == 5 else None)
+    results = run_scripted(monkeypatch, scripted_config(tmp_path / "data", tmp_path / "run",
+                                                        "controls=[majority_vote]"), gen)
+    assert gen.samples == [3, 3, 1, 1, 1, 12]
+    assert gen.calls[-1] == gen.calls[0]  # the zero-shot prompts, one per question
+    control = results["controls"]["majority_vote"]
+    assert control["samples_per_question"] == 3 + 3 * 3
+    assert control["test_accuracy"] == pytest.approx(5 / 6)  # q0 outvoted to 999; q5 right
+    assert [r["test_accuracy"] for r in results["rounds"]] == pytest.approx([5 / 6] * 3)  # q5 never parses
+    gain = results["gain_over_best_control"]
+    assert (gain["gain"], gain["method_only_right"], gain["control_only_right"]) == (0.0, 1, 1)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert rows[0]["controls"]["majority_vote"]["answer"] == 999.0 and rows[5]["controls"]["majority_vote"]["correct"]

@@ -6,6 +6,9 @@ that any demonstrations in the right format (or a free recalibration) would have
   of Min et al. (2022), "Rethinking the Role of Demonstrations".
 * ``batch_calibrated`` (classification): zero-shot with batch calibration (Zhou et al., ICLR 2024): each
   class's probability minus its mean over the unlabelled pool, read from the zero-shot scores (no calls).
+* ``majority_vote`` (generation): zero-shot sampling with as many samples per question as the unsupervised
+  run draws in all its stages (zero-shot and every round), answered by majority: self-consistency at equal
+  compute, the comparison asked of test-time methods with majority-vote rewards (TTRL).
 
 The method's gain over its best control is reported on the same test questions with a paired bootstrap
 interval (:func:`paired_gain`).
@@ -16,7 +19,7 @@ import numpy as np
 
 from ..core.errors import ConfigError
 
-CONTROLS = {"classification": ("random_labels", "batch_calibrated")}
+CONTROLS = {"classification": ("random_labels", "batch_calibrated"), "generation": ("majority_vote",)}
 RANDOM_LABELS_KEY = 7919  # keys the random labelling's generator apart from every stage's draws
 
 
@@ -47,12 +50,11 @@ def batch_calibrated(logprobs: np.ndarray, pool_logprobs: np.ndarray) -> np.ndar
     return (np.exp(np.asarray(logprobs, dtype=np.float64)) - prior).argmax(-1)
 
 
-def paired_gain(method: np.ndarray, control: np.ndarray, gold: np.ndarray, seed: int = 0,
-                resamples: int = 10_000) -> dict:
-    """The method's accuracy minus the control's on the same test questions, with a 95% paired bootstrap
-    interval: questions resampled with replacement, both predictions of a question kept together."""
-    method_right = np.asarray(method) == np.asarray(gold)
-    control_right = np.asarray(control) == np.asarray(gold)
+def paired_gain(method_right, control_right, seed: int = 0, resamples: int = 10_000) -> dict:
+    """The method's accuracy minus the control's on the same test questions (whether each was answered right),
+    with a 95% paired bootstrap interval: questions resampled with replacement, both answers of a question
+    kept together."""
+    method_right, control_right = np.asarray(method_right, dtype=bool), np.asarray(control_right, dtype=bool)
     difference = method_right.astype(np.float64) - control_right
     rng = np.random.default_rng([seed, RANDOM_LABELS_KEY, 1])
     means = difference[rng.integers(len(difference), size=(resamples, len(difference)))].mean(1)

@@ -54,6 +54,7 @@ from .answers import (
     read_choice,
     same_answer,
 )
+from .controls import paired_gain
 
 log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGHIJ"
@@ -388,15 +389,30 @@ def run_generation(run: TextICLSettings, task: GenerativeTask, fmt: CotFormat, l
                          1, key)
         rounds.append(previous)
 
+    # ---- control: zero-shot majority vote over as many samples per question as the stages above drew
+    controls = {}
+    if "majority_vote" in run.controls:
+        samples = one_prompt_samples + run.T * run.num_repeats
+        controls["majority_vote"] = stage("control_majority_vote", lambda: (
+            [[fmt.zero_shot_prompt(r)] for r in task.rows], {"samples_per_question": samples}), samples,
+            (run.seed, run.T + 2))
+
     # ---- results
     results = {
         "task": run.dataset.name, "model": run.model.name, "num_test": len(task.rows),
         "zero_shot": summary(task, zero_shot),
         "supervised_icl": summary(task, supervised) if supervised else None,
         "rounds": [{"round": t, **summary(task, r), "pool_size": r["pool_size"]} for t, r in enumerate(rounds, 1)],
+        **({"controls": {name: {**summary(task, c), "samples_per_question": c["samples_per_question"]}
+                         for name, c in controls.items()},
+            "gain_over_best_control": {"method": f"round {len(rounds)}" if rounds else "zero-shot",
+                                       "control": "majority_vote", **paired_gain(
+                                           task.correct((rounds[-1] if rounds else zero_shot)["answers"]),
+                                           task.correct(controls["majority_vote"]["answers"]), run.seed)}}
+           if controls else {}),
         "timing": {"seconds": state.seconds, "prompts_scored": state.prompts},
         "settings": {"N": n_shots, "T": run.T, "num_repeats": run.num_repeats, "seed": run.seed,
-                     "protocol": run.protocol, "backend": run.backend, "temperature": run.temperature,
+                     "protocol": run.protocol, "backend": run.backend, "temperature": run.temperature, "controls": list(run.controls),
                      "top_p": run.top_p, "max_new_tokens": run.max_new_tokens,
                      "prompt_style": run.prompt_style.name if run.prompt_style else None, "template": template,
                      "dtype": dtype},
@@ -406,10 +422,12 @@ def run_generation(run: TextICLSettings, task: GenerativeTask, fmt: CotFormat, l
                 for a, ok, r in zip(stage["answers"], task.correct(stage["answers"]), stage["responses"])]
 
     zs, sup, rnd = per_question(zero_shot), supervised and per_question(supervised), [per_question(r) for r in rounds]
+    ctl = {name: per_question(c) for name, c in controls.items()}
     write_jsonl(out_dir / "answers.jsonl", [
         {"source": task.sources[q], "question": row.get(run.dataset.question_field), "gold": task.gold[q],
          **({"category": task.categories[q]} if task.categories else {}), "zero_shot": zs[q],
-         **({"supervised_icl": sup[q]} if sup else {}), "rounds": [r[q] for r in rnd]}
+         **({"supervised_icl": sup[q]} if sup else {}), "rounds": [r[q] for r in rnd],
+         **({"controls": {name: c[q] for name, c in ctl.items()}} if ctl else {})}
         for q, row in enumerate(task.rows)])
     write_results(out_dir, results)
     log.info("results in %s", out_dir)

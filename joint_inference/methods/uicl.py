@@ -221,5 +221,6 @@ def control_results(controls: dict, rounds: list, zero_shot: dict, gold, scores,
         method = rounds[-1]["test"] if rounds else zero_shot["test"]
         best = max(controls, key=lambda name: out["controls"][name]["test_accuracy"])
         out["gain_over_best_control"] = {"method": f"round {len(rounds)}" if rounds else "zero-shot",
-                                         "control": best, **paired_gain(method, controls[best]["test"], gold, seed)}
+                                         "control": best, **paired_gain(np.asarray(method) == gold,
+                                                                        np.asarray(controls[best]["test"]) == gold, seed)}
     return out

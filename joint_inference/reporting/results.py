@@ -12,7 +12,8 @@ from ..core.utils import atomic_write_json, atomic_write_text, differing_keys, r
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL",  # others: round_<t>
-               "control_random_labels": "control: random labels", "control_batch_calibrated": "control: batch-calibrated"}
+               "control_random_labels": "control: random labels", "control_batch_calibrated": "control: batch-calibrated",
+               "control_majority_vote": "control: majority vote"}
 STATE_KEYS = {"fingerprint", "stages", "seconds", "prompts"}  # what RunState writes to state.json
 
 
@@ -143,7 +144,8 @@ def markdown_table(results: dict) -> str:
 
 
 CONTROL_ROWS = {"random_labels": "control: random labels (round 1's draws)",
-                "batch_calibrated": "control: batch-calibrated zero-shot"}
+                "batch_calibrated": "control: batch-calibrated zero-shot",
+                "majority_vote": "control: zero-shot majority vote, as many samples"}
 
 
 def control_lines(results: dict) -> list[str]:
@@ -152,7 +154,9 @@ def control_lines(results: dict) -> list[str]:
         return []
     lines = ["* **controls**: label-free baselines at the method's cost (docs/controls.md). *random labels*: round 1's "
              "demonstrations and votes, each demonstration shown with a uniformly random class, so only their format "
-             "remains; *batch-calibrated*: zero-shot, each class's probability minus its mean over the unlabelled pool."]
+             "remains; *batch-calibrated*: zero-shot, each class's probability minus its mean over the unlabelled pool; "
+             "*majority vote*: zero-shot answers sampled as many times per question as the method samples in all its "
+             "stages, the most frequent answer kept."]
     gain = results.get("gain_over_best_control")
     if gain:
         lines += ["", f"**{gain['method']} against the best control ({CONTROL_ROWS[gain['control']]})**: "
