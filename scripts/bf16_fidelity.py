@@ -35,10 +35,16 @@ def command(name: str, dtype: str, root: Path) -> list[str]:
     run_dir = root / dtype / name
     if name == "quickstart":
         return [sys.executable, str(REPO / "unsupervised_icl_llm.py"), "+experiment=quickstart",
-                f"model.dtype={dtype}", "allow_long_cpu_run=true", "progress=false", f"hydra.run.dir={run_dir}"]
+                f"model.dtype={dtype}", "allow_long_cpu_run=true", "progress=false", "save_predictions=true",
+                f"hydra.run.dir={run_dir}"]
     kind, model, task, seed = name.split("/")
     job = Job(kind, model, task, int(seed.removeprefix("seed")))
-    return [*job.command(root / dtype), f"model.dtype={dtype}"]
+    return [*job.command(root / dtype), f"model.dtype={dtype}", *(["save_predictions=true"] * (kind == "icl"))]
+
+
+def finished(name: str, run_dir: Path) -> Path:
+    """The file a finished run of ``name`` leaves (ICL: its predictions, which the comparison reads)."""
+    return run_dir / ("results.json" if name.startswith("uft") else "predictions.jsonl")
 
 
 def wall_seconds(run_dir: Path) -> Path:
@@ -106,7 +112,7 @@ def collect(root: Path) -> dict:
     report = {}
     for name in JOBS:
         runs = {dtype: root / dtype / name for dtype in DTYPES}
-        if not all((run / "results.json").exists() for run in runs.values()):
+        if not all(finished(name, run).exists() for run in runs.values()):
             continue
         seconds = {dtype: read_json(wall_seconds(run)) for dtype, run in runs.items()}
         report[name] = {"rows": uft_rows(runs) if name.startswith("uft") else icl_rows(runs),
@@ -154,7 +160,7 @@ def main() -> None:
         for name in args.only:
             for dtype in DTYPES:
                 run_dir = args.root / dtype / name
-                if (run_dir / "results.json").exists():
+                if finished(name, run_dir).exists():
                     continue
                 print(f"{name} [{dtype}]", flush=True)
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +170,8 @@ def main() -> None:
                                           cwd=REPO, check=False)
                 if done.returncode:
                     raise SystemExit(f"error: {name} [{dtype}] failed (exit {done.returncode}); see {log.name}")
-                atomic_write_json(wall_seconds(run_dir), time.perf_counter() - started)
+                if not wall_seconds(run_dir).exists():  # a run resumed only to write its predictions keeps its time
+                    atomic_write_json(wall_seconds(run_dir), time.perf_counter() - started)
                 report = collect(args.root)
                 atomic_write_json(args.out, {"machine": machine_facts(), "jobs": JOBS, "dtypes": DTYPES,
                                              "report": report})

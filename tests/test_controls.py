@@ -224,3 +224,58 @@ def test_majority_vote_samples_the_zero_shot_prompt_as_often_as_the_method_sampl
     assert (gain["gain"], gain["method_only_right"], gain["control_only_right"]) == (0.0, 1, 1)
     rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
     assert rows[0]["controls"]["majority_vote"]["answer"] == 999.0 and rows[5]["controls"]["majority_vote"]["correct"]
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+def ft_config(model_dir, data_root, out_dir, *extra):
+    return compose("unsupervised_ft_llm", [
+        f"output_dir={out_dir}", f"model.pretrained={model_dir}", "model.embedded=null", f"dataset.data_root={data_root}",
+        "device=cpu", "batch_size=2", "N=4", "num_iterations=4", "eval_freq=2", "ckpt_freq=2", "progress=false",
+        "optimization.lr=1e-2", "lora.r=4", *extra])
+
+
+def test_fine_tuning_random_labels_trains_the_same_way_from_the_same_start_with_uniform_labels(
+        tiny_llama_dir, tiny_sst2_root, tmp_path, monkeypatch):
+    """The control's steps draw the same pool batches from the same generator, start from the method's
+    initial adapters, and read uniformly random labels; forced to draw the task encoder's labels as the method
+    does, it ends with the method's weights exactly. The method's own results are those of a run without it."""
+    import torch
+
+    import joint_inference.methods.finetune as finetune
+    from joint_inference.runs.root import run_finetuning as run
+
+    plain = run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "plain"))
+    steps, step = [], finetune.train_step
+
+    def recording(encoder, reward, idx, *args, random_labels=False, **kwargs):
+        steps.append((idx.clone(), random_labels))
+        return step(encoder, reward, idx, *args, random_labels=random_labels, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", recording)
+    both = run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[random_labels]"))
+    assert both["history"] == plain["history"] and both["final"] == plain["final"]
+    assert [r for _, r in steps] == [False] * 4 + [True] * 4
+    method_batches, control_batches = [i for i, _ in steps[:4]], [i for i, _ in steps[4:]]
+    assert not all(torch.equal(a, b) for a, b in zip(method_batches, control_batches))  # randint moves the stream
+    assert method_batches[0].tolist() == control_batches[0].tolist()  # the first batch: the same generator, seed
+    control = both["controls"]["random_labels"]
+    assert [h["step"] for h in control["history"]] == [0, 2, 4]
+    assert control["history"][0] == both["history"][0]  # the same start: the zero-shot evaluation
+    assert (tmp_path / "run" / "controls" / "random_labels" / "checkpoint.pt").exists()
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "Control, the same training with random labels" in table and "against the best control" in table
+
+    # with the task encoder's own labels in place of random ones, the control is the method again
+    monkeypatch.setattr(finetune, "train_step", lambda *a, random_labels=False, **k: step(*a, **k))
+    run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "identity", "controls=[random_labels]"))
+    method = torch.load(tmp_path / "identity" / "checkpoint.pt", weights_only=True)["trainable"]
+    twin = torch.load(tmp_path / "identity" / "controls" / "random_labels" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(method[k], v) for k, v in twin["trainable"].items())
+
+
+def test_fine_tuning_controls_are_refused_where_they_do_not_apply(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from joint_inference.runs.root import run_finetuning as run
+
+    with pytest.raises(ConfigError, match=r"'batch_calibrated' does not apply here \(fine-tuning tasks take "
+                                          r"random_labels\)"):
+        run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[batch_calibrated]"))

@@ -141,6 +141,7 @@ class FTSettings(Settings):
     calibrate: bool = key()
     calibrate_task_encoder: bool = key()
     early_stopping: EarlyStopping = group(EarlyStopping)
+    controls: list[str] = key()
     forward_batch_size: int = key(low=1)
     wandb: bool = key()
     wandb_project: str = key()

@@ -6,6 +6,9 @@ that any demonstrations in the right format (or a free recalibration) would have
   of Min et al. (2022), "Rethinking the Role of Demonstrations".
 * ``batch_calibrated`` (classification): zero-shot with batch calibration (Zhou et al., ICLR 2024): each
   class's probability minus its mean over the unlabelled pool, read from the zero-shot scores (no calls).
+* ``random_labels`` (fine-tuning): the same training (steps, batches, seed, starting weights) with the
+  labelling the estimator reads drawn uniformly at random instead of from the task encoder: does the
+  accuracy still rise, as it does for random rewards in Spurious Rewards (Shao et al., 2025)?
 * ``majority_vote`` (generation): zero-shot sampling with as many samples per question as the unsupervised
   run draws in all its stages (zero-shot and every round), answered by majority: self-consistency at equal
   compute, the comparison asked of test-time methods with majority-vote rewards (TTRL).
@@ -19,7 +22,8 @@ import numpy as np
 
 from ..core.errors import ConfigError
 
-CONTROLS = {"classification": ("random_labels", "batch_calibrated"), "generation": ("majority_vote",)}
+CONTROLS = {"classification": ("random_labels", "batch_calibrated"), "generation": ("majority_vote",),
+            "fine-tuning": ("random_labels",)}
 RANDOM_LABELS_KEY = 7919  # keys the random labelling's generator apart from every stage's draws
 
 

@@ -236,14 +236,16 @@ def make_optimizer(params, lr: float, schedule: str = "constant", warmup_steps: 
 
 # ------------------------------------------------------------------------------------- one step
 def train_step(encoder, reward: Callable, idx: torch.Tensor, optimizer, scheduler, *, estimator: str,
-               baseline: bool, gamma: float, max_norm: float, generator: torch.Generator) -> dict:
+               baseline: bool, gamma: float, max_norm: float, generator: torch.Generator,
+               random_labels: bool = False) -> dict:
     """One update on the (B, N) pool indices ``idx``; returns the step's statistics over all B sequences.
 
     Labels are sampled with ``generator`` (on the CPU, so runs reproduce on any device); the
     sampled and the argmax labellings are scored together. Under several processes each one
     takes sequences ``rank::P`` and the step equals the one-process step: all B*N labels are
     sampled from the gathered logits (the generator advances alike everywhere), the entropy is
-    over the whole batch, and the gradients are averaged before clipping.
+    over the whole batch, and the gradients are averaged before clipping. ``random_labels`` (the control of
+    that name): the labelling the estimator reads is drawn uniformly at random, not from the task encoder.
     """
     b, n = idx.shape
     processes = process_state()
@@ -252,7 +254,10 @@ def train_step(encoder, reward: Callable, idx: torch.Tensor, optimizer, schedule
     logits = encoder.logits("train", mine.flatten().tolist()).view(len(mine), n, -1)
     all_logits = gather_rows(logits)
     probs = all_logits.detach().float().softmax(-1).cpu().view(b * n, -1)
-    sample = torch.multinomial(probs, 1, generator=generator).view(b, n)[rank::num_processes].to(logits.device)
+    if random_labels:
+        sample = torch.randint(probs.shape[-1], (b, n), generator=generator)[rank::num_processes].to(logits.device)
+    else:
+        sample = torch.multinomial(probs, 1, generator=generator).view(b, n)[rank::num_processes].to(logits.device)
     all_argmax = all_logits.detach().argmax(-1)
     argmax = all_argmax[rank::num_processes]
     rewards = reward(mine.repeat(2, 1), torch.cat([sample, argmax]))
@@ -384,6 +389,7 @@ def evaluation_line(evaluated: dict) -> str:
 
 def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_labels: np.ndarray | None, settings,
         fingerprint: dict, ckpt_path: Path, metrics_path: Path, progress: bool = True, unrecorded: dict | None = None,
+        random_labels: bool = False,
         on_step: Callable[[int, dict], None] | None = None, pool_size: int | None = None,
         test_size: int | None = None, num_classes: int | None = None) -> dict:
     """Train for ``settings.num_iterations`` steps, resuming from ``ckpt_path`` when it exists.
@@ -402,7 +408,8 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
     accuracies are None and the rest is the same. The original checks its rule
     before the update of the step whose labels it reads; here that step's update is made. Under
     several processes (data-parallel, see :func:`train_step`) all hold this same state; the main
-    one writes the checkpoint, and all read it to resume. ``unrecorded``: see :func:`load_checkpoint`.
+    one writes the checkpoint, and all read it to resume. ``unrecorded``: see :func:`load_checkpoint`;
+    ``random_labels``: see :func:`train_step`.
     """
     b, n, opt = settings.batch_size, settings.N, settings.optimization
     pool_size = len(pool_labels) if pool_labels is not None else pool_size
@@ -450,7 +457,8 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
             "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "state": state})
         write_jsonl(metrics_path, state["metrics"])
 
-    bar = tqdm(total=settings.num_iterations, initial=state["step"], desc="fine-tuning",
+    bar = tqdm(total=settings.num_iterations, initial=state["step"],
+               desc="control: random labels" if random_labels else "fine-tuning",
                disable=not progress or not is_main_process())
     stopping = settings.early_stopping
     while state["step"] < settings.num_iterations and state["stopped_at"] is None:
@@ -458,7 +466,7 @@ def fit(encoder, reward: Callable, *, pool_labels: np.ndarray | None, test_label
         idx = torch.randperm(pool_size, generator=generator)[: b * n].view(b, n)
         stats = train_step(encoder, reward, idx, optimizer, scheduler, estimator=settings.estimator.name,
                            baseline=settings.estimator.baseline, gamma=settings.gamma, max_norm=settings.max_norm,
-                           generator=generator)
+                           generator=generator, random_labels=random_labels)
         state["seconds"] += time.perf_counter() - start
         state["step"] += 1
         step = state["step"]

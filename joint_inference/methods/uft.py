@@ -23,8 +23,9 @@ from ..data.hub import TaskData
 from ..models.language import compute_dtype, dtype_before_recorded
 from ..reporting.files import file_finetuning_results
 from ..reporting.plots import plot_learning_curve
-from ..reporting.results import interval, interval_note, pct, write_results
+from ..reporting.results import control_lines, interval, interval_note, pct, write_results
 from ..scoring.scorer import Scorer
+from .controls import paired_gain
 from .finetune import (
     CalibratedTaskEncoder,
     LinearTaskEncoder,
@@ -41,7 +42,7 @@ from .icl import zero_shot_logprobs
 
 log = logging.getLogger(__name__)
 # Keys that do not change the trained parameters: they may differ when a run is resumed.
-RUNTIME_KEYS = ("output_dir", "num_iterations", "eval_freq", "ckpt_freq", "device", "progress", "wandb",
+RUNTIME_KEYS = ("output_dir", "num_iterations", "eval_freq", "ckpt_freq", "device", "progress", "wandb", "controls",
                 "wandb_project", "forward_batch_size", "dataset.data_root", "dry_run", "allow_long_cpu_run",
                 "dataset.path")  # dataset.path: where the file is; its rows are in the data fingerprint
 
@@ -85,7 +86,13 @@ def finetuning_table(results: dict) -> str:
                "training" + (f"; stopped early at step {stopped}" if stopped else "") + ").")
     if labelled:
         lines += ["", f"Zero-shot {pct(results['zero_shot']['test_accuracy'])} -> fine-tuned "
-                      f"{pct(results['final']['test_accuracy'])} after {trained}", "",
+                      f"{pct(results['final']['test_accuracy'])} after {trained}", ""]
+        if "random_labels" in results.get("controls", {}):
+            control = results["controls"]["random_labels"]
+            lines += [f"Control, the same training with random labels: {pct(control['test_accuracy'])} after "
+                      f"{control['history'][-1]['step']} steps (evaluations: "
+                      + ", ".join(f"step {h['step']} {pct(h['test_accuracy'])}" for h in control["history"]) + ").", ""]
+        lines += [
                   f"* **test accuracy**: the fraction of the {n} test examples whose argmax label under the task "
                   "encoder is right (step 0: the model before training, zero-shot).",
                   interval_note(n)]
@@ -99,7 +106,13 @@ def finetuning_table(results: dict) -> str:
               "jointly (docs/protocol.md §3), for the task encoder's argmax and sampled labellings.",
               "* **entropy**: of the batch's mean prediction (nats); the regulariser keeps it from collapsing to 0.",
               "* **flip rate**: the fraction of a step's labels that changed since those examples were last drawn."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + control_lines(results, FT_CONTROLS)) + "\n"
+
+
+FT_CONTROLS = {"random_labels": ("control: the same training with random labels",
+                                 "*random labels*: the same training (steps, batches, seed, starting weights), the "
+                                 "labelling the estimator reads drawn uniformly at random instead of from the task encoder "
+                                 "(its own checkpoint and metrics: controls/random_labels/)")}
 
 
 def wandb_stats(stats: dict, label_names: list[str]) -> dict:
@@ -154,6 +167,7 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
     else:  # a linear head on the frozen LM's states, started at its zero-shot predictions
         features = {split: lm_features(scorer, ex) for split, ex in examples.items()}
         task_encoder = LinearTaskEncoder(features, scorer.encoder.num_labels, init=label_head(scorer))
+    start = {"trainable": task_encoder.trainable_state(), "rng": torch.random.get_rng_state()}  # for the control
     log_prior = zero_shot_log_prior(scorer, examples["train"]) if run.calibrate else None
     reward = LMReward(scorer, examples["train"], log_prior)
     if run.calibrate_task_encoder:
@@ -180,6 +194,23 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
     if is_main_process():
         task_encoder.save(out_dir / ("adapter" if run.task_encoder == "lora" else "linear_head"))
+    controls = {}
+    if "random_labels" in run.controls:  # the same training from the same start, the labels drawn at random
+        trained = task_encoder.trainable_state()
+        method_test = predict_labels(task_encoder, "test", len(data.test))[0]
+        task_encoder.load_trainable_state(start["trainable"])
+        torch.random.set_rng_state(start["rng"])
+        control_dir = out_dir / "controls" / "random_labels"
+        control_dir.mkdir(parents=True, exist_ok=True)
+        control = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, settings=run,
+                      fingerprint={**fingerprint, "control": "random_labels"}, ckpt_path=control_dir / "checkpoint.pt",
+                      metrics_path=control_dir / "metrics.jsonl", progress=run.progress, pool_size=len(data.train),
+                      test_size=len(data.test), num_classes=scorer.encoder.num_labels, random_labels=True,
+                      unrecorded={"dtype": dtype_before_recorded(run.model, "hf", device)})
+        controls["random_labels"] = {"test_accuracy": control["history"][-1]["test_accuracy"],
+                                     "history": control["history"], "test": predict_labels(task_encoder, "test",
+                                                                                           len(data.test))[0]}
+        task_encoder.load_trainable_state(trained)
     history = state["history"]
     results = {
         "task": run.dataset.name, "model": run.model.name, "task_encoder": run.task_encoder,
@@ -201,6 +232,12 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
                      "config": {k: v for k, v in recorded.items() if k != "seed"}},  # every other setting, flattened
         "data_fingerprint": fingerprint["data"],
     }
+    if controls:
+        results["controls"] = {name: {k: v for k, v in c.items() if k != "test"} for name, c in controls.items()}
+        results["settings"]["controls"] = list(run.controls)
+        if has_labels(data):
+            results["gain_over_best_control"] = {"method": "fine-tuned", "control": "random_labels", **paired_gain(
+                method_test == data.test_labels, controls["random_labels"]["test"] == data.test_labels, run.seed)}
     if isinstance(data, FileData):  # own data: every row's label before and after training in predictions.csv
         splits = ("test",) if data.transductive else ("train", "test")
         with frozen(scorer.model):

@@ -112,7 +112,7 @@ def markdown_table(results: dict) -> str:
     if results.get("supervised_icl"):
         stages.append(("supervised ICL (true labels)", results["supervised_icl"]))
     stages += [(f"unsupervised ICL, round {r['round']}", r) for r in results["rounds"]]
-    stages += [(CONTROL_ROWS[name], c) for name, c in results.get("controls", {}).items()]
+    stages += [(ICL_CONTROLS[name][0], c) for name, c in results.get("controls", {}).items()]
     spread = any("test_accuracy_mean" in r for _, r in stages)
     train = any(r.get("train_accuracy") is not None for _, r in stages)
     columns = ["stage", "test accuracy", "95% interval", *["mean ± std over votes"] * spread,
@@ -143,23 +143,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines + control_lines(results) + diagnostics_table(results)) + "\n"
 
 
-CONTROL_ROWS = {"random_labels": "control: random labels (round 1's draws)",
-                "batch_calibrated": "control: batch-calibrated zero-shot",
-                "majority_vote": "control: zero-shot majority vote, as many samples"}
+ICL_CONTROLS = {  # name: (its row, what it is)
+    "random_labels": ("control: random labels (round 1's draws)",
+                      "*random labels*: round 1's demonstrations and votes, each demonstration shown with a uniformly "
+                      "random class, so only their format remains"),
+    "batch_calibrated": ("control: batch-calibrated zero-shot",
+                         "*batch-calibrated*: zero-shot, each class's probability minus its mean over the unlabelled "
+                         "pool"),
+    "majority_vote": ("control: zero-shot majority vote, as many samples",
+                      "*majority vote*: zero-shot answers sampled as many times per question as the method samples in "
+                      "all its stages, the most frequent answer kept")}
 
 
-def control_lines(results: dict) -> list[str]:
-    """results.md lines that say what the controls are and the method's gain over the best of them."""
+def control_lines(results: dict, described: dict = ICL_CONTROLS) -> list[str]:
+    """results.md lines that say what the run's controls are and the method's gain over the best of them."""
     if not results.get("controls"):
         return []
-    lines = ["* **controls**: label-free baselines at the method's cost (docs/controls.md). *random labels*: round 1's "
-             "demonstrations and votes, each demonstration shown with a uniformly random class, so only their format "
-             "remains; *batch-calibrated*: zero-shot, each class's probability minus its mean over the unlabelled pool; "
-             "*majority vote*: zero-shot answers sampled as many times per question as the method samples in all its "
-             "stages, the most frequent answer kept."]
+    lines = ["* **controls**: label-free baselines at the method's cost (docs/controls.md). "
+             + "; ".join(described[name][1] for name in results["controls"]) + "."]
     gain = results.get("gain_over_best_control")
     if gain:
-        lines += ["", f"**{gain['method']} against the best control ({CONTROL_ROWS[gain['control']]})**: "
+        lines += ["", f"**{gain['method']} against the best control ({described[gain['control']][0]})**: "
                       f"{100 * gain['gain']:+.1f} points on the same {gain['n']} test questions, 95% interval "
                       f"{100 * gain['low']:+.1f} to {100 * gain['high']:+.1f} ({gain['interval']}; "
                       f"{gain['method_only_right']} questions right only with the method, "

@@ -198,9 +198,14 @@ def finetuning_plan(run, data, encoder, device) -> dict:
               {"stage": f"training: {steps} steps x (B*N task-encoder prompts + 2B reward sequences)",
                "prompts": steps * (b * n + 2 * b),
                "tokens": round(steps * (b * n * alone + 2 * b * (bos + n * labelled)))}]
+    trainings = 1 + ("random_labels" in run.controls)  # the control trains again, evaluated as often
+    if trainings > 1:
+        stages.append({**stages[0], "stage": "control: random labels, the same evaluations"})
+        stages.append({**stages[1], "stage": "control: random labels, the same training"})
     total = {"stage": "total", "prompts": sum(s["prompts"] for s in stages), "tokens": sum(s["tokens"] for s in stages)}
     speed = step_seconds(run.model.name, device.type)
-    seconds = None if speed is None else steps * speed["seconds_per_step"] * b * n / speed["examples_per_step"]
+    seconds = (None if speed is None else
+               trainings * steps * speed["seconds_per_step"] * b * n / speed["examples_per_step"])
     return {"stages": stages, "total": total, "estimate_seconds": seconds, "step_benchmark": speed, "throughput": None,
             "model": run.model.name, "device": device.type}
 

@@ -56,6 +56,7 @@ def run_finetuning(cfg: DictConfig) -> dict:
     """unsupervised_ft_llm.py and unsupervised_ft_vlm.py."""
     settings: FTSettings = read_settings(cfg)
     check_input_is_not_written(settings)
+    check_controls(settings.controls, "fine-tuning", "clean")
     seed_everything(settings.seed)  # before the LoRA adapters are drawn
     parts = Parts(settings)
     uft.check_rules(settings)
