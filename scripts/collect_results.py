@@ -40,12 +40,15 @@ from pathlib import Path
 import numpy as np
 
 # Recorded settings that do not change a result: the seed (rows pool over it), where a run ran
-# (``device``: cpu, cuda:<i>, or for ICL ``vllm``, whose scores equal the hf backend's) and how many
-# data-parallel processes fine-tuning split each step over (the same steps as one process's). Batch
-# size and progress bars are not recorded (fine-tuning's ``B``, the sequences per step, is a setting).
-IGNORED = ("seed", "device", "processes")
+# (``device``: cpu, cuda:<i>, or for ICL ``vllm``, whose scores equal the hf backend's), how many
+# data-parallel processes fine-tuning split each step over (the same steps as one process's) and the
+# controls run beside the method (they add columns, and change none of the method's). Batch size and
+# progress bars are not recorded (fine-tuning's ``B``, the sequences per step, is a setting).
+IGNORED = ("seed", "device", "processes", "controls")
 METRICS = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL", "unsupervised_icl": "unsupervised ICL",
-           "unsupervised_ft": "unsupervised FT"}
+           "unsupervised_ft": "unsupervised FT", "control_random_labels": "control: random labels",
+           "control_batch_calibrated": "control: batch-calibrated", "control_majority_vote": "control: majority vote",
+           "gain_over_best_control": "gain over best control (points)"}
 
 
 @dataclass
@@ -125,12 +128,14 @@ def data_fingerprint(directory: Path, result: dict) -> str | None:
 
 
 def metrics_of(result: dict) -> dict[str, float]:
-    """The test accuracies (percent) a run reports: zero-shot, supervised ICL, last UICL round, final UFT."""
+    """The test accuracies (percent) a run reports: zero-shot, supervised ICL, last UICL round, final UFT, the
+    controls, and the method's gain over the best control (points)."""
     if "macro" in result:
         stages = result["macro"]
         rounds = [s for s in stages if s.startswith("round_")]
         found = {"zero_shot": stages.get("zero_shot"), "supervised_icl": stages.get("supervised_icl"),
-                 "unsupervised_icl": stages[rounds[-1]] if rounds else None}
+                 "unsupervised_icl": stages[rounds[-1]] if rounds else None,
+                 **{stage: a for stage, a in stages.items() if stage.startswith("control_")}}
     else:
         def accuracy(stage):
             return (stage or {}).get("test_accuracy")
@@ -138,7 +143,9 @@ def metrics_of(result: dict) -> dict[str, float]:
         found = {"zero_shot": accuracy(result.get("zero_shot")),
                  "supervised_icl": accuracy(result.get("supervised_icl")),
                  "unsupervised_icl": accuracy(result["rounds"][-1]) if result.get("rounds") else None,
-                 "unsupervised_ft": accuracy(result.get("final"))}
+                 "unsupervised_ft": accuracy(result.get("final")),
+                 **{f"control_{name}": accuracy(c) for name, c in (result.get("controls") or {}).items()},
+                 "gain_over_best_control": (result.get("gain_over_best_control") or {}).get("gain")}
     return {metric: 100 * value for metric, value in found.items() if value is not None}
 
 

@@ -205,3 +205,24 @@ def test_generation_runs_are_their_own_kind_and_csv_numbers_parse_as_floats(tmp_
     assert table.unsupervised_icl_mean.tolist()[0] == pytest.approx(80.0)
     assert table.N.tolist()[:2] == [16, 16] and table.protocol[0] == "clean"
     assert table[table.N == 16].shape[0] == 2  # the settings are columns to filter on
+
+
+def test_control_columns_pool_over_seeds_and_runs_without_controls_pool_with_them(tmp_path):
+    """The controls add columns (accuracy, and the gain over the best in points) and change nothing of the method:
+    a run without them pools with runs that have them, and each column counts the runs that report it."""
+    for seed, (random, calibrated, gain) in enumerate([(0.55, 0.6, 0.1), (0.65, 0.5, 0.2)]):
+        write_icl(tmp_path / "multirun" / str(seed), seed=seed, controls=["random_labels", "batch_calibrated"])
+        path = tmp_path / "multirun" / str(seed) / "results.json"
+        result = json.loads(path.read_text())
+        result["controls"] = {"random_labels": {"test_accuracy": random}, "batch_calibrated": {"test_accuracy": calibrated}}
+        result["gain_over_best_control"] = {"gain": gain, "control": "random_labels"}
+        path.write_text(json.dumps(result))
+    write_icl(tmp_path / "multirun" / "2", seed=2, controls=[])
+    lines, _, rows = collect(tmp_path, tmp_path / "multirun")
+    (row,) = rows
+    assert row["unsupervised_icl_n"] == "3" and row["control_random_labels_n"] == "2"
+    assert float(row["control_random_labels_mean"]) == pytest.approx(60.0)
+    assert float(row["control_batch_calibrated_mean"]) == pytest.approx(55.0)
+    assert float(row["gain_over_best_control_mean"]) == pytest.approx(15.0)
+    header = next(line for line in lines if line.startswith("| model |"))
+    assert "control: random labels" in header and "gain over best control (points)" in header
