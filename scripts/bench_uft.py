@@ -38,7 +38,8 @@ def run_figures(args) -> dict:
         results = run(cfg)
     timing = results["timing"]
     return {
-        "model": args.model, "device": results["settings"]["device"], "B": args.B, "N": args.N,
+        "model": args.model, "device": results["settings"]["device"], "dtype": results["settings"]["dtype"],
+        "B": args.B, "N": args.N,
         "steps": timing["steps"], "seconds_per_step": timing["seconds_per_step"],
         "steps_per_s": 1 / timing["seconds_per_step"], "peak_memory_bytes": results["peak_memory_bytes"],
         "sequences_scored_per_step": 2 * args.B, "overrides": args.overrides,

@@ -349,6 +349,27 @@ def test_estimate_uses_the_benchmark_nearest_in_n(tmp_path):
     assert throughput("gemma3_270m", "cuda", "bfloat16", 8) is None and throughput("gpt2", "cpu", "float32", 8) is None
 
 
+def test_the_estimates_read_the_benchmark_of_the_dtype_the_run_computes_in(tmp_path):
+    """bf16 runs are estimated from bf16 figures, fp32 runs from fp32 ones (a benchmark that records no dtype
+    measured fp32); with no figure of the dtype, any other is better than none."""
+    from joint_inference.runs.planning import step_seconds, throughput
+
+    machine = {"cpu_count": 2}
+    (tmp_path / "a_fp32.json").write_text(json.dumps({"model": "m", "device": "cpu", "B": 4, "N": 8,
+                                                      "seconds_per_step": 10.0, "machine": machine}))
+    (tmp_path / "b_bf16.json").write_text(json.dumps({"model": "m", "device": "cpu", "dtype": "bfloat16", "B": 4,
+                                                      "N": 8, "seconds_per_step": 3.0, "machine": machine}))
+    (tmp_path / "c_scoring.json").write_text(json.dumps({
+        "model": "m", "device": "cpu", "N": 8, "num_tokens": 1000, "batched_seconds": 4.0, "machine": machine,
+        "naive_vs_lower_precision": {"bfloat16": {"batched_seconds": 1.0}}}))
+    assert step_seconds("m", "cpu", "bfloat16", tmp_path)["seconds_per_step"] == 3.0
+    assert step_seconds("m", "cpu", "float32", tmp_path)["seconds_per_step"] == 10.0
+    (tmp_path / "a_fp32.json").unlink()
+    assert step_seconds("m", "cpu", "float32", tmp_path)["dtype"] == "bfloat16"  # the only figure there is
+    assert throughput("m", "cpu", "bfloat16", 8, tmp_path)["tokens_per_s"] == 1000.0
+    assert throughput("m", "cpu", "float32", 8, tmp_path)["tokens_per_s"] == 250.0
+
+
 def test_a_long_cpu_run_stops_with_the_estimate_unless_allowed(tiny_llama_dir, tmp_path, monkeypatch):
     from joint_inference.runs import planning as dry_run
 

@@ -88,9 +88,17 @@ def throughput(model_name: str, device_type: str, dtype: str, n: int, directory:
             "gpu": machine.get("gpu")}
 
 
+def run_dtype(run, device) -> str:
+    """The dtype the run will compute in: what its estimates are read for."""
+    return str(resolve_dtype(run.model.dtype, device)).replace("torch.", "")
+
+
 def model_throughput(run, device) -> dict | None:
-    dtype = str(resolve_dtype(run.model.dtype, device)).replace("torch.", "")
-    return throughput(run.model.name, device.type, dtype, run.N)
+    return throughput(run.model.name, device.type, run_dtype(run, device), run.N)
+
+
+def model_step_seconds(run, device) -> dict | None:
+    return step_seconds(run.model.name, device.type, run_dtype(run, device))
 
 
 # ------------------------------------------------------------------------------------ counts
@@ -171,14 +179,18 @@ UFT_QUICK = ("python unsupervised_ft_llm.py dataset.num_examples=300 batch_size=
              "device=cpu")
 
 
-def step_seconds(model_name: str, device_type: str, directory: Path = BENCHMARKS) -> dict | None:
-    """A fine-tuning step's measured seconds (scripts/bench_uft.py) for ``model_name`` on ``device_type``."""
-    for path, figures in benchmarks_of(model_name, device_type, directory):
-        if figures.get("seconds_per_step") and figures.get("B") and figures.get("N"):
-            return {"seconds_per_step": figures["seconds_per_step"], "examples_per_step": figures["B"] * figures["N"],
-                    "benchmark": f"benchmarks/{path.name}",
-                    "cpu_count": (figures.get("machine") or {}).get("cpu_count")}
-    return None
+def step_seconds(model_name: str, device_type: str, dtype: str, directory: Path = BENCHMARKS) -> dict | None:
+    """A fine-tuning step's measured seconds (scripts/bench_uft.py) for ``model_name`` on ``device_type``, in
+    ``dtype`` where a benchmark measured it (one without a dtype measured fp32), else in any."""
+    found = [(figures.get("dtype", "float32") != dtype, path.name, path, figures)
+             for path, figures in benchmarks_of(model_name, device_type, directory)
+             if figures.get("seconds_per_step") and figures.get("B") and figures.get("N")]
+    if not found:
+        return None
+    _, _, path, figures = min(found, key=lambda f: f[:2])
+    return {"seconds_per_step": figures["seconds_per_step"], "examples_per_step": figures["B"] * figures["N"],
+            "benchmark": f"benchmarks/{path.name}", "dtype": figures.get("dtype", "float32"),
+            "cpu_count": (figures.get("machine") or {}).get("cpu_count")}
 
 
 def finetuning_plan(run, data, encoder, device) -> dict:
@@ -203,7 +215,7 @@ def finetuning_plan(run, data, encoder, device) -> dict:
         stages.append({**stages[0], "stage": "control: random labels, the same evaluations"})
         stages.append({**stages[1], "stage": "control: random labels, the same training"})
     total = {"stage": "total", "prompts": sum(s["prompts"] for s in stages), "tokens": sum(s["tokens"] for s in stages)}
-    speed = step_seconds(run.model.name, device.type)
+    speed = model_step_seconds(run, device)
     seconds = (None if speed is None else
                trainings * steps * speed["seconds_per_step"] * b * n / speed["examples_per_step"])
     return {"stages": stages, "total": total, "estimate_seconds": seconds, "step_benchmark": speed, "throughput": None,
@@ -217,7 +229,7 @@ def finetuning_estimate_line(plan: dict) -> str:
                 f"{plan['device']} (scripts/bench_uft.py measures one)")
     return (f"estimated wall time: {duration(plan['estimate_seconds'])}, the {speed['seconds_per_step']:.1f} s per "
             "step "
-            f"of {speed['examples_per_step']} examples measured for {plan['model']} on a "
+            f"of {speed['examples_per_step']} examples measured for {plan['model']} ({speed['dtype']}) on a "
             f"{speed['cpu_count']}-core CPU ({speed['benchmark']}) scaled by the examples per step; evaluations and "
             "model loading not counted")
 
@@ -235,7 +247,7 @@ def check_size(run: ICLSettings | FTSettings, data: TaskData, text_encoder: Call
     are an error here already)."""
     finetuning = isinstance(run, FTSettings)
     guard = device.type == "cpu" and not run.allow_long_cpu_run
-    measured = step_seconds(run.model.name, device.type) if finetuning else model_throughput(run, device)
+    measured = model_step_seconds(run, device) if finetuning else model_throughput(run, device)
     if not run.dry_run and not (guard and measured is not None):
         return None
     if modality(run.dataset) != "text":
