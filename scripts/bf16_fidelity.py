@@ -80,9 +80,10 @@ def icl_rows(runs: dict[str, Path]) -> list[dict]:
             row["pool_agreement"] = agreement(*train)
         rows.append(row)
     for row in rows:  # the run's own reported accuracy must be the one recomputed here
-        reported = (results["float32"]["zero_shot"] if row["stage"] == "zero_shot" else
-                    results["float32"]["supervised_icl"] if row["stage"] == "supervised_icl" else
-                    results["float32"]["rounds"][int(row["stage"].split("_")[1]) - 1])["test_accuracy"]
+        stage, fp32 = row["stage"], results["float32"]
+        reported = (fp32["controls"][stage.removeprefix("control_")] if stage.startswith("control_") else
+                    fp32["rounds"][int(stage.split("_")[1]) - 1] if stage.startswith("round_") else
+                    fp32[stage])["test_accuracy"]
         assert abs(reported - row["fp32"]) < 1e-9, (row["stage"], reported, row["fp32"])
     return rows
 
