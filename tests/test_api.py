@@ -147,7 +147,8 @@ def test_uicl_through_the_api_equals_backend_hf_and_a_second_run_is_answered_fro
 @pytest.mark.parametrize("endpoint,prompt_format", [("completions", "tokens"), ("completions", "text")])
 def test_label_logprobs_equal_the_hf_scorer_and_the_top_k_floor(tiny_llama, tiny_llama_dir, endpoint, prompt_format):
     """With every label in the top-k the scores are the hf scorer's; with k=20 a label outside it gets the floor
-    min(lowest returned log-prob, log(mass left)), so the prediction is hf's unless every label is outside."""
+    min(lowest returned log-prob, log(mass left)), so the prediction is hf's; where every label is outside, the
+    scorer stops with an error that counts those reads, and guesses none."""
     model, tokenizer = tiny_llama
     encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
     hf = Scorer(model, encoder, "auto", batch_size=4, show_progress=False)
@@ -162,21 +163,30 @@ def test_label_logprobs_equal_the_hf_scorer_and_the_top_k_floor(tiny_llama, tiny
                           max_top_logprobs=400)
         torch.testing.assert_close(exact.label_logprobs(prompts, labels), want, atol=1e-4, rtol=1e-4)
         assert exact.mode == hf.mode == "first" and exact.floored == 0
+        columns = [ids[0] for ids in encoder.label_ids]
+        # k: the median rank of a prompt's best label, so that some reads hold a label and some hold none
+        ranks = (full > full[:, columns].max(-1, keepdim=True).values).sum(-1)
+        k = int(ranks.sort().values[len(prompts) // 2])
+        seen = [any(c in torch.topk(full[row], k).indices.tolist() for c in columns) for row in range(len(prompts))]
+        assert 0 < seen.count(False) < len(prompts)
         before = len(srv.requests)
-        top20 = APIScorer(client(srv.url), encoder, "auto", endpoint=endpoint, prompt_format=prompt_format)
-        got = top20.label_logprobs(prompts, labels)
+        top_k = APIScorer(client(srv.url), encoder, "auto", endpoint=endpoint, prompt_format=prompt_format,
+                          max_top_logprobs=k)
+        with pytest.raises(ConfigError, match=rf"^{seen.count(False)} of {len(prompts)} reads had none of the label "
+                                              rf"tokens \('negative', 'positive'\) among the {k} most likely"):
+            top_k.label_logprobs(prompts, labels)
         assert len(srv.requests) - before == len({tuple(s) for s in seqs})
-        assert all(r["body"]["logprobs"] == 20 for r in srv.requests[before:])
-    columns = [ids[0] for ids in encoder.label_ids]
-    for row in range(len(prompts)):
-        values, indices = torch.topk(full[row], 20)
+        assert all(r["body"]["logprobs"] == k for r in srv.requests[before:])
+        readable = [row for row in range(len(prompts)) if seen[row]]
+        got = dict(zip(readable, top_k.label_logprobs([prompts[r] for r in readable], [labels[r] for r in readable])))
+    for row in readable:
+        values, indices = torch.topk(full[row], k)
         inside = [c in indices.tolist() for c in columns]
         floor = min(values.min().item(), math.log(1 - values.exp().sum().item()))
         raw = [full[row, c].item() if ok else floor for c, ok in zip(columns, inside)]
         torch.testing.assert_close(got[row], torch.log_softmax(torch.tensor(raw), -1), atol=1e-4, rtol=1e-4)
-        if any(inside):
-            assert got[row].argmax() == want[row].argmax()
-    assert top20.floored > 0  # the random model spreads its mass: the floor is exercised
+        assert got[row].argmax() == want[row].argmax()
+    assert top_k.floored > 0  # the random model spreads its mass: the floor is exercised
 
 
 def test_tokens_as_ids_and_the_chat_endpoint(tiny_llama, server):

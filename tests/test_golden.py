@@ -72,10 +72,15 @@ CASES = {
                                                        "num_repeats=2", "dataset.subjects=[anatomy,virology,astronomy]"]),
     "icl_gsm8k": Case("unsupervised_icl_llm", [*TINY, "dataset=gsm8k", "N=2", "T=1", "num_repeats=1",
                                                "max_new_tokens=12"]),
+    # the tiny random model's labels are rarely among its 20 most likely tokens: 400 reads them all
     "icl_api": Case("unsupervised_icl_llm", ["backend=openai", "model=openai_compatible", "model.name=tiny",
                                              "model.pretrained={root}/tiny_llama", "label_mode=first",
                                              "dataset.num_examples=12", "N=2", "T=1", "num_repeats=2",
-                                             "progress=false"], api=True),
+                                             "model.max_top_logprobs=400", "progress=false"], api=True),
+    "refused_api_labels_outside_top_k": Case("unsupervised_icl_llm", [
+        "backend=openai", "model=openai_compatible", "model.name=tiny", "model.pretrained={root}/tiny_llama",
+        "label_mode=first", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=2", "progress=false"], code=2,
+        api=True),
     "icl_vision": Case("unsupervised_icl_vlm", [*VLM, "N=2", "T=1", "num_repeats=1", "save_predictions=true"]),
     "ft_lora_resumed": Case("unsupervised_ft_llm", FT, before=FT),
     "ft_vision_linear": Case("unsupervised_ft_vlm", [*VLM, "task_encoder=linear", "batch_size=2", "N=4",
@@ -222,7 +227,7 @@ def outputs(tmp_path_factory, request) -> dict[str, dict]:
     selected = {item.callspec.params["name"] for item in request.session.items
                 if item.module.__name__ == __name__ and hasattr(item, "callspec")}
     cases = {n: c for n, c in CASES.items() if n in selected and (not c.gemma or (SHARED_DATA / "sst2").exists())}
-    with (OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key="sk-golden") as server,
+    with (OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key="sk-golden", max_logprobs=400) as server,
           ThreadPoolExecutor(2) as pool):
         jobs = {name: pool.submit(run_case, name, case, root, server.url) for name, case in cases.items()}
         return {name: job.result() for name, job in jobs.items()}

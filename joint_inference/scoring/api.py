@@ -12,7 +12,9 @@ scorer does.
 **Labels outside the top-k** get a floor log-prob: the lower of the smallest log-prob returned and the log of
 the probability mass the returned tokens leave, an upper bound on the label's true log-prob (the label is
 not more likely than the k-th token, nor than everything not returned). Where every label token is in the
-top-k, the scores equal the ``hf`` scorer's; the number of floored reads is logged.
+top-k, the scores equal the ``hf`` scorer's; where one is, the prediction is still exact (a label found beats
+every floored one) and the number of floored reads is logged. **A read with no label in the top-k is never
+guessed**: the scorer stops with a ConfigError that counts such reads and names the settings that fix them.
 
 Label modes: ``first`` and ``auto`` (``first`` when the first tokens differ, after the shared leading tokens
 fold into the prompt), ``bot`` and ``bot_minimal`` (their tokens are all read at the label position), and
@@ -165,7 +167,17 @@ class APIScorer:
                                         prompt_tokens=[len(s) for s in seqs], check=self.unreadable)
         floored_before = self.floored
         # a dry run answers what is not cached with None: equal label scores keep the run going for the tally
-        rows = [[0.0] * len(self.columns) if answer is None else self._read(answer) for answer in answers]
+        reads = [([0.0] * len(self.columns), True) if answer is None else self._read(answer) for answer in answers]
+        blind = sum(not found for _, found in reads)
+        if blind:
+            raise ConfigError(
+                f"{blind} of {len(seqs)} reads had none of the label tokens ({', '.join(map(repr, self.encoder.label_names))}"
+                f") among the {self.k} most likely next tokens that the server at "
+                f"{self.client.settings.url(ENDPOINTS[self.endpoint])} returned, so their predictions would be guesses "
+                f"and none is made. Raise model.max_top_logprobs (now {self.k}) as far as the server allows (llama.cpp's "
+                "server: any number; vLLM: up to its --max-logprobs; OpenAI: 20 on chat, 5 on completions), check that "
+                "the template leads to the labels, " + WAY_OUT + ". The answers so far are cached")
+        rows = [row for row, _ in reads]
         if self.floored > floored_before:
             log.warning("%d of %d reads had label tokens outside the server's top %d; they got the floor log-prob "
                         "(joint_inference/scoring/api.py)", self.floored - floored_before, len(seqs), self.k)
@@ -212,8 +224,9 @@ class APIScorer:
                 f"model.endpoint=chat), {WAY_OUT}. Generation tasks (gsm8k, mmlu_pro, mmmu) need no log-probs")
         return pairs
 
-    def _read(self, answer: dict) -> list[float]:
-        """The label columns' log-probs of one answer; a column outside the top-k gets the floor."""
+    def _read(self, answer: dict) -> tuple[list[float], bool]:
+        """(the label columns' log-probs of one answer, a column outside the top-k getting the floor; whether
+        any label column was found)."""
         pairs = self._top(answer)
         found: dict[int, float] = {}
         for token, logprob in pairs:
@@ -228,5 +241,5 @@ class APIScorer:
             values = [float(lp) for _, lp in pairs if lp is not None and math.isfinite(float(lp))]
             rest = 1.0 - sum(math.exp(v) for v in values)
             floor = min(min(values, default=-100.0), math.log(rest) if rest > 1e-30 else -69.0)
-            return [found.get(c, floor) for c in range(len(self.columns))]
-        return [found[c] for c in range(len(self.columns))]
+            return [found.get(c, floor) for c in range(len(self.columns))], bool(found)
+        return [found[c] for c in range(len(self.columns))], True
