@@ -19,7 +19,8 @@ Log-probs are the model's raw next-token log-softmax, as vLLM's default; a token
 after the previous token (OpenAI's and vLLM's way), or ``token_id:<id>``. Knobs for tests: ``fail_first``
 (statuses for the first requests), ``logprobs=False`` (ignore log-prob fields, as ``transformers serve`` does),
 ``max_logprobs`` (vLLM's cap, an error above it), ``stop_after`` (stop serving after that many answers),
-``api_key`` (require it), ``chat_responder`` (a function of the messages that writes the chat answers).
+``api_key`` (require it), ``chat_responder`` (a function of the messages that writes the chat answers),
+``unsupported`` (features answered with llama.cpp's server's HTTP 500: ``token_ids`` prompts, ``logprobs``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class OpenAICompatibleServer:
     def __init__(self, model_dir=None, *, model=None, tokenizer=None, host: str = "127.0.0.1", port: int = 0,
                  name: str = "tiny", fail_first: list[int] | None = None, logprobs: bool = True,
                  max_logprobs: int = 20, stop_after: int | None = None, api_key: str | None = None,
-                 chat_responder=None, delay_s: float = 0.0):
+                 chat_responder=None, delay_s: float = 0.0, unsupported: tuple[str, ...] = ()):
         if model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,6 +49,7 @@ class OpenAICompatibleServer:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.fail_first, self.logprobs, self.max_logprobs = list(fail_first or []), logprobs, max_logprobs
         self.stop_after, self.api_key, self.chat_responder, self.delay_s = stop_after, api_key, chat_responder, delay_s
+        self.unsupported = unsupported
         self.requests: list[dict] = []  # every POST: path, body, authorization header, status
         self.answered = 0
         self.stopped = threading.Event()
@@ -143,6 +145,10 @@ class OpenAICompatibleServer:
         if self.api_key is not None and authorization != f"Bearer {self.api_key}":
             record["status"] = 401
             return 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, {}
+        problem = self.unsupported_feature(body)
+        if problem:  # as llama.cpp's server answers a feature it lacks: a server error, the same every time
+            record["status"] = 500
+            return 500, {"error": {"code": 500, "message": problem, "type": "server_error"}}, {}
         if failing is not None:
             record["status"] = failing
             return failing, {"error": {"message": f"injected {failing}"}}, {"Retry-After": "0"} if failing == 429 else {}
@@ -170,6 +176,14 @@ class OpenAICompatibleServer:
             self.stopped.set()
             threading.Thread(target=self.stop, daemon=True).start()
         return 200, answer, {}
+
+    def unsupported_feature(self, body: dict) -> str | None:
+        prompt = body.get("prompt")
+        if "token_ids" in self.unsupported and isinstance(prompt, list):
+            return "Input should be a valid string"
+        if "logprobs" in self.unsupported and body.get("logprobs"):
+            return "logprobs is not supported by this server (start it with logprobs support)"
+        return None
 
     def _top_k(self, body: dict, chat: bool) -> int:
         if not self.logprobs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -266,6 +267,30 @@ def test_429_and_5xx_are_retried_with_backoff(tiny_llama, server):
     with pytest.raises(APIError, match=r"no answer from .*/v1/completions after 3 tries \(last: HTTP 500"):
         APIScorer(client(server.url, max_retries=2, concurrency=1), encoder, "first",
                   max_top_logprobs=400).label_logprobs(prompts, labels)
+
+
+def test_a_feature_the_server_lacks_is_one_error_and_never_retried(tiny_llama, caplog):
+    """llama.cpp's server answers HTTP 500 to token-id prompts ("Input should be a valid string") and to log-prob
+    requests when it was started without them: the same answer every time, so one request and one error that
+    names the fix, not minutes of retries ending in generic advice."""
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 3)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, unsupported=("token_ids",)) as srv:
+        with pytest.raises(APIError, match=r"takes text prompts only.*HTTP 500: .*valid string.*model.prompt_format=text"):
+            APIScorer(client(srv.url, concurrency=1), encoder, "first", max_top_logprobs=400).label_logprobs(
+                prompts, labels)
+        sent = [json.dumps(r["body"]["prompt"]) for r in srv.requests]
+        assert len(sent) == len(set(sent)) <= 3  # no prompt sent twice: nothing retried
+        text = APIScorer(client(srv.url), encoder, "first", prompt_format="text", max_top_logprobs=400)
+        with caplog.at_level(logging.INFO):
+            assert text.label_logprobs(prompts, labels).shape == (3, 2)  # text prompts are served
+        assert not [r for r in caplog.records if r.name.startswith("httpx")]  # no log line per request
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, unsupported=("logprobs",)) as srv:
+        with pytest.raises(APIError, match=r"HTTP 500.*logprobs is not supported"):
+            APIScorer(client(srv.url, concurrency=1), encoder, "first").label_logprobs(prompts, labels)
+        sent = [json.dumps(r["body"]["prompt"]) for r in srv.requests]
+        assert len(sent) == len(set(sent)) <= 3
 
 
 def test_a_server_stopped_mid_run_is_a_clear_error_and_the_rerun_resumes_from_the_cache(

@@ -162,6 +162,7 @@ class APIClient:
                                   limits=httpx.Limits(max_connections=2 * settings.concurrency + 8,
                                                       max_keepalive_connections=2 * settings.concurrency + 8))
         self._httpx = httpx
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the run's log
         if settings.cache_dir:  # answers paid for must have somewhere to go
             check_writable_dir(settings.cache_dir, "api.cache_dir")
         self.cache = RequestCache(settings.cache_dir) if settings.cache_dir else None
@@ -272,8 +273,8 @@ class APIClient:
                     if self.cache:
                         self.cache.put(key, url, body.get("model"), answer)
                     return answer
-                if response.status_code != 429 and response.status_code < 500:
-                    raise self._refused(url, body, response)
+                if response.status_code != 429 and response.status_code < 500 or unsupported(response.text):
+                    raise self._refused(url, body, response)  # the same answer every time: no retry
                 last = f"HTTP {response.status_code}: {self._redact(response.text[:300])}"
                 retry_after = _seconds(response.headers.get("retry-after"))
             if attempt == s.max_retries:
@@ -301,12 +302,20 @@ class APIClient:
         if status == 404:
             return APIError(f"{url} answered HTTP 404 ({text}): no such endpoint or model {body.get('model')!r} there. "
                             "Check model.base_url (usually ends in /v1), model.name and model.endpoint")
+        if "valid string" in text.lower() and isinstance(body.get("prompt"), list):
+            return APIError(f"{url} takes text prompts only: it refused the prompt as token ids (HTTP {status}: {text}). "
+                            "Set model.prompt_format=text (llama.cpp's server and others that tokenize themselves), "
+                            "which sends each prompt's text")
         asked = [k for k in ("logprobs", "top_logprobs", "echo") if k in body]
         if asked and any(word in text.lower() for word in ("logprob", "echo")):
             return APIError(f"{url} refused the log-probs request ({', '.join(f'{k}={body[k]}' for k in asked)}): "
                             f"HTTP {status} {text}. Set model.max_top_logprobs to what the server allows (OpenAI "
                             "chat: 20, OpenAI completions: 5, vLLM: its --max-logprobs), model.endpoint=chat if only "
                             "the chat endpoint has log-probs, or use backend=hf / backend=vllm")
+        if unsupported(text):
+            return APIError(f"{url} says a feature this request uses is not supported (HTTP {status}: {text}). This is "
+                            "not retried: enable the feature where the server is started, or use backend=hf / "
+                            "backend=vllm")
         return APIError(f"{url} refused the request with HTTP {status}: {text}")
 
     def _record(self, answer: dict) -> None:
@@ -326,6 +335,13 @@ class APIClient:
         atomic_write_json(self.settings.usage_path, {
             "server": self.settings.base_url, "model": self.settings.model,
             **total.as_dict(self.settings.price_in, self.settings.price_out)})
+
+
+def unsupported(text: str) -> bool:
+    """Whether an error's body says the server lacks a feature (llama.cpp's server answers HTTP 500 then): an answer
+    that a retry cannot change."""
+    text = text.lower()
+    return any(words in text for words in ("not supported", "unsupported", "not implemented", "should be a valid string"))
 
 
 def _seconds(value: str | None) -> float:
