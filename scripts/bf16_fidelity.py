@@ -22,9 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from laptop_table1 import Job, machine_facts  # noqa: E402
+from laptop_table1 import Job, machine_facts
 
-from joint_inference.core.utils import atomic_write_json, atomic_write_text, wilson_interval  # noqa: E402
+from joint_inference.core.utils import atomic_write_json, atomic_write_text, wilson_interval
 
 DTYPES = ["float32", "bfloat16"]
 JOBS = ["quickstart", *(f"icl/gemma3_270m/{task}/seed0" for task in ["sst2", "trec", "rte", "ag_news"]),
@@ -143,10 +143,10 @@ def markdown(report: dict) -> str:
     for name, job in report.items():
         curve = job["rows"][-1].get("loss_curve")
         if curve:
-            lines += ["", f"{name}: loss over {curve['steps']} steps, fp32 {curve['fp32_first_last'][0]:.4f} → "
-                      f"{curve['fp32_first_last'][1]:.4f}, bf16 {curve['bf16_first_last'][0]:.4f} → "
-                      f"{curve['bf16_first_last'][1]:.4f}; largest gap {curve['max_abs_gap']:.4f}, "
-                      f"mean {curve['mean_abs_gap']:.4f}."]
+            lines += ["", (f"{name}: loss over {curve['steps']} steps, fp32 {curve['fp32_first_last'][0]:.4f} → "
+                           f"{curve['fp32_first_last'][1]:.4f}, bf16 {curve['bf16_first_last'][0]:.4f} → "
+                           f"{curve['bf16_first_last'][1]:.4f}; largest gap {curve['max_abs_gap']:.4f}, "
+                           f"mean {curve['mean_abs_gap']:.4f}.")]
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,8 @@ after the previous token (OpenAI's and vLLM's way), or ``token_id:<id>``. Knobs 
 (statuses for the first requests), ``logprobs=False`` (ignore log-prob fields, as ``transformers serve`` does),
 ``max_logprobs`` (vLLM's cap, an error above it), ``stop_after`` (stop serving after that many answers),
 ``api_key`` (require it), ``chat_responder`` (a function of the messages that writes the chat answers),
-``unsupported`` (features answered with llama.cpp's server's HTTP 500: ``token_ids`` prompts, ``logprobs``).
+``unsupported`` (features answered with llama.cpp's server's HTTP 500: ``token_ids`` prompts, ``logprobs``; and ``n``,
+which it ignores: one choice).
 """
 from __future__ import annotations
 
@@ -281,7 +282,7 @@ class OpenAICompatibleServer:
         """(text, [(token, log-prob)], [top-k pairs per token], finish reason) for each of the ``n`` choices."""
         max_tokens = int(body.get("max_tokens") or 16)
         temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
-        n = int(body.get("n") or 1)
+        n = 1 if "n" in self.unsupported else int(body.get("n") or 1)  # llama.cpp's server: one choice, n ignored
         copies, n = (n, 1) if temperature == 0 else (1, n)  # greedy: one sequence, repeated
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)

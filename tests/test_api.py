@@ -277,7 +277,8 @@ def test_a_feature_the_server_lacks_is_one_error_and_never_retried(tiny_llama, c
     encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
     prompts, labels = prompts_with_demonstrations(encoder, 3)
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, unsupported=("token_ids",)) as srv:
-        with pytest.raises(APIError, match=r"takes text prompts only.*HTTP 500: .*valid string.*model.prompt_format=text"):
+        with pytest.raises(APIError, match=r"takes text prompts only.*HTTP 500: .*valid string.*"
+                                           r"model.prompt_format=text"):
             APIScorer(client(srv.url, concurrency=1), encoder, "first", max_top_logprobs=400).label_logprobs(
                 prompts, labels)
         sent = [json.dumps(r["body"]["prompt"]) for r in srv.requests]
@@ -374,10 +375,11 @@ def test_the_key_never_reaches_hydras_files_or_the_console(tiny_llama, tiny_llam
     model, tokenizer = tiny_llama
     out = tmp_path / "run"
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY) as srv:
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, max_logprobs=400) as srv:
         done = subprocess.run(
             [sys.executable, str(REPO / "unsupervised_icl_llm.py"), "backend=openai", "model=openai_compatible",
              "model.name=tiny", f"model.pretrained={tiny_llama_dir}", f"model.base_url={srv.url}", "label_mode=first",
+             "model.max_top_logprobs=400",
              f"dataset.data_root={tiny_sst2_root}", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=2",
              "progress=false", f"hydra.run.dir={out}"], check=False, capture_output=True, text=True, cwd=REPO, env=env,
             timeout=300)
@@ -440,10 +442,11 @@ def test_ctrl_c_during_requests_is_one_line_and_the_answers_are_kept(tiny_llama,
     model, tokenizer = tiny_llama
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
-    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, delay_s=0.3) as srv:
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, delay_s=0.3, max_logprobs=400) as srv:
         command = [sys.executable, str(REPO / "unsupervised_icl_llm.py"), "backend=openai", "model=openai_compatible",
                    "model.name=tiny", f"model.pretrained={tiny_llama_dir}", f"model.base_url={srv.url}",
-                   "label_mode=first", f"dataset.data_root={tiny_sst2_root}", *SMALL, "api.concurrency=1",
+                   "label_mode=first", "model.max_top_logprobs=400", f"dataset.data_root={tiny_sst2_root}", *SMALL,
+                   "api.concurrency=1",
                    "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
         started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                    env=env)
@@ -534,12 +537,35 @@ def test_responses_are_cut_as_the_local_backends_cut_them():
     scripted = ScriptedClient("It is 4, so the answer is (C). Then more\nQuestion: next")
     texts = APIGenerator(scripted, settings).generate(["p1", "p2"], 3, seed=5)
     assert texts == [["It is 4, so the answer is (C)"] * 3] * 2
-    body = scripted.bodies[0]
-    assert body["stop"] == ["\n\nQuestion:", "\nQuestion:"] and body["n"] == 3 and body["top_p"] == 0.9
-    assert body["seed"] != scripted.bodies[1]["seed"]  # each prompt its own seed
+    probe, body, second = scripted.bodies  # the first prompt asks once whether the server takes n
+    assert probe == body and body["stop"] == ["\n\nQuestion:", "\nQuestion:"] and body["n"] == 3 and body["top_p"] == 0.9
+    assert body["seed"] != second["seed"]  # each prompt its own seed
     chat = APIGenerator(ScriptedClient("x"), SamplingSettings(8), endpoint="chat", max_stop_strings=1)
     assert chat.body("hello", 1, 0) == ("chat/completions", {"model": "m", "messages": [
         {"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0.0})
+
+
+def test_a_server_that_ignores_n_gets_separate_seeded_requests_said_once(tiny_llama, tmp_path, caplog):
+    """llama.cpp's server answers one choice whatever n asks: the samples are then separate requests with their own
+    seeds, the same number of samples per prompt, and one warning says so; a server that takes n gets one request
+    per prompt."""
+    model, tokenizer = tiny_llama
+    settings = SamplingSettings(6, 0.8, 0.95)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, unsupported=("n",)) as srv:
+        generator = APIGenerator(client(srv.url, cache_dir=str(tmp_path / "cache")), settings)
+        with caplog.at_level(logging.WARNING):
+            first = generator.generate(["one", "two"], 3, seed=1)
+            second = generator.generate(["three"], 3, seed=2)
+        bodies = [r["body"] for r in srv.requests]
+    assert [len(t) for t in first + second] == [3, 3, 3]
+    assert bodies[0]["n"] == 3 and all(b["n"] == 1 for b in bodies[1:]) and len(bodies) == 1 + 6 + 3
+    seeds = [b["seed"] for b in bodies[1:]]
+    assert len(set(seeds)) == len(seeds)
+    assert sum("ignores n" in r.getMessage() for r in caplog.records) == 1
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer) as srv:
+        takes = APIGenerator(client(srv.url, cache_dir=str(tmp_path / "cache2")), settings)
+        assert [len(t) for t in takes.generate(["one", "two"], 3, seed=1)] == [3, 3]
+        assert [r["body"]["n"] for r in srv.requests] == [3, 3]  # the probe's answer is cached: no third request
 
 
 # ---------------------------------------------------------------------------------------- MMMU

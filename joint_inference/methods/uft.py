@@ -111,8 +111,8 @@ def finetuning_table(results: dict) -> str:
 
 FT_CONTROLS = {"random_labels": ("control: the same training with random labels",
                                  "*random labels*: the same training (steps, batches, seed, starting weights), the "
-                                 "labelling the estimator reads drawn uniformly at random instead of from the task encoder "
-                                 "(its own checkpoint and metrics: controls/random_labels/)")}
+                                 "labelling the estimator reads drawn uniformly at random instead of from the task "
+                                 "encoder (its own checkpoint and metrics: controls/random_labels/)")}
 
 
 def wandb_stats(stats: dict, label_names: list[str]) -> dict:

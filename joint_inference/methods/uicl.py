@@ -172,7 +172,8 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
             for s in [s for s in dict.fromkeys((split, pool_split)) if f"{s}_logprobs" not in zero_shot]:
                 log.info("zero-shot [%s]: label log-probs scored again (a state file from before they were kept)", s)
                 zero_shot.update(zero_shot_predict(s))
-            return {split: batch_calibrated(zero_shot[f"{split}_logprobs"], zero_shot[f"{pool_split}_logprobs"]).tolist()}
+            calibrated = batch_calibrated(zero_shot[f"{split}_logprobs"], zero_shot[f"{pool_split}_logprobs"])
+            return {split: calibrated.tolist()}
         controls["batch_calibrated"] = stage("control_batch_calibrated", ("test",), calibrate, {"test": 0})
 
     # ---- results
@@ -220,7 +221,7 @@ def control_results(controls: dict, rounds: list, zero_shot: dict, gold, scores,
     if labelled:
         method = rounds[-1]["test"] if rounds else zero_shot["test"]
         best = max(controls, key=lambda name: out["controls"][name]["test_accuracy"])
-        out["gain_over_best_control"] = {"method": f"round {len(rounds)}" if rounds else "zero-shot",
-                                         "control": best, **paired_gain(np.asarray(method) == gold,
-                                                                        np.asarray(controls[best]["test"]) == gold, seed)}
+        gain = paired_gain(np.asarray(method) == gold, np.asarray(controls[best]["test"]) == gold, seed)
+        out["gain_over_best_control"] = {"method": f"round {len(rounds)}" if rounds else "zero-shot", "control": best,
+                                         **gain}
     return out

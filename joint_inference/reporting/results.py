@@ -12,7 +12,8 @@ from ..core.utils import atomic_write_json, atomic_write_text, differing_keys, r
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = {"zero_shot": "zero-shot", "supervised_icl": "supervised ICL",  # others: round_<t>
-               "control_random_labels": "control: random labels", "control_batch_calibrated": "control: batch-calibrated",
+               "control_random_labels": "control: random labels",
+               "control_batch_calibrated": "control: batch-calibrated",
                "control_majority_vote": "control: majority vote"}
 STATE_KEYS = {"fingerprint", "stages", "seconds", "prompts"}  # what RunState writes to state.json
 

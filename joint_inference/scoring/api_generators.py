@@ -38,6 +38,7 @@ class APIGenerator:
             log.info("sending %d of the %d stop strings to the server (model.max_stop_strings); all of them cut the "
                      "responses here", len(self.stop), len(settings.stop))
         self.seed = seed  # sent with greedy requests too when set (the original MMMU script sends seed=0)
+        self.takes_n: bool | None = None  # whether the server answers n choices to one request (asked once)
 
     def body(self, prompt, n: int, seed: int) -> tuple[str, dict]:
         s = self.settings
@@ -57,8 +58,30 @@ class APIGenerator:
     def generate(self, prompts: list, num_samples: int = 1, seed: int = 0, desc: str = "generating") -> list[list[str]]:
         s = self.settings
         n = 1 if s.greedy else num_samples
-        requests = [self.body(p, n, seed * 1_000_003 + i) for i, p in enumerate(prompts)]
-        answers: list = [None] * len(prompts)
+        if n > 1 and prompts and not self.check_n(prompts[0], n, seed):  # n separate requests per prompt instead
+            texts = self.answer([self.body(p, 1, (seed * 1_000_003 + i) * 1_000 + j) for i, p in enumerate(prompts)
+                                 for j in range(n)], 1, desc)
+            return [[t for sample in texts[i * n:(i + 1) * n] for t in sample] for i in range(len(prompts))]
+        texts = self.answer([self.body(p, n, seed * 1_000_003 + i) for i, p in enumerate(prompts)], n, desc)
+        return [t * num_samples if s.greedy else t for t in texts]
+
+    def check_n(self, prompt, n: int, seed: int) -> bool:
+        """Whether the server answers ``n`` choices to one request, asked once with the first prompt (llama.cpp's
+        server ignores ``n`` and answers one); said once when it does not."""
+        if self.takes_n is None and not self.client.dry_run:
+            path, body = self.body(prompt, n, seed * 1_000_003)
+            (answer,) = self.client.post_many(path, [body], check=lambda a: unreadable(a, 1))
+            self.takes_n = len(response_texts(answer)) >= n
+            if not self.takes_n:
+                log.warning("the server at %s answered %d choice(s) where n=%d were asked (it ignores n): each "
+                            "prompt's samples are sent as separate requests, each with its own seed",
+                            self.client.settings.base_url, len(response_texts(answer)), n)
+        return self.takes_n is not False
+
+    def answer(self, requests: list[tuple[str, dict]], n: int, desc: str) -> list[list[str]]:
+        """The ``n`` response texts of each (path, body), cut at the stop strings."""
+        s = self.settings
+        answers: list = [None] * len(requests)
         for path in {p for p, _ in requests}:  # completions and chat prompts never mix in practice
             idx = [i for i, (p, _) in enumerate(requests) if p == path]
             check = lambda answer: unreadable(answer, n)  # noqa: E731
@@ -71,7 +94,7 @@ class APIGenerator:
                 texts.append([cut_at_stop(text, s.stop, s.stop_after)] * n)
                 continue
             texts.append([cut_at_stop(t or "", s.stop, s.stop_after) for t in response_texts(answer)][:n])
-        return [t * num_samples if s.greedy else t for t in texts]
+        return texts
 
 
 def response_texts(answer: dict) -> list[str | None]:
