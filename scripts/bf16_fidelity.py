@@ -8,7 +8,12 @@ the laptop table's settings (scripts/laptop_table1.py, seed 0) and its fine-tuni
 once with ``model.dtype=float32`` and once with ``model.dtype=bfloat16``, back to back, one at a time.
 For each stage: both test accuracies, the fp32 one's Wilson 95% interval, whether the bf16 accuracy lies
 inside it, and the share of test predictions (and of unlabelled-pool labels) that agree; for fine-tuning
-the loss curves' largest gap and both final accuracies. Every run is a resumable run directory, so the
+the loss curves' largest gap and both final accuracies.
+
+The rounds of two runs part ways as soon as one pool label differs: every later demonstration set is drawn
+from other classes' members, as with another seed. So each round is also scored in bf16 on the fp32 run's
+own prompts (``same prompts``: a bf16 run that starts from the fp32 run's earlier stages, copied from its
+state file), which measures what the dtype alone changes. Every run is a resumable run directory, so the
 command can be stopped and started again. Figures go to ``--out`` (JSON) and a Markdown table beside it.
 """
 from __future__ import annotations
@@ -42,6 +47,28 @@ def command(name: str, dtype: str, root: Path) -> list[str]:
     return [*job.command(root / dtype), f"model.dtype={dtype}", *(["save_predictions=true"] * (kind == "icl"))]
 
 
+def same_prompts_dir(root: Path, name: str, t: int) -> Path:
+    return root / "same_prompts" / name / f"round_{t}"
+
+
+def same_prompts_command(name: str, t: int, root: Path) -> list[str]:
+    """Round ``t`` in bf16 after the fp32 run's stages before it (copied into its run directory first)."""
+    args = [a for a in command(name, "bfloat16", root) if not a.startswith(("hydra.run.dir=", "T="))]
+    return [*args, f"T={t}", "controls=[]", f"hydra.run.dir={same_prompts_dir(root, name, t)}"]
+
+
+def start_from_fp32(name: str, t: int, root: Path) -> None:
+    """The fp32 run's stages before round ``t`` as a bf16 run's own (its state file and run record)."""
+    state = json.loads((root / "float32" / name / "state.json").read_text())
+    keep = ("zero_shot/", "supervised_icl/", *(f"round_{r}/" for r in range(1, t)))
+    state["stages"] = {k: v for k, v in state["stages"].items() if k.startswith(keep)}
+    state["fingerprint"]["dtype"] = state["fingerprint"]["model"]["dtype"] = "bfloat16"
+    run_dir = same_prompts_dir(root, name, t)
+    (run_dir / ".run").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / ".run" / "run.json", {"entry": "unsupervised_icl_llm"})
+    atomic_write_json(run_dir / "state.json", state)
+
+
 def finished(name: str, run_dir: Path) -> Path:
     """The file a finished run of ``name`` leaves (ICL: its predictions, which the comparison reads)."""
     return run_dir / ("results.json" if name.startswith("uft") else "predictions.jsonl")
@@ -60,7 +87,7 @@ def agreement(a: list, b: list) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def icl_rows(runs: dict[str, Path]) -> list[dict]:
+def icl_rows(runs: dict[str, Path], same_prompts: dict[int, Path] | None = None) -> list[dict]:
     """One row per stage: accuracies in both dtypes, fp32's Wilson interval, agreement of predictions."""
     states = {dtype: read_json(run / "state.json")["stages"] for dtype, run in runs.items()}
     results = {dtype: read_json(run / "results.json") for dtype, run in runs.items()}
@@ -78,6 +105,14 @@ def icl_rows(runs: dict[str, Path]) -> list[dict]:
         train = [states[dtype].get(f"{stage}/train", {}).get("train") for dtype in DTYPES]
         if all(train):
             row["pool_agreement"] = agreement(*train)
+        t = int(stage.split("_")[1]) if stage.startswith("round_") else None
+        if t in (same_prompts or {}) and (same_prompts[t] / "results.json").exists():
+            same = read_json(same_prompts[t] / "state.json")["stages"]
+            row["same_prompts"] = {
+                "bf16": sum(p == g for p, g in zip(same[f"{stage}/test"]["test"], gold, strict=True)) / len(gold),
+                "test_agreement": agreement(predicted["float32"], same[f"{stage}/test"]["test"])}
+            if f"{stage}/train" in same and train[0]:
+                row["same_prompts"]["pool_agreement"] = agreement(train[0], same[f"{stage}/train"]["train"])
         rows.append(row)
     for row in rows:  # the run's own reported accuracy must be the one recomputed here
         stage, fp32 = row["stage"], results["float32"]
@@ -116,7 +151,8 @@ def collect(root: Path) -> dict:
         if not all(finished(name, run).exists() for run in runs.values()):
             continue
         seconds = {dtype: read_json(wall_seconds(run)) for dtype, run in runs.items()}
-        report[name] = {"rows": uft_rows(runs) if name.startswith("uft") else icl_rows(runs),
+        same = {t: same_prompts_dir(root, name, t) for t in range(1, 9)}
+        report[name] = {"rows": uft_rows(runs) if name.startswith("uft") else icl_rows(runs, same),
                         "wall_seconds": seconds}
     return report
 
@@ -126,15 +162,20 @@ def pct(x: float) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| run | stage | n | fp32 | fp32 95% interval | bf16 | bf16 inside | test agreement | pool agreement |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| run | stage | n | fp32 | fp32 95% interval | bf16 | bf16 inside | test agreement | pool agreement | "
+              "same prompts: bf16, test agreement, pool agreement |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, job in report.items():
         for row in job["rows"]:
             low, high = row["fp32_interval"]
+            same = row.get("same_prompts")
             lines.append(f"| {name} | {row['stage']} | {row['n']} | {pct(row['fp32'])} | {pct(low)}–{pct(high)} | "
                          f"{pct(row['bf16'])} | {'yes' if row['bf16_inside'] else '**no**'} | "
                          f"{pct(row['test_agreement']) if 'test_agreement' in row else ''} | "
-                         f"{pct(row['pool_agreement']) if 'pool_agreement' in row else ''} |")
+                         f"{pct(row['pool_agreement']) if 'pool_agreement' in row else ''} | "
+                         + (f"{pct(same['bf16'])}, {pct(same['test_agreement'])}"
+                            + (f", {pct(same['pool_agreement'])}" if "pool_agreement" in same else "") if same else "")
+                         + " |")
     lines += ["", "| run | fp32 wall s | bf16 wall s | speed-up |", "| --- | --- | --- | --- |"]
     for name, job in report.items():
         fp32, bf16 = job["wall_seconds"]["float32"], job["wall_seconds"]["bfloat16"]
@@ -156,7 +197,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "bf16_fidelity.json")
     parser.add_argument("--collect", action="store_true", help="only write the table from the finished runs")
     parser.add_argument("--only", nargs="+", default=JOBS, choices=JOBS, help="these runs, in this order")
+    parser.add_argument("--same-prompts", action="store_true",
+                        help="only score each finished ICL run's rounds in bf16 on its fp32 prompts (see above)")
     args = parser.parse_args()
+    if args.same_prompts:
+        for name in [n for n in args.only if not n.startswith("uft")]:
+            rounds = sorted(int(k.split("/")[0].split("_")[1]) for k in
+                            read_json(args.root / "float32" / name / "state.json")["stages"] if k.startswith("round_"))
+            for t in sorted(set(rounds)):
+                run_dir = same_prompts_dir(args.root, name, t)
+                if (run_dir / "results.json").exists():
+                    continue
+                print(f"{name} round {t} [bfloat16, fp32's prompts]", flush=True)
+                start_from_fp32(name, t, args.root)
+                with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+                    done = subprocess.run(same_prompts_command(name, t, args.root), stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=REPO, check=False)
+                if done.returncode:
+                    raise SystemExit(f"error: {name} round {t} failed (exit {done.returncode}); see {log.name}")
+        args.collect = True
     if not args.collect:
         for name in args.only:
             for dtype in DTYPES:
