@@ -289,3 +289,15 @@ def test_fine_tuning_controls_are_refused_where_they_do_not_apply(tiny_llama_dir
     with pytest.raises(ConfigError, match=r"'batch_calibrated' does not apply here \(fine-tuning tasks take "
                                           r"random_labels\)"):
         run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", "controls=[batch_calibrated]"))
+
+
+def test_the_fine_tuning_dry_run_counts_the_controls_second_training(tiny_llama_dir, tiny_sst2_root, tmp_path):
+    from joint_inference.runs.root import run_finetuning as run
+
+    plain = run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "a", "dry_run=true"))["dry_run"]
+    both = run(ft_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "b", "dry_run=true",
+                         "controls=[random_labels]"))["dry_run"]
+    assert [s["stage"] for s in both["stages"][2:]] == ["control: random labels, the same evaluations",
+                                                         "control: random labels, the same training"]
+    assert both["total"]["prompts"] == 2 * plain["total"]["prompts"]
+    assert both["total"]["tokens"] == 2 * plain["total"]["tokens"]
