@@ -27,7 +27,7 @@ def run_figures(args) -> dict:
     """Seconds per step and peak memory of the real run on ``args.model``."""
     from hydra import compose, initialize_config_dir
 
-    from unsupervised_ft_llm import run
+    from joint_inference.runs.root import run_finetuning as run
 
     with tempfile.TemporaryDirectory() as out_dir, initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("unsupervised_ft_llm", [
