@@ -442,7 +442,8 @@ def test_ctrl_c_during_requests_is_one_line_and_the_answers_are_kept(tiny_llama,
     model, tokenizer = tiny_llama
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
-    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, delay_s=0.3, max_logprobs=400) as srv:
+    # 44 requests at a second each: the run is still asking when the signal comes, even on a loaded machine
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, delay_s=1.0, max_logprobs=400) as srv:
         command = [sys.executable, str(REPO / "unsupervised_icl_llm.py"), "backend=openai", "model=openai_compatible",
                    "model.name=tiny", f"model.pretrained={tiny_llama_dir}", f"model.base_url={srv.url}",
                    "label_mode=first", "model.max_top_logprobs=400", f"dataset.data_root={tiny_sst2_root}", *SMALL,

@@ -440,9 +440,10 @@ def launch_two(out, tiny_llama_dir, data_root, *extra):
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(tmp_path, tiny_llama_dir, tiny_sst2_root):
     """Data-parallel: each process takes 2 of the B=4 sequences, and the steps equal one process's."""
-    config = ["batch_size=4", "num_iterations=3"]
+    config = ["batch_size=4", "num_iterations=3", "model.dtype=float32"]  # the launched processes' auto may be bf16
     one = run(compose("unsupervised_ft_llm", overrides(tmp_path / "one", tiny_llama_dir, tiny_sst2_root, *config)))
-    interrupted = launch_two(tmp_path / "two", tiny_llama_dir, tiny_sst2_root, "batch_size=4", "num_iterations=2")
+    interrupted = launch_two(tmp_path / "two", tiny_llama_dir, tiny_sst2_root, "batch_size=4", "num_iterations=2",
+                             "model.dtype=float32")
     assert interrupted.returncode == 0, interrupted.stderr[-3000:]
     resumed = launch_two(tmp_path / "two", tiny_llama_dir, tiny_sst2_root, *config)  # both processes load step 2
     assert resumed.returncode == 0, resumed.stderr[-3000:]
