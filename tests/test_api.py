@@ -449,8 +449,9 @@ def test_ctrl_c_during_requests_is_one_line_and_the_answers_are_kept(tiny_llama,
                    "label_mode=first", "model.max_top_logprobs=400", f"dataset.data_root={tiny_sst2_root}", *SMALL,
                    "api.concurrency=1",
                    "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+        # SIGINT as a terminal sends it, even where pytest itself runs as a background job (which ignores it)
         started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                                   env=env)
+                                   env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while len(posts(srv)) < 3 and time.monotonic() < deadline and started.poll() is None:
             time.sleep(0.05)
