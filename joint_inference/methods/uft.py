@@ -110,9 +110,9 @@ def finetuning_table(results: dict) -> str:
 
 
 FT_CONTROLS = {"random_labels": ("control: the same training with random labels",
-                                 "*random labels*: the same training (steps, batches, seed, starting weights), the "
-                                 "labelling the estimator reads drawn uniformly at random instead of from the task "
-                                 "encoder (its own checkpoint and metrics: controls/random_labels/)")}
+                                 ("*random labels*: the same training (steps, batches, seed, starting weights), the "
+                                  "labelling the estimator reads drawn uniformly at random instead of from the task "
+                                  "encoder (its own checkpoint and metrics: controls/random_labels/)"))}
 
 
 def wandb_stats(stats: dict, label_names: list[str]) -> dict:
@@ -185,11 +185,16 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
 
         wandb.init(project=run.wandb_project, config=composed, dir=str(out_dir))
         on_step = lambda step, stats: wandb.log(wandb_stats(stats, list(run.labelset.names)), step=step)  # noqa: E731
-    state = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, settings=run,
-                fingerprint=fingerprint, ckpt_path=out_dir / "checkpoint.pt", metrics_path=out_dir / "metrics.jsonl",
-                progress=run.progress, on_step=on_step, pool_size=len(data.train), test_size=len(data.test),
-                num_classes=scorer.encoder.num_labels,
-                unrecorded={"dtype": dtype_before_recorded(run.model, "hf", device)})
+    unrecorded = {"dtype": dtype_before_recorded(run.model, "hf", device)}
+
+    def train(directory: Path, fingerprint: dict, **how) -> dict:
+        """``fit`` with its checkpoint and metrics in ``directory`` (the method's, or a control's)."""
+        return fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, settings=run,
+                   fingerprint=fingerprint, ckpt_path=directory / "checkpoint.pt",
+                   metrics_path=directory / "metrics.jsonl", progress=run.progress, pool_size=len(data.train),
+                   test_size=len(data.test), num_classes=scorer.encoder.num_labels, unrecorded=unrecorded, **how)
+
+    state = train(out_dir, fingerprint, on_step=on_step)
 
     # ---- save the task encoder, results and the learning curve (all processes hold the same ones)
     if is_main_process():
@@ -202,11 +207,7 @@ def run_finetuning(run: FTSettings, data: TaskData, scorer: Scorer, composed: di
         torch.random.set_rng_state(start["rng"])
         control_dir = out_dir / "controls" / "random_labels"
         control_dir.mkdir(parents=True, exist_ok=True)
-        control = fit(task_encoder, reward, pool_labels=data.train_labels, test_labels=data.test_labels, settings=run,
-                      fingerprint={**fingerprint, "control": "random_labels"}, ckpt_path=control_dir / "checkpoint.pt",
-                      metrics_path=control_dir / "metrics.jsonl", progress=run.progress, pool_size=len(data.train),
-                      test_size=len(data.test), num_classes=scorer.encoder.num_labels, random_labels=True,
-                      unrecorded={"dtype": dtype_before_recorded(run.model, "hf", device)})
+        control = train(control_dir, {**fingerprint, "control": "random_labels"}, random_labels=True)
         controls["random_labels"] = {"test_accuracy": control["history"][-1]["test_accuracy"],
                                      "history": control["history"], "test": predict_labels(task_encoder, "test",
                                                                                            len(data.test))[0]}

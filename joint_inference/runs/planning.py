@@ -46,7 +46,7 @@ from ..core.settings import FTSettings, ICLSettings, TextICLSettings
 from ..data.files import labelled
 from ..data.hub import TaskData
 from ..data.tasks import modality
-from ..models.language import resolve_dtype
+from ..models.language import compute_dtype
 from ..prompts.templates import PromptEncoder
 from ..scoring.scorer import resolve_label_mode
 
@@ -89,8 +89,8 @@ def throughput(model_name: str, device_type: str, dtype: str, n: int, directory:
 
 
 def run_dtype(run, device) -> str:
-    """The dtype the run will compute in: what its estimates are read for."""
-    return str(resolve_dtype(run.model.dtype, device)).replace("torch.", "")
+    """The dtype the run will compute in (in this process): what its estimates are read for."""
+    return compute_dtype(run.model, "hf", device)
 
 
 def model_throughput(run, device) -> dict | None:
