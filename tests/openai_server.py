@@ -20,8 +20,10 @@ after the previous token (OpenAI's and vLLM's way), or ``token_id:<id>``. Knobs 
 (statuses for the first requests), ``logprobs=False`` (ignore log-prob fields, as ``transformers serve`` does),
 ``max_logprobs`` (vLLM's cap, an error above it), ``stop_after`` (stop serving after that many answers),
 ``api_key`` (require it), ``chat_responder`` (a function of the messages that writes the chat answers),
-``unsupported`` (features answered with llama.cpp's server's HTTP 500: ``token_ids`` prompts, ``logprobs``; and ``n``,
-which it ignores: one choice).
+``unsupported`` (features answered with llama.cpp's server's HTTP 500: ``token_ids`` prompts, ``logprobs``; ``n``,
+which it ignores: one choice; ``echo``, answered without the prompt's log-probs). ``echo`` with ``logprobs``
+returns the prompt's token log-probs first, as llama.cpp's server does (a leading BOS left out, the first null,
+character offsets into the echoed text).
 """
 from __future__ import annotations
 
@@ -207,17 +209,43 @@ class OpenAICompatibleServer:
             raise ValueError("prompt must be a string or a list of token ids")
         k = self._top_k(body, chat=False)
         outs = self.generate(ids, body, k)
+        echo = body.get("echo") and "echo" not in self.unsupported
+        shown = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=True)) if echo else ""
         choices = []
         for i, (text, tokens, tops, finish) in enumerate(outs):
             logprobs = None
             if k or (self.logprobs and body.get("logprobs") == 0):
                 logprobs = {"tokens": [t for t, _ in tokens], "token_logprobs": [lp for _, lp in tokens],
-                            "top_logprobs": [dict(top) for top in tops], "text_offset": []}
-            if body.get("echo"):
-                text = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) + text
-            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+                            "top_logprobs": [dict(top) for top in tops],
+                            "text_offset": [sum(len(t) for t, _ in tokens[:j]) for j in range(len(tokens))]}
+                if echo:  # the prompt's own tokens first, as llama.cpp's server gives them
+                    logprobs = self.echoed(ids, k, shown, logprobs)
+            choices.append({"index": i, "text": shown + text, "logprobs": logprobs, "finish_reason": finish})
         return {"id": f"cmpl-{len(self.requests)}", "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model"), "choices": choices, "usage": self._usage(ids, outs)}
+
+    @torch.no_grad()
+    def echoed(self, ids: list[int], k: int, shown: str, generated: dict) -> dict:
+        """Log-probs of the prompt's tokens (less a leading BOS; the first is null, as OpenAI's API had it) before
+        those of the generated ones, with character offsets into the echoed text."""
+        bos = self.tokenizer.bos_token_id
+        start = 1 if ids and ids[0] == bos else 0
+        with self._model_lock:
+            logprobs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        tokens, values, tops, offsets = [], [], [], []
+        for j in range(start, len(ids)):
+            tokens.append(self.token_text(ids[j - 1] if j else None, ids[j], False))
+            offsets.append(len(self.tokenizer.decode(ids[start:j])))
+            if j == start:
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(float(logprobs[j - 1, ids[j]]))
+            v, i = torch.topk(logprobs[j - 1], min(k, logprobs.shape[-1])) if k else (torch.empty(0), torch.empty(0))
+            tops.append({self.token_text(ids[j - 1], int(t), False): float(x) for x, t in zip(v.tolist(), i.tolist())})
+        return {"tokens": tokens + generated["tokens"], "token_logprobs": values + generated["token_logprobs"],
+                "top_logprobs": tops + generated["top_logprobs"],
+                "text_offset": offsets + [len(shown) + o for o in generated["text_offset"]]}
 
     def chat(self, body: dict) -> dict:
         messages = body.get("messages")

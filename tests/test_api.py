@@ -128,20 +128,22 @@ def test_uicl_through_the_api_equals_backend_hf_and_a_second_run_is_answered_fro
     assert got["zero_shot"] == want["zero_shot"]
     assert [{k: v for k, v in r.items() if k != "diagnostics"} for r in got["rounds"]] == \
         [{k: v for k, v in r.items() if k != "diagnostics"} for r in want["rounds"]]
-    sent = posts(server)
+    probe, sent = posts(server)[:3], posts(server)[3:]
+    # the probe: token ids taken, echo answered, 1,000 alternatives refused (the server's cap is 400)
+    assert [r["status"] for r in probe] == [200, 200, 400] and probe[1]["body"]["echo"] is True
     assert got["timing"]["prompts_scored"] == 24 + 8 * 3 + 2 * 24 * 3 and all(r["status"] == 200 for r in sent)
     assert len({json.dumps(r["body"], sort_keys=True) for r in sent}) == len(sent)  # never the same request twice
     body = sent[0]["body"]  # the hf backend's token ids, one greedy token, the top-k
     assert isinstance(body["prompt"], list) and body["max_tokens"] == 1 and body["temperature"] == 0
     assert body["logprobs"] == 400 and body["model"] == "tiny"
     usage = json.loads((tmp_path / "api" / "api_usage.json").read_text())
-    assert usage["requests_sent"] == len(sent) and usage["prompt_tokens"] > 0
+    assert usage["requests_sent"] == len(sent) + 2 and usage["prompt_tokens"] > 0  # and the probe's two answered
     assert len(sent) + usage["cache_hits"] <= got["timing"]["prompts_scored"]  # a prompt seen before: the cache
 
     # another run directory, the same cache: not one request
     again = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "again", server.url,
                            f"api.cache_dir={quoted(tmp_path / 'api' / 'api_cache')}"))
-    assert len(posts(server)) == len(sent) and again["rounds"] == got["rounds"]
+    assert len(posts(server)) == len(probe) + len(sent) and again["rounds"] == got["rounds"]
     assert json.loads((tmp_path / "again" / "api_usage.json").read_text())["cache_hits"] == 24 + 8 * 3 + 2 * 24 * 3
 
 
@@ -302,17 +304,17 @@ def test_a_server_stopped_mid_run_is_a_clear_error_and_the_rerun_resumes_from_th
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as whole:
         want = run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "whole", whole.url, size=SMALL))
     total = len(posts(whole))
-    first = OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, stop_after=16).start()
+    first = OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, stop_after=2 + 16).start()
     cfg = api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", first.url, "api.max_retries=2", size=SMALL)
     with pytest.raises(APIError, match=r"no answer from http://127\.0\.0\.1:\d+/v1/completions after 3 tries.*"
                                        r"cached in .*api_cache.*start the same command again"):
         run(cfg)
     first.stop()
-    cached = len(list((tmp_path / "run" / "api_cache").rglob("*.json")))
-    assert cached == 16 and set(stages(tmp_path / "run")) == {"zero_shot/train", "zero_shot/test"}  # 12 + 4 of 8
+    cached = len(cached_answers(tmp_path / "run" / "api_cache"))
+    assert cached == 16 and (tmp_path / "run" / "api_cache" / "capabilities.json").exists() and set(stages(tmp_path / "run")) == {"zero_shot/train", "zero_shot/test"}  # 12 + 4 of 8
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, port=first.port) as second:
         resumed = run(cfg)
-    assert len(posts(second)) == total - cached  # nothing answered before is asked again
+    assert len(posts(second)) == total - 3 - cached  # nothing answered before is asked again, nor the probe's 3
     assert resumed["rounds"] == want["rounds"]
     assert_same_stages(tmp_path / "run", tmp_path / "whole")
 
@@ -330,7 +332,8 @@ def test_the_key_is_sent_but_never_written(tiny_llama, tiny_llama_dir, tiny_sst2
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, api_key=KEY, max_logprobs=400) as srv:
         run(api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "run", srv.url, size=SMALL))
-        assert posts(srv) and all(r["authorization"] == f"Bearer {KEY}" and r["status"] == 200 for r in posts(srv))
+        assert posts(srv) and all(r["authorization"] == f"Bearer {KEY}" for r in posts(srv))
+        assert all(r["status"] == 200 or r["body"].get("logprobs") == 1000 for r in posts(srv))  # the probe's cap
         wrong = "sk-wrong-" + "0123456789" * 3
         monkeypatch.setenv("OPENAI_API_KEY", wrong)
         with pytest.raises(APIError, match=r"HTTP 401 .*sent with the key in \$OPENAI_API_KEY") as err:
@@ -390,7 +393,8 @@ def test_the_key_never_reaches_hydras_files_or_the_console(tiny_llama, tiny_llam
 
 
 def cached_answers(directory: Path) -> list[Path]:
-    return sorted(directory.rglob("*.json")) if directory.exists() else []
+    """The answers kept (the server's capabilities aside)."""
+    return sorted(p for p in directory.rglob("*.json") if p.name != "capabilities.json") if directory.exists() else []
 
 
 def test_an_answer_that_cannot_be_read_is_one_error_and_never_cached(tiny_llama, tiny_llama_dir, tiny_sst2_root,
@@ -411,7 +415,10 @@ def test_an_answer_that_cannot_be_read_is_one_error_and_never_cached(tiny_llama,
 
     def words_for_numbers(answer):  # {" positive": "high"}: a server's bug
         for choice in answer["choices"]:
-            choice["logprobs"]["top_logprobs"] = [{t: "high" for t in top} for top in choice["logprobs"]["top_logprobs"]]
+            if choice["logprobs"] is None:
+                continue
+            choice["logprobs"]["top_logprobs"] = [top and {t: "high" for t in top}
+                                                  for top in choice["logprobs"]["top_logprobs"]]
         return answer
 
     with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400) as srv:
@@ -775,3 +782,129 @@ def test_the_config_files_compose():
     assert OmegaConf.select(cfg, "model.api_key") is None  # the key is never a config value
     assert not re.search(r"sk-|api_key:", (REPO / "configs" / "model" / "gpt-4o-2024-08-06.yaml").read_text())
     assert np.isclose(compose(PRIMARY, ["model=gpt-4o-2024-08-06"]).model.price_per_million_input_tokens, 2.5)
+
+
+# ------------------------------------------------------------------------- servers as they are
+LLAMA_CPP = dict(unsupported=("token_ids", "n"), max_logprobs=5000)  # text prompts only, no n, echo, any top-k
+
+
+def default_api_config(model_dir, data_root, out_dir, url, *extra):
+    """The README's command: nothing set but the server, the model and the data."""
+    return compose(PRIMARY, [
+        "backend=openai", "model=openai_compatible", "model.name=tiny", f"model.pretrained={quoted(model_dir)}",
+        f"model.base_url={url}", "dataset=sst2", f"dataset.data_root={quoted(data_root)}", *FULL, "device=cpu",
+        "progress=false", "api.backoff_s=0.01", "api.max_backoff_s=0.05", "api.concurrency=4",
+        f"output_dir={quoted(out_dir)}", *extra])
+
+
+def test_a_llama_cpp_like_server_with_default_settings_equals_backend_hf_and_reruns_without_it(
+        tiny_llama, tiny_llama_dir, tiny_sst2_root, tmp_path, caplog):
+    """A server that refuses token ids, ignores n, echoes and returns any number of alternatives: the probe
+    picks text prompts; reads missing a label among the default 20 are asked again with 1,000, so every stage
+    equals backend=hf's. The capabilities are kept, so a rerun whose answers are cached needs no server."""
+    from joint_inference.runs.root import run_icl as run
+
+    model, tokenizer = tiny_llama
+    want = run(hf_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "hf"))
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, **LLAMA_CPP) as srv:
+        with caplog.at_level(logging.INFO):
+            got = run(default_api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "api", srv.url))
+        sent = posts(srv)
+    assert_same_stages(tmp_path / "api", tmp_path / "hf")
+    assert [{k: v for k, v in r.items() if k != "diagnostics"} for r in got["rounds"]] == \
+        [{k: v for k, v in r.items() if k != "diagnostics"} for r in want["rounds"]]
+    line = [r.getMessage() for r in caplog.records if r.name == "joint_inference.api.capabilities"]
+    assert len(line) == 1 and re.search(r"text prompts \(token ids refused\), echo: exact label log-probs, up to "
+                                        r"\d+ alternatives", line[0])
+    caps = json.loads((tmp_path / "api" / "api_cache" / "capabilities.json").read_text())
+    (entry,) = caps.values()
+    assert entry["token_prompts"] is False and entry["echo"] is True and entry["models"] == ["tiny"]
+    assert [r["status"] for r in sent[:3]] == [500, 200, 200]  # the probe: token ids refused once, nothing retried
+    scoring = sent[3:]
+    assert all(isinstance(r["body"]["prompt"], str) and r["status"] == 200 for r in scoring)
+    # the default 20, then the probed limit, then echo (logprobs=1) for what even that missed
+    assert {r["body"]["logprobs"] for r in scoring} <= {20, entry["top_logprobs"], 1}
+    assert all(bool(r["body"].get("echo")) == (r["body"]["logprobs"] == 1) for r in scoring)
+    # the server gone: the same command in another directory, the same cache, gives the same results
+    again = run(default_api_config(tiny_llama_dir, tiny_sst2_root, tmp_path / "again", srv.url,
+                                   f"api.cache_dir={quoted(tmp_path / 'api' / 'api_cache')}"))
+    assert again["rounds"] == got["rounds"] and again["zero_shot"] == got["zero_shot"]
+
+
+def test_reads_missing_a_label_are_asked_again_then_scored_with_echo(tiny_llama, tmp_path):
+    """k=2 misses labels, the server's cap still misses some: those are scored with echo. Every score equals the
+    hf scorer's; only the reads that missed are asked again, and only those still missing get echo requests."""
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 24)
+    seqs = sorted({tuple(encoder.assemble(p, lab)[0]) for p, lab in zip(prompts, labels)})
+    with torch.no_grad():
+        want = Scorer(model, encoder, "auto", batch_size=4, show_progress=False).label_logprobs(prompts, labels)
+        full = torch.stack([torch.log_softmax(model(torch.tensor([s])).logits[0, -1], -1) for s in seqs])
+    columns = [ids[0] for ids in encoder.label_ids]
+    worst = (full > full[:, columns].min(-1, keepdim=True).values).sum(-1)  # tokens above the less likely label
+    cap = int(worst.sort().values[len(seqs) // 2])  # about half the reads complete at the server's cap
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=cap) as srv:
+        scorer = APIScorer(client(srv.url, cache_dir=str(tmp_path / "cache")), encoder, "auto", prompt_format="auto",
+                           score_with="auto", max_top_logprobs=2)
+        got = scorer.label_logprobs(prompts, labels)
+        bodies = [r["body"] for r in posts(srv)[3:]]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert scorer.server_top == cap and scorer.floored == 0
+    first, second = [b for b in bodies if b.get("logprobs") == 2], [b for b in bodies if b.get("logprobs") == cap]
+    echoed = [b for b in bodies if b.get("echo")]
+    assert len(first) == len(seqs) and len(second) == int((worst >= 2).sum())
+    assert len(echoed) == 2 * int((worst >= cap).sum()) > 0  # one request a label, for the reads still missing
+
+
+@pytest.mark.parametrize("server_echoes", [True, False])
+def test_multi_token_labels_are_exact_with_echo(tiny_llama, server_echoes):
+    """Labels sharing their first token: label_mode=auto is exact, as in the hf scorer, when the server echoes
+    (one request per label, the sum of its tokens' log-probs); without echo, the top-k refusal names the fix."""
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["zebra crossing", "zebra stripes", "qux"],
+                            fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 6)
+    unsupported = () if server_echoes else ("echo",)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, max_logprobs=400, unsupported=unsupported) as srv:
+        scorer = APIScorer(client(srv.url), encoder, "auto", prompt_format="auto", score_with="auto")
+        if not server_echoes:
+            with pytest.raises(ConfigError, match="share their first token.*label_mode=bot_minimal"):
+                scorer.label_logprobs(prompts, labels)
+            return
+        got = scorer.label_logprobs(prompts, labels)
+        echoed = [r for r in posts(srv) if r["body"].get("echo")][1:]  # after the probe's
+    with torch.no_grad():
+        hf = Scorer(model, encoder, "auto", batch_size=4, show_progress=False)
+        want = hf.label_logprobs(prompts, labels)
+    assert hf.mode == scorer.mode == "exact" and scorer.score_with == "echo"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert len(echoed) == 3 * len({json.dumps(encoder.assemble(p, lab)[0]) for p, lab in zip(prompts, labels)})
+
+
+def test_what_the_server_lacks_or_does_not_serve_is_said(tiny_llama, tmp_path, caplog):
+    model, tokenizer = tiny_llama
+    encoder = PromptEncoder(tokenizer, TEMPLATE, ["negative", "positive"], fold_shared_label_tokens=True)
+    prompts, labels = prompts_with_demonstrations(encoder, 3)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, name="served-id") as srv:
+        with pytest.raises(APIError, match=r"serves \['served-id'\], not model.name='tiny'.*model.name='served-id'"):
+            APIScorer(client(srv.url), encoder, score_with="auto").label_logprobs(prompts, labels)
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, unsupported=("echo",), max_logprobs=400) as srv:
+        with pytest.raises(ConfigError, match=r"score_with=echo, but the server .* returns no prompt log-probs"):
+            APIScorer(client(srv.url), encoder, score_with="echo").label_logprobs(prompts, labels)
+        with caplog.at_level(logging.WARNING):  # the tiny tokenizer has no chat template
+            APIScorer(client(srv.url), encoder, endpoint="chat", max_top_logprobs=400).label_logprobs(prompts, labels)
+        assert any("has no chat template" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="score_with=echo needs model.endpoint=completions"):
+        APIScorer(client("http://127.0.0.1:9/v1"), encoder, endpoint="chat", score_with="echo")
+
+
+def test_requests_per_second_leaves_out_the_retry_waits(tiny_llama):
+    model, tokenizer = tiny_llama
+    with OpenAICompatibleServer(model=model, tokenizer=tokenizer, fail_first=[503, 503]) as srv:
+        slow = APIClient(ClientSettings(base_url=srv.url, model="tiny", show_progress=False, backoff_s=0.4,
+                                        max_backoff_s=0.4, concurrency=1))
+        slow.post_many("completions", [{"model": "tiny", "prompt": "a b", "max_tokens": 1}])
+    usage = slow.usage
+    assert usage.retries == 2 and usage.seconds - usage.busy_seconds >= 0.35  # two waits of 0.2 to 0.4 s
+    assert usage.as_dict()["requests_per_second"] == pytest.approx(1 / usage.busy_seconds)

@@ -47,7 +47,11 @@ Check = Callable[[dict], str | None]  # what keeps a server's answer from being 
 
 class APIError(ConfigError):
     """The server could not give an answer (gone, refusing, out of retries). A :class:`ConfigError`, so the
-    entry scripts print it as one ``error: ...`` line and exit with code 2."""
+    entry scripts print it as one ``error: ...`` line and exit with code 2. A refusal keeps the HTTP ``status``
+    and the ``server_text``."""
+
+    status: int | None = None
+    server_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,11 +132,13 @@ class Usage:
     retries: int = 0
     prompt_tokens: int = 0  # the server's own counts (``usage``) of the answers it sent
     completion_tokens: int = 0
-    seconds: float = 0.0  # wall time spent waiting for the server
+    seconds: float = 0.0  # wall time of the batches, retry waits included
+    busy_seconds: float = 0.0  # wall time with at least one request on the wire (retry waits excluded)
 
     def as_dict(self, price_in=None, price_out=None) -> dict:
         out = dict(self.__dict__)
-        out["requests_per_second"] = self.requests_sent / self.seconds if self.seconds else None
+        # the server's rate: requests answered per second of requests in flight, so backoff waits do not count
+        out["requests_per_second"] = self.requests_sent / self.busy_seconds if self.busy_seconds else None
         out["cost_usd"] = cost(self.prompt_tokens, self.completion_tokens, price_in, price_out)
         return out
 
@@ -176,10 +182,39 @@ class APIClient:
                 pass
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._in_flight, self._busy_since = 0, 0.0
 
     # --------------------------------------------------------------------------------------- public
     def close(self) -> None:
         self._http.close()
+
+    def get_json(self, path: str) -> dict | None:
+        """The JSON of ``GET <base_url>/<path>`` (e.g. ``models``), or None where the server has no such route or
+        answers something else; a server that cannot be reached is an :class:`APIError`."""
+        url = self.settings.url(path)
+        try:
+            response = self._http.get(url)
+        except self._httpx.TransportError as err:
+            raise APIError(f"no answer from {url} ({type(err).__name__}: {err}). Check that the server runs and "
+                           "model.base_url points at it") from None
+        if response.status_code in (401, 403):
+            raise self._refused(url, {}, response)
+        try:
+            answer = response.json() if response.status_code == 200 else None
+        except ValueError:
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    def post_once(self, path: str, body: dict) -> dict:
+        """The answer to one body, sent now (retried as any request, never cached): the capability probe's
+        requests. A refusal is an :class:`APIError` saying why."""
+        self._stop.clear()
+        start = time.perf_counter()
+        try:
+            return self._post(self.settings.url(path), self.body(body), key=None)
+        finally:
+            self.usage.seconds += time.perf_counter() - start
+            self._write_usage()
 
     def body(self, fields: dict) -> dict:
         """A request body: ``model``, the caller's fields, then ``model.extra_body``."""
@@ -245,7 +280,17 @@ class APIClient:
             self.usage.seconds += time.perf_counter() - start
         pool.shutdown(wait=True)
 
-    def _post(self, url: str, body: dict, key: str, check: Check | None = None) -> dict:
+    def _on_wire(self, step: int) -> None:
+        """Count requests in flight; the time with at least one is the usage's ``busy_seconds``."""
+        with self._lock:
+            now = time.perf_counter()
+            if step > 0 and self._in_flight == 0:
+                self._busy_since = now
+            self._in_flight += step
+            if step < 0 and self._in_flight == 0:
+                self.usage.busy_seconds += now - self._busy_since
+
+    def _post(self, url: str, body: dict, key: str | None, check: Check | None = None) -> dict:
         httpx, s = self._httpx, self.settings
         last = ""
         for attempt in range(s.max_retries + 1):
@@ -253,7 +298,11 @@ class APIClient:
                 raise APIError("stopped: another request of the batch failed")
             retry_after = 0.0
             try:
-                response = self._http.post(url, json=body)
+                self._on_wire(+1)
+                try:
+                    response = self._http.post(url, json=body)
+                finally:
+                    self._on_wire(-1)
             except httpx.TransportError as err:  # connection refused or lost, timeouts
                 last = f"{type(err).__name__}: {err}"
             else:
@@ -270,7 +319,7 @@ class APIClient:
                     if problem is not None:
                         raise APIError(f"{self._redact(problem)} (the answer was not cached: the same command asks "
                                        "the server again)")
-                    if self.cache:
+                    if self.cache and key is not None:
                         self.cache.put(key, url, body.get("model"), answer)
                     return answer
                 if response.status_code != 429 and response.status_code < 500 or unsupported(response.text):
@@ -293,6 +342,12 @@ class APIClient:
                        "api.concurrency tune the patience with a slow or rate-limited server)")
 
     def _refused(self, url: str, body: dict, response) -> APIError:
+        """The error for an answer that a retry cannot change; it keeps the status and the server's text."""
+        err = self._refusal(url, body, response)
+        err.status, err.server_text = response.status_code, self._redact(response.text[:500])
+        return err
+
+    def _refusal(self, url: str, body: dict, response) -> APIError:
         status, text = response.status_code, self._redact(response.text[:500])
         if status in (401, 403):
             where = (f"the key in ${self.settings.api_key_env}" if self._key

@@ -233,7 +233,8 @@ class APIModelSettings(CausalLMSettings):
 
     base_url: str | None = key()  # null: $OPENAI_BASE_URL
     endpoint: str = key("completions", "chat")
-    prompt_format: str = key("tokens", "text")
+    prompt_format: str = key("auto", "tokens", "text")
+    score_with: str = key("auto", "echo", "top_logprobs")
     max_top_logprobs: int = key(low=1)
     tokens_as_ids: bool = key()
     max_stop_strings: int = key(low=0)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..api import capabilities
 from ..api.client import DryRunTally, cost
 from ..core.errors import ConfigError
 from ..core.settings import FTSettings, ICLSettings, TextICLSettings
@@ -247,7 +248,8 @@ def check_size(run: ICLSettings | FTSettings, data: TaskData, text_encoder: Call
     are an error here already)."""
     finetuning = isinstance(run, FTSettings)
     guard = device.type == "cpu" and not run.allow_long_cpu_run
-    measured = model_step_seconds(run, device) if finetuning else model_throughput(run, device)
+    measured = (model_step_seconds(run, device) if finetuning else
+                None if run.backend == "openai" else model_throughput(run, device))  # a server's speed is not ours
     if not run.dry_run and not (guard and measured is not None):
         return None
     if modality(run.dataset) != "text":
@@ -350,20 +352,46 @@ def api_dry_run(run: TextICLSettings, counting_run: Callable[[TextICLSettings, D
             quiet.setLevel(level)
     m = run.model
     price_in, price_out = m.price_per_million_input_tokens, m.price_per_million_output_tokens
+    rate = server_rate(run, cache_dir)
     summary = {**tally.__dict__, "base_url": m.base_url, "model": m.name,
                "cost_usd": cost(tally.prompt_tokens, tally.output_tokens, price_in, price_out),
-               "max_cost_usd": cost(tally.prompt_tokens, tally.max_output_tokens, price_in, price_out)}
-    print(summary_text(summary, cache_dir, price_in, price_out, api.dry_run_output_tokens))
+               "max_cost_usd": cost(tally.prompt_tokens, tally.max_output_tokens, price_in, price_out),
+               "requests_per_second": rate and rate[0],
+               "estimate_seconds": tally.requests / rate[0] if rate else None}
+    print(summary_text(summary, cache_dir, price_in, price_out, api.dry_run_output_tokens, rate and rate[1]))
     return summary
 
 
-def summary_text(s: dict, cache_dir: str, price_in, price_out, output_tokens: int) -> str:
+def server_rate(run: TextICLSettings, cache_dir: str) -> tuple[float, str] | None:
+    """(requests a second, where that was measured) for the run's server: the run directory's api_usage.json
+    (requests answered per second with requests in flight), else the capability probe's one-at-a-time requests;
+    None when neither has been measured."""
+    try:
+        usage = json.loads((Path(run.output_dir) / "api_usage.json").read_text())
+        if usage.get("server") == run.model.base_url and usage.get("requests_per_second"):
+            return float(usage["requests_per_second"]), "measured by the earlier runs in this directory (api_usage.json)"
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        kept = json.loads((Path(cache_dir) / capabilities.FILE).read_text())
+        caps = kept.get(capabilities.key(str(run.model.base_url), run.model.name, run.model.endpoint)) or {}
+        if caps.get("seconds_per_request"):
+            return 1 / caps["seconds_per_request"], "one request at a time when the server was probed (a lower bound)"
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def summary_text(s: dict, cache_dir: str, price_in, price_out, output_tokens: int, rate_source: str | None = None) -> str:
     lines = [f"dry run, nothing sent: {s['requests']:,} requests to {s['base_url']} (model {s['model']})"
              + (f"; {s['cached']:,} more are already cached in {cache_dir}" if s["cached"] else "")
              + (f"; {s['duplicates']:,} repeat a request of their batch (sent once)" if s["duplicates"] else ""),
              f"  prompt tokens:  {s['prompt_tokens']:,}",
              (f"  output tokens:  ~{s['output_tokens']:,} (responses of ~{output_tokens} tokens: "
               f"api.dry_run_output_tokens), at most {s['max_output_tokens']:,}")]
+    if s["estimate_seconds"] is not None:
+        lines.append(f"  time: ~{duration(s['estimate_seconds'])} at {s['requests_per_second']:.2f} requests/s, "
+                     f"{rate_source}")
     if s["cost_usd"] is None:
         lines.append("  cost: set model.price_per_million_input_tokens and model.price_per_million_output_tokens")
     else:

@@ -201,7 +201,7 @@ class Parts:
         encoder, m = self.encoder(), s.model
         client = api_client(s, self.tally, lambda text: len(encoder.tokenizer(text)["input_ids"]))
         return APIScorer(client, encoder, s.label_mode, endpoint=m.endpoint, prompt_format=m.prompt_format,
-                         max_top_logprobs=m.max_top_logprobs, tokens_as_ids=m.tokens_as_ids)
+                         max_top_logprobs=m.max_top_logprobs, tokens_as_ids=m.tokens_as_ids, score_with=m.score_with)
 
 
 def prompt_encoder(settings: ICLSettings | FTSettings, tokenizer):
