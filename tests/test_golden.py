@@ -79,8 +79,8 @@ CASES = {
                                              "model.max_top_logprobs=400", "progress=false"], api=True),
     "refused_api_labels_outside_top_k": Case("unsupervised_icl_llm", [
         "backend=openai", "model=openai_compatible", "model.name=tiny", "model.pretrained={root}/tiny_llama",
-        "label_mode=first", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=2", "progress=false"], code=2,
-        api=True),
+        "label_mode=first", "dataset.num_examples=12", "N=2", "T=1", "num_repeats=2", "progress=false",
+        "model.score_with=top_logprobs", "model.prompt_format=tokens"], code=2, api=True),
     "icl_vision": Case("unsupervised_icl_vlm", [*VLM, "N=2", "T=1", "num_repeats=1", "save_predictions=true"]),
     "ft_lora_resumed": Case("unsupervised_ft_llm", FT, before=FT),
     "ft_vision_linear": Case("unsupervised_ft_vlm", [*VLM, "task_encoder=linear", "batch_size=2", "N=4",

@@ -417,6 +417,7 @@ class DryRunTally:
     prompt_tokens: int = 0
     output_tokens: int = 0  # the estimate: classification 1 a request, generation api.dry_run_output_tokens
     max_output_tokens: int = 0  # the bound: max_tokens x n of every request
+    unprobed: int = 0  # scorers that counted top-log-prob reads for a server never probed (see the summary)
 
     def add(self, other: DryRunTally) -> None:
         for k in self.__dict__:

@@ -389,6 +389,10 @@ def summary_text(s: dict, cache_dir: str, price_in, price_out, output_tokens: in
              f"  prompt tokens:  {s['prompt_tokens']:,}",
              (f"  output tokens:  ~{s['output_tokens']:,} (responses of ~{output_tokens} tokens: "
               f"api.dry_run_output_tokens), at most {s['max_output_tokens']:,}")]
+    if s["unprobed"]:
+        lines.append("  counted as one top-log-prob read a prompt: the server was not asked what it can do (a dry "
+                     "run sends nothing); where reads miss a label, a run asks again, and a server that echoes "
+                     "prompt log-probs gets one request a label for those")
     if s["estimate_seconds"] is not None:
         lines.append(f"  time: ~{duration(s['estimate_seconds'])} at {s['requests_per_second']:.2f} requests/s, "
                      f"{rate_source}")

@@ -143,10 +143,8 @@ class APIScorer:
         words = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
         if self.client.dry_run:
             caps = capabilities.cached(self.client, self.endpoint)
-            if caps is None and self.score_with == "auto":
-                log.warning("dry run: the server was not asked what it can do (nothing is sent), so the count "
-                            "assumes one top-log-prob read a prompt; a server that echoes prompt log-probs is "
-                            "sent one request a label instead (model.score_with=top_logprobs keeps one a prompt)")
+            if caps is None and self.score_with == "auto":  # the summary says what the count assumed
+                self.client.tally.unprobed += 1
         else:
             caps = capabilities.probe(self.client, self.endpoint, list(self.encoder.bos) + words, PROBE_TEXT,
                                       prompt_words=len(words))
