@@ -18,7 +18,8 @@ CONFIGS = Path(CONFIG_DIR)
 # Text classification datasets and language models; generation tasks are checked in test_uicl_generation.py,
 # image tasks and vision-language models in test_vision.py.
 DATASETS = [name for name in options("dataset") if (ds := config_option("dataset", name)).kind == "classification"
-            and ds.modality == "text" and "path" not in ds]  # dataset=local (the user's file): tests/test_local_data.py
+            and ds.modality == "text" and "path" not in ds  # dataset=local (the user's file): tests/test_local_data.py
+            and "include_path" not in ds]  # dataset=lm_eval (lm-eval's tasks): tests/test_lm_eval.py
 MODELS = [name for name in options("model") if "image_features" not in config_option("model", name)]
 TABLE1 = ["sst2", "amazon_polarity", "ag_news", "trec", "dbpedia_14", "subj", "rte", "qnli", "mnli", "copa",
           "boolq", "piqa", "hellaswag", "mmlu"]

@@ -26,7 +26,8 @@ PYTHON = os.environ.get("LLAMA_CPP_PYTHON", sys.executable)
 
 def has_llama_cpp_server() -> bool:
     try:
-        return subprocess.run([PYTHON, "-c", "import llama_cpp.server.app"], capture_output=True, timeout=60).returncode == 0
+        return subprocess.run([PYTHON, "-c", "import llama_cpp.server.app"], check=False, capture_output=True,
+                              timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 

@@ -381,6 +381,16 @@ class MMMUSettings(DatasetSettings):
 
 
 @dataclass
+class LMEvalSettings(DatasetSettings):
+    """configs/dataset/lm_eval.yaml: a multiple-choice task of lm-evaluation-harness (data/lm_eval.py)."""
+
+    task: str | None = key()
+    include_path: str | None = key()
+    transductive: bool = key()
+    on_bad_row: str = key("error", "skip")
+
+
+@dataclass
 class LocalDataSettings(DatasetSettings):
     """configs/dataset/local.yaml: the user's own file."""
 

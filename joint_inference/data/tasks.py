@@ -8,9 +8,10 @@ from __future__ import annotations
 import string
 from typing import Callable, Sequence
 
-from ..core.settings import LocalDataSettings
+from ..core.settings import LMEvalSettings, LocalDataSettings
 from ..prompts.templates import LABEL_FIELD, PromptEncoder, Template
 from .files import load_file_task
+from .lm_eval import lm_eval_data, load_lm_eval_task
 from .hub import RowCheck, TaskData, check_label_set, load_task, text_field_problem
 
 MODALITIES = ("text", "image")
@@ -30,6 +31,9 @@ def load_data(dataset, label_names: Sequence[str] | None, template: str | None,
     read the model's config and tokenizer: :func:`row_check`)."""
     if isinstance(dataset, LocalDataSettings):  # dataset=local: the user's own file, labelled or not (files.py)
         return load_file_task(dataset, label_names, template, row_check)
+    if isinstance(dataset, LMEvalSettings):  # an lm-evaluation-harness task, read by lm-eval (lm_eval.py)
+        return lm_eval_data(load_lm_eval_task(dataset.task, dataset.include_path), dataset.num_examples,
+                            dataset.sample_seed)
     Template(template)
     check_label_set(label_names, dataset)
     if modality(dataset) == "image":

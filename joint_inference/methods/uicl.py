@@ -18,10 +18,12 @@ from ..core.utils import fingerprint_digest, resolve_device, seed_everything
 from ..data.files import FileData
 from ..data.files import labelled as has_labels
 from ..data.hub import TaskData
+from ..data.lm_eval import LMEvalData
 from ..data.tasks import modality
 from ..models.language import compute_dtype, dtype_before_recorded
 from ..prompts.templates import Template
 from ..reporting.files import file_run_results
+from ..reporting.lm_eval import write_lm_eval_outputs
 from ..reporting.results import RunState, stage_name, write_jsonl, write_results
 from ..scoring.scorer import LabelScorer
 from .controls import batch_calibrated, paired_gain, random_labelling
@@ -204,6 +206,13 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
              "rounds": [r[s][i] if s in r else None for r in rounds],
              **({"controls": {name: c[s][i] if s in c else None for name, c in controls.items()}} if controls else {})}
             for s in splits for i, row in enumerate(data.test if s == "test" else data.train)])
+    if isinstance(data, LMEvalData):  # lm-evaluation-harness's schema beside ours (reporting/lm_eval.py)
+        stages = {"zero_shot": {"predictions": zero_shot["test"], "logprobs": zero_shot.get("test_logprobs")}}
+        if supervised:
+            stages["supervised_icl"] = {"predictions": supervised["test"]}
+        stages.update({f"control_{name}": {"predictions": c["test"]} for name, c in controls.items()})
+        stages.update({f"round_{t}": {"predictions": r["test"]} for t, r in enumerate(rounds, 1)})
+        results["lm_eval"] = {"results": write_lm_eval_outputs(out_dir, data, stages, run.N, run.model.name)}
     if labelled:
         write_results(out_dir, results)
     log.info("results in %s", out_dir)

@@ -13,15 +13,15 @@ from .templates import PromptEncoder, Template
 
 
 def build_prompt_encoder(tokenizer, template: str, label_names: Sequence[str], label_mode: str,
-                         images: tuple[Sequence[Sequence[int]], torch.Tensor] | None = None, model=None
-                         ) -> PromptEncoder:
+                         images: tuple[Sequence[Sequence[int]], torch.Tensor] | None = None, model=None,
+                         separator: str = "\n") -> PromptEncoder:
     """``images``: (fragments, features) of an image task's images, where ``model`` (a vision-language model's
     settings) says how the model ends an example (``chunk_end``) and what it writes between examples
-    (``separator``)."""
+    (``separator``); a text task's examples are joined by ``separator``."""
     template, names = Template(template), list(label_names)
     fold = label_mode in FOLDING_MODES
     if images is None:
-        return PromptEncoder(tokenizer, template, names, fold_shared_label_tokens=fold)
+        return PromptEncoder(tokenizer, template, names, fold_shared_label_tokens=fold, separator=separator)
     fragments, features = images
     return ImagePromptEncoder(tokenizer, template, names, fragments, features, chunk_end=model.chunk_end,
                               separator=model.separator, fold_shared_label_tokens=fold)

@@ -31,6 +31,7 @@ from ..core.settings import (
     ICLSettings,
     ImageClassificationSettings,
     LabelSetSettings,
+    LMEvalSettings,
     LocalDataSettings,
     MMLUSettings,
     MMMUSettings,
@@ -133,6 +134,8 @@ def dataset_schema(dataset: DictConfig) -> type:
     user's names its ``path``; MMLU lists its ``subjects``)."""
     if "path" in dataset:
         return LocalDataSettings
+    if "include_path" in dataset:
+        return LMEvalSettings
     if dataset.kind != "classification":
         return GenerationSettings if dataset.kind == "generation" else MMMUSettings
     if dataset.modality == "image":

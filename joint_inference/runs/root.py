@@ -21,9 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 from ..api.client import APIClient, DryRunClient, DryRunTally, client_settings
 from ..core.distributed import process_state
 from ..core.errors import ConfigError
-from ..core.settings import FTSettings, ICLSettings, LocalDataSettings, MMLUSettings, TextICLSettings
+from ..core.settings import (
+    FTSettings,
+    ICLSettings,
+    LMEvalSettings,
+    LocalDataSettings,
+    MMLUSettings,
+    TextICLSettings,
+)
 from ..core.utils import resolve_batch_size, resolve_device, seed_everything
 from ..data.hub import ALL_SUBJECTS, TaskData
+from ..data.lm_eval import load_lm_eval_task
 from ..data.tasks import load_data, modality, row_check
 from ..methods import uft
 from ..methods.controls import check_controls
@@ -44,7 +52,7 @@ from .planning import api_dry_run, check_size, subjects_plan
 def run_icl(cfg: DictConfig) -> dict:
     """unsupervised_icl_llm.py and unsupervised_icl_vlm.py: by the task's kind, classification (text or images;
     MMLU's all-subjects runs), generation (GSM8K, MMLU-Pro) or MMMU through an API."""
-    settings = read_settings(cfg)
+    settings = with_lm_eval_task(read_settings(cfg))
     check_input_is_not_written(settings)
     subjects = subject_datasets(cfg, settings)
     if settings.dry_run and settings.backend == "openai":  # requests, tokens and cost of a model behind an API
@@ -54,7 +62,7 @@ def run_icl(cfg: DictConfig) -> dict:
 
 def run_finetuning(cfg: DictConfig) -> dict:
     """unsupervised_ft_llm.py and unsupervised_ft_vlm.py."""
-    settings: FTSettings = read_settings(cfg)
+    settings: FTSettings = with_lm_eval_task(read_settings(cfg))
     check_input_is_not_written(settings)
     check_controls(settings.controls, "fine-tuning", "clean")
     seed_everything(settings.seed)  # before the LoRA adapters are drawn
@@ -205,8 +213,28 @@ class Parts:
 
 
 def prompt_encoder(settings: ICLSettings | FTSettings, tokenizer):
-    """The prompt encoder of a text task's template and label set."""
-    return build_prompt_encoder(tokenizer, settings.template.text, settings.labelset.names, settings.label_mode)
+    """The prompt encoder of a text task's template and label set (an lm-eval task's examples are joined by
+    its ``fewshot_delimiter``)."""
+    dataset = settings.dataset
+    separator = (load_lm_eval_task(dataset.task, dataset.include_path).fewshot_delimiter
+                 if isinstance(dataset, LMEvalSettings) else "\n")
+    return build_prompt_encoder(tokenizer, settings.template.text, settings.labelset.names, settings.label_mode,
+                                separator=separator)
+
+
+def with_lm_eval_task(settings):
+    """``dataset=lm_eval``: the template and label set are the task's (its prompt and choices), and labels are
+    scored as lm-eval scores choices, the continuation's whole log-likelihood (``label_mode=auto`` -> ``exact``)."""
+    dataset = settings.dataset
+    if not isinstance(dataset, LMEvalSettings):
+        return settings
+    if not dataset.transductive:
+        raise ConfigError("dataset=lm_eval runs transductive (lm-eval's documents are the pool and the queries); "
+                          "leave dataset.transductive=true")
+    task = load_lm_eval_task(dataset.task, dataset.include_path)
+    return replace(settings, template=replace(settings.template, text=task.template),
+                   labelset=replace(settings.labelset, names=list(task.choices)),
+                   label_mode="exact" if settings.label_mode == "auto" else settings.label_mode)
 
 
 # ------------------------------------------------------------------------------ generators
