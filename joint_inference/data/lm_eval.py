@@ -2,13 +2,16 @@
 
 Everything that defines the task comes from its YAML as lm-eval reads it: the documents (its evaluation split:
 test, else validation), ``doc_to_text``, ``doc_to_choice``, ``doc_to_target``, ``target_delimiter`` and
-``fewshot_delimiter``. A document becomes a row ``{"lm_eval_text": doc_to_text(doc), "label": target}``, the
-template is ``{lm_eval_text}<target_delimiter>{y}`` with the choices as the label set, and examples in a prompt
+``fewshot_delimiter``. A document becomes a row ``{"lm_eval_text": doc_to_text(doc), "lm_eval_choices": doc_to_choice(doc)}``
+labelled ``doc_to_target(doc)``, the template is ``{lm_eval_text}<target_delimiter>{y}``, each label is its
+choice's text tokenized after the document's context as lm-eval tokenizes it, and examples in a prompt
 are joined by ``fewshot_delimiter``, so a zero-shot prompt is exactly the context lm-eval scores and a label is
 exactly its continuation. The documents are both the unlabelled pool and the queries (transductive, as lm-eval
 evaluates them); the supervised baseline's demonstrations come from the task's few-shot documents.
 
-Tasks whose choices differ from document to document (HellaSwag-style) and generation tasks are refused.
+Choices may differ from document to document (HellaSwag, PIQA): each example then carries its own label
+texts (:class:`~joint_inference.prompts.templates.ChoiceEncoder`), and the K labels are the choices' positions;
+the documents must all have K choices. Generation tasks are refused.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from .hub import TaskData, capped_subset
 
 log = logging.getLogger(__name__)
 TEXT_FIELD = "lm_eval_text"
+CHOICES_FIELD = "lm_eval_choices"
 INSTALL = "pip install 'joint-inference[lmeval]' (lm-eval 0.4.x)"
 
 
@@ -31,7 +35,7 @@ class LMEvalTask:
     name: str
     task: object  # lm-eval's ConfigurableTask
     docs: list[dict]  # the evaluation documents, in lm-eval's order
-    choices: list[str]
+    choices: list[str]  # the label set: the choices where every document has the same, else "choice 1".."choice K"
     targets: np.ndarray
     target_delimiter: str
     fewshot_delimiter: str
@@ -43,7 +47,8 @@ class LMEvalTask:
         return "{" + TEXT_FIELD + "}" + self.target_delimiter.replace("{", "{{").replace("}", "}}") + "{y}"
 
     def rows(self, docs) -> list[dict]:
-        return [{TEXT_FIELD: self.task.doc_to_text(doc)} for doc in docs]
+        return [{TEXT_FIELD: self.task.doc_to_text(doc), CHOICES_FIELD: [str(c) for c in self.task.doc_to_choice(doc)]}
+                for doc in docs]
 
 
 @dataclass
@@ -99,14 +104,17 @@ def load_lm_eval_task(name: str | None, include_path: str | None) -> LMEvalTask:
     docs = list(task.eval_docs)
     if not docs:
         raise ConfigError(f"lm-eval task {name!r} has no evaluation documents (test or validation split)")
-    choices = [list(task.doc_to_choice(doc)) for doc in docs]
-    if any(c != choices[0] for c in choices):
-        raise ConfigError(f"lm-eval task {name!r} gives each document its own choices; dataset=lm_eval runs tasks "
-                          "whose choices are the same for every document (a label set), as joint inference labels "
-                          "examples with one set of classes")
-    targets = np.array([target_index(task.doc_to_target(doc), choices[0], name) for doc in docs])
+    choices = [[str(c) for c in task.doc_to_choice(doc)] for doc in docs]
+    counts = sorted({len(c) for c in choices})
+    if len(counts) > 1:
+        raise ConfigError(f"lm-eval task {name!r} has documents with {' or '.join(map(str, counts))} choices; "
+                          "joint inference labels examples with one number of labels K, so the task's documents "
+                          "must all have as many choices")
+    targets = np.array([target_index(task.doc_to_target(doc), c, name) for doc, c in zip(docs, choices)])
+    same = all(c == choices[0] for c in choices)
     config = task.config
-    result = LMEvalTask(name=name, task=task, docs=docs, choices=[str(c) for c in choices[0]], targets=targets,
+    result = LMEvalTask(name=name, task=task, docs=docs, targets=targets,
+                        choices=choices[0] if same else [f"choice {k + 1}" for k in range(counts[0])],
                         target_delimiter=config.target_delimiter if config.target_delimiter is not None else " ",
                         fewshot_delimiter=config.fewshot_delimiter if config.fewshot_delimiter is not None else "\n\n",
                         split=split, version=task.VERSION if hasattr(task, "VERSION") else None)
@@ -154,13 +162,16 @@ def lm_eval_data(task: LMEvalTask, num_examples: int | None, seed: int) -> LMEva
     keep = np.arange(len(task.docs)) if num_examples is None else np.arange(min(num_examples, len(task.docs)))
     rows = task.rows([task.docs[i] for i in keep])
     labels = task.targets[keep]
-    shots = list(task.task.fewshot_docs() or []) if task.task.has_training_docs() or task.task.has_validation_docs() else []
-    shots = [doc for doc in shots if task.task.doc_to_choice(doc) == task.choices or not task.task.doc_to_choice(doc)]
+    try:  # the task's few-shot documents: its fewshot_split, else training, else validation (lm-eval's rule)
+        shots = list(task.task.fewshot_docs() or [])
+    except Exception:  # noqa: BLE001 (lm-eval raises several kinds where a task has none)
+        shots = []
+    shots = [doc for doc in shots if len(task.task.doc_to_choice(doc)) == len(task.choices)]
     if shots:
         take = capped_subset(len(shots), 1000, seed)
         shots = [shots[i] for i in take]
     pool = task.rows(shots) if shots else None
-    pool_labels = (np.array([target_index(task.task.doc_to_target(d), task.choices, task.name) for d in shots])
-                   if shots else None)
+    pool_labels = (np.array([target_index(task.task.doc_to_target(d), [str(c) for c in task.task.doc_to_choice(d)],
+                                          task.name) for d in shots]) if shots else None)
     return LMEvalData(train=rows, test=rows, train_labels=labels, test_labels=labels, supervised_pool=pool,
                       supervised_labels=pool_labels, task=task, doc_ids=[int(i) for i in keep])

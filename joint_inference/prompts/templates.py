@@ -79,10 +79,14 @@ class Template:
 
 @dataclass(frozen=True)
 class EncodedExample:
-    """Token ids of an example's text before and after its label."""
+    """Token ids of an example's text before and after its label; ``choices``: where each example has labels of
+    its own (an lm-eval task's per-document choices), their token ids after this prefix, and ``choice_chars``
+    their lengths in characters (what lm-eval's ``acc_norm`` divides by)."""
 
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
+    choices: tuple[tuple[int, ...], ...] | None = None
+    choice_chars: tuple[int, ...] | None = None
 
 
 def encode_continuation(tokenizer, context: str, continuation: str) -> list[int]:
@@ -218,7 +222,32 @@ class PromptEncoder:
             positions.append(len(ids) - 1)
             if i == len(examples) - 1:
                 break
-            ids.extend(self.label_ids[labels[i]])
+            ids.extend(self.label_ids[labels[i]] if ex.choices is None else ex.choices[labels[i]])
             ids.extend(ex.suffix)
             ids.extend(self.separator)
         return ids, positions
+
+
+class ChoiceEncoder(PromptEncoder):
+    """Examples whose labels are their own texts (an lm-eval task's ``doc_to_choice``, in the row's
+    ``choices_field``), tokenized as lm-eval tokenizes a (context, continuation) pair: the continuation's tokens
+    are those of context + continuation after the context's own. The label set names the K positions."""
+
+    def __init__(self, tokenizer, template: Template, label_names: Sequence[str], choices_field: str,
+                 separator: str = "\n"):
+        super().__init__(tokenizer, template, label_names, separator=separator)
+        self.choices_field = choices_field
+        self.label_lead = template.label_lead
+
+    def encode(self, example: Mapping) -> EncodedExample:
+        prefix, suffix = self.template.render_parts(example)
+        context = self.tokenizer.encode(prefix, add_special_tokens=False)
+        choices = []
+        for text in example[self.choices_field]:
+            whole = self.tokenizer.encode(prefix + self.label_lead + text, add_special_tokens=False)
+            choices.append(tuple(whole[len(context):]) if whole[:len(context)] == context else
+                           tuple(self.tokenizer.encode(self.label_lead + text, add_special_tokens=False)))
+        if len(choices) != self.num_labels:
+            raise ConfigError(f"an example has {len(choices)} choices where the task's others have {self.num_labels}")
+        return EncodedExample(tuple(context), tuple(self.tokenizer.encode(suffix, add_special_tokens=False)),
+                              tuple(choices), tuple(len(text) for text in example[self.choices_field]))

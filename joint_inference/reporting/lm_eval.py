@@ -23,14 +23,15 @@ def acc_stderr(correct: np.ndarray) -> float:
     return float(np.std(correct, ddof=1) / math.sqrt(n))
 
 
-def stage_entry(name: str, correct: np.ndarray) -> dict:
-    return {"alias": name, "acc,none": float(correct.mean()), "acc_stderr,none": acc_stderr(correct)}
+def stage_entry(name: str, correct: np.ndarray, metric: str) -> dict:
+    return {"alias": name, f"{metric},none": float(correct.mean()), f"{metric}_stderr,none": acc_stderr(correct)}
 
 
 def write_lm_eval_outputs(out_dir: str | Path, data, stages: dict[str, dict], num_shots: int,
-                          model_name: str) -> dict:
+                          model_name: str, metric: str) -> dict:
     """Write lm_eval/results.json and the per-stage samples; return the ``results`` block. ``stages``: {stage:
-    {"predictions": per document, "logprobs": (docs, K) label log-probs or None}} in run order."""
+    {"predictions": per document, "logprobs": (docs, K) label log-probs or None}} in run order; ``metric``:
+    ``acc`` or ``acc_norm``, how the run scored the choices."""
     task, gold = data.task, np.asarray(data.test_labels)
     out = Path(out_dir) / "lm_eval"
     results = {}
@@ -38,14 +39,14 @@ def write_lm_eval_outputs(out_dir: str | Path, data, stages: dict[str, dict], nu
         predictions = np.asarray(got["predictions"])
         correct = (predictions == gold).astype(float)
         name = f"{task.name}@{stage}"
-        results[name] = stage_entry(name, correct)
+        results[name] = stage_entry(name, correct, metric)
         lines = []
         for i, doc_id in enumerate(data.doc_ids):
             doc = task.docs[doc_id]
-            context = data.test[i]["lm_eval_text"]
+            context, choices = data.test[i]["lm_eval_text"], data.test[i]["lm_eval_choices"]
             row = {"doc_id": doc_id, "doc": doc, "target": int(gold[i]),
-                   "arguments": [[context, task.target_delimiter + choice] for choice in task.choices],
-                   "prediction": int(predictions[i]), "filter": "none", "metrics": ["acc"], "acc": float(correct[i])}
+                   "arguments": [[context, task.target_delimiter + choice] for choice in choices],
+                   "prediction": int(predictions[i]), "filter": "none", "metrics": [metric], metric: float(correct[i])}
             if got.get("logprobs") is not None:  # label log-probs renormalised over the choices
                 row["filtered_resps"] = [[float(v), None] for v in got["logprobs"][i]]
             lines.append(json.dumps(row, default=str))
@@ -58,7 +59,7 @@ def write_lm_eval_outputs(out_dir: str | Path, data, stages: dict[str, dict], nu
         "results": results,
         "versions": dict.fromkeys(names, task.version),
         "n-shot": {name: (0 if name.endswith("@zero_shot") else num_shots) for name in names},
-        "higher_is_better": {name: {"acc": True} for name in names},
+        "higher_is_better": {name: {metric: True} for name in names},
         "n-samples": {name: {"original": len(task.docs), "effective": n} for name in names},
         "config": {"model": model_name, "limit": n if n < len(task.docs) else None,
                    "source": "joint-inference (unsupervised in-context learning)"},

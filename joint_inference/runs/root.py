@@ -31,7 +31,7 @@ from ..core.settings import (
 )
 from ..core.utils import resolve_batch_size, resolve_device, seed_everything
 from ..data.hub import ALL_SUBJECTS, TaskData
-from ..data.lm_eval import load_lm_eval_task
+from ..data.lm_eval import CHOICES_FIELD, load_lm_eval_task
 from ..data.tasks import load_data, modality, row_check
 from ..methods import uft
 from ..methods.controls import check_controls
@@ -42,6 +42,7 @@ from ..methods.subjects import run_all_subjects
 from ..methods.uicl import check_pool, run_classification
 from ..models.language import context_length, load_model, load_tokenizer
 from ..prompts.encoders import build_prompt_encoder
+from ..prompts.templates import ChoiceEncoder, Template
 from ..scoring.generators import HFGenerator, SamplingSettings, VLLMGenerator
 from ..scoring.scorer import LabelScorer, Scorer
 from .config import plain, read_dataset, read_settings
@@ -191,7 +192,8 @@ class Parts:
         if s.backend == "hf":
             model, encoder = self.model_and_encoder(data)
             return Scorer(model, encoder, s.label_mode, resolve_batch_size(s.forward_batch_size, self.device),
-                          show_progress=s.progress)
+                          show_progress=s.progress,
+                          length_normalised=isinstance(s.dataset, LMEvalSettings) and s.dataset.metric == "acc_norm")
         if self.image:
             raise ConfigError(f"backend={s.backend} " + (
                 "scores text tasks; image tasks run with backend=hf" if s.backend == "vllm" else
@@ -216,10 +218,11 @@ def prompt_encoder(settings: ICLSettings | FTSettings, tokenizer):
     """The prompt encoder of a text task's template and label set (an lm-eval task's examples are joined by
     its ``fewshot_delimiter``)."""
     dataset = settings.dataset
-    separator = (load_lm_eval_task(dataset.task, dataset.include_path).fewshot_delimiter
-                 if isinstance(dataset, LMEvalSettings) else "\n")
-    return build_prompt_encoder(tokenizer, settings.template.text, settings.labelset.names, settings.label_mode,
-                                separator=separator)
+    if isinstance(dataset, LMEvalSettings):
+        task = load_lm_eval_task(dataset.task, dataset.include_path)
+        return ChoiceEncoder(tokenizer, Template(settings.template.text), settings.labelset.names, CHOICES_FIELD,
+                             separator=task.fewshot_delimiter)
+    return build_prompt_encoder(tokenizer, settings.template.text, settings.labelset.names, settings.label_mode)
 
 
 def with_lm_eval_task(settings):
@@ -231,6 +234,12 @@ def with_lm_eval_task(settings):
     if not dataset.transductive:
         raise ConfigError("dataset=lm_eval runs transductive (lm-eval's documents are the pool and the queries); "
                           "leave dataset.transductive=true")
+    if settings.label_mode not in ("auto", "exact"):
+        raise ConfigError(f"dataset=lm_eval scores each choice as lm-eval does, by the log-likelihood of all its "
+                          f"tokens: label_mode=exact (or auto), not {settings.label_mode}")
+    if isinstance(settings, FTSettings) or getattr(settings, "backend", "hf") != "hf":
+        raise ConfigError("dataset=lm_eval runs unsupervised ICL with backend=hf (unsupervised_icl_llm.py); "
+                          "fine-tuning and the vllm/openai backends do not score per-document choices yet")
     task = load_lm_eval_task(dataset.task, dataset.include_path)
     return replace(settings, template=replace(settings.template, text=task.template),
                    labelset=replace(settings.labelset, names=list(task.choices)),

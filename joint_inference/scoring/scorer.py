@@ -141,10 +141,14 @@ class Scorer:
         label_mode: str = "auto",
         batch_size: int = 16,
         show_progress: bool = True,
+        length_normalised: bool = False,
     ):
         self.model = model
         self.encoder = encoder
         self.mode = resolve_label_mode(label_mode, encoder.label_ids, encoder.label_names)
+        if length_normalised and self.mode != "exact":
+            raise ConfigError("length-normalised label scores (acc_norm) need label_mode=exact")
+        self.length_normalised = length_normalised
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.body, self.head = split_body_head(model)
@@ -186,7 +190,8 @@ class Scorer:
         """
         seqs, positions = assemble_prompts(self.encoder, prompts, labels, read)
         if self.mode == "exact":
-            scores = self._exact_scores(seqs, positions, desc)
+            read_examples = [ex for prompt in prompts for ex in (prompt[-1:] if read == "query" else prompt)]
+            scores = self._exact_scores(seqs, positions, desc, read_examples)
         else:
             scores = self._run(seqs, positions, self._mixed_label_logits, desc)
         return self._finish(scores, len(seqs), read)
@@ -253,12 +258,16 @@ class Scorer:
         columns, weights = self._label_weights
         return self._project(hidden, columns) @ weights.to(hidden.device).T
 
-    def _exact_scores(self, seqs, positions, desc) -> torch.Tensor:
-        """Sum of each label's token log-probs, via one branch per (read, multi-token label)."""
+    def _exact_scores(self, seqs, positions, desc, read_examples) -> torch.Tensor:
+        """Sum of each label's token log-probs, via one branch per (read, multi-token label). Examples with
+        labels of their own (``choices``) branch for every label, with their own tokens; with
+        ``length_normalised``, each sum is divided by its label's length in characters (lm-eval's ``acc_norm``)."""
+        own = read_examples[0].choices is not None
         label_ids = self.encoder.label_ids
         lengths = [len(ids) for ids in label_ids]
-        single = [k for k, n in enumerate(lengths) if n == 1]
-        multi = [k for k, n in enumerate(lengths) if n > 1]
+        single = [] if own else [k for k, n in enumerate(lengths) if n == 1]
+        multi = list(range(len(label_ids))) if own else [k for k, n in enumerate(lengths) if n > 1]
+        per_read = [ex.choices if own else label_ids for ex in read_examples]
         single_cols = torch.tensor([label_ids[k][0] for k in single], dtype=torch.long)
 
         def full_logprobs(hidden, targets):
@@ -273,18 +282,22 @@ class Scorer:
             scores[:, single] = self._run(seqs, positions, single_logprobs, desc)
         if multi:
             branches, branch_pos, branch_targets = [], [], []
-            for s, p in reads:
+            for r, (s, p) in enumerate(reads):
                 for k in multi:
-                    ids = label_ids[k]
+                    ids = per_read[r][k]
                     branches.append(seqs[s][: p + 1] + list(ids[:-1]))
                     branch_pos.append(list(range(p, p + len(ids))))
                     branch_targets.append(list(ids))
             flat = self._run(branches, branch_pos, full_logprobs, desc, targets=branch_targets)
             sums, i = [], 0
-            for ids in (label_ids[k] for _ in reads for k in multi):
-                sums.append(flat[i : i + len(ids)].sum())
-                i += len(ids)
+            for targets in branch_targets:
+                sums.append(flat[i : i + len(targets)].sum())
+                i += len(targets)
             scores[:, multi] = torch.stack(sums).view(len(reads), len(multi))
+        if self.length_normalised:
+            chars = [ex.choice_chars if own else [len(name) for name in self.encoder.label_names]
+                     for ex in read_examples]
+            scores = scores / torch.tensor(chars, dtype=scores.dtype, device=scores.device)
         return scores
 
     # ------------------------------------------------------------------------ batched forward
