@@ -1,27 +1,35 @@
-"""Classification through an OpenAI-compatible server: label log-probs from the next token's ``top_logprobs``.
+"""Classification through an OpenAI-compatible server: label log-probs read from its answers.
 
 Every prompt is the one the ``hf`` scorer scores: the same token ids (:func:`~joint_inference.scoring.scorer.assemble_prompts`),
-sent as ids to ``/completions`` (``model.prompt_format=tokens``, the default: exact wherever the server's tokenizer
-is the local one, as with vLLM serving the same model), or as their decoded text (``prompt_format=text``, or the
-chat endpoint, whose server adds its chat template around it). The server answers a one-token completion
-(``max_tokens=1``, greedy) with the ``model.max_top_logprobs`` most likely next tokens and their log-probs;
-each label's token is found among them by its text (or by id with vLLM's ``return_tokens_as_token_ids``,
-``model.tokens_as_ids=true``), and the K label scores are renormalised with a log-softmax, as the ``hf``
-scorer does.
+sent as ids to ``/completions`` (``model.prompt_format=tokens``: exact wherever the server's tokenizer is the local
+one, as with vLLM serving the same model), or as their decoded text (``prompt_format=text``, or the chat endpoint,
+whose server adds its chat template around it). ``prompt_format=auto`` (the default) asks the server which it takes
+(:mod:`~joint_inference.api.capabilities`: llama.cpp's server takes text only).
 
-**Labels outside the top-k** get a floor log-prob: the lower of the smallest log-prob returned and the log of
-the probability mass the returned tokens leave, an upper bound on the label's true log-prob (the label is
-not more likely than the k-th token, nor than everything not returned). Where every label token is in the
-top-k, the scores equal the ``hf`` scorer's; where one is, the prediction is still exact (a label found beats
-every floored one) and the number of floored reads is logged. **A read with no label in the top-k is never
-guessed**: the scorer stops with a ConfigError that counts such reads and names the settings that fix them.
+Two ways to read the labels (``model.score_with``):
 
-Label modes: ``first`` and ``auto`` (``first`` when the first tokens differ, after the shared leading tokens
-fold into the prompt), ``bot`` and ``bot_minimal`` (their tokens are all read at the label position), and
-``exact`` with one-token labels. Refused with a :class:`ConfigError` naming the way out: multi-token ``exact``
-(``auto`` where first tokens collide), label tokens more than the server returns (top_logprobs: 20 for
-OpenAI's chat and vLLM's default, 5 for OpenAI's completions), a server that returns no log-probs, and
-fine-tuning's every-label reads.
+* **top_logprobs**: a one-token greedy completion with the ``model.max_top_logprobs`` most likely next tokens;
+  each label's token is found among them by its text (or by id with vLLM's ``return_tokens_as_token_ids``,
+  ``model.tokens_as_ids=true``), and the K label scores are renormalised with a log-softmax, as the ``hf``
+  scorer does. One request a prompt.
+* **echo**: the prompt followed by each label's tokens, echoed with their log-probs (``echo`` + ``logprobs``);
+  the label's log-prob is read from the echoed positions. Exact for every label mode, multi-token ``exact``
+  included. One request a label.
+
+``auto`` (the default) reads the top-k first; a read missing a label is asked again with the server's most
+alternatives and, where the server echoes, the reads still missing one are scored with echo, so every score is
+exact. Without echo, **labels outside the top-k** get a floor log-prob: the lower of the smallest log-prob
+returned and the log of the probability mass the returned tokens leave, an upper bound on the label's true
+log-prob; the prediction is still exact where one label is found (a label found beats every floored one), and
+the number of floored reads is logged. **A read with no label in the top-k is never guessed**: the scorer stops
+with a ConfigError that counts such reads and names the settings that fix them.
+
+Label modes of top-k reads: ``first`` and ``auto`` (``first`` when the first tokens differ, after the shared
+leading tokens fold into the prompt), ``bot`` and ``bot_minimal`` (their tokens are all read at the label
+position), and ``exact`` with one-token labels; with echo, every mode. Refused with a :class:`ConfigError` naming
+the way out, where echo is not available: multi-token ``exact`` (``auto`` where first tokens collide), label tokens
+more than the server returns (top_logprobs: 20 for OpenAI's chat and vLLM's default, 5 for OpenAI's completions),
+a server that returns no log-probs; and fine-tuning's every-label reads.
 """
 from __future__ import annotations
 
@@ -118,7 +126,6 @@ class APIScorer:
         self.k, self.tokens_as_ids = max_top_logprobs, tokens_as_ids
         self.server_top: int | None = None  # the most alternatives the server returns, where probed
         self.echo = score_with == "echo"  # whether reads a top-k cannot complete are scored with echo
-        self.capabilities = None
         self.batch_size = None  # the server batches
         self.show_progress = client.settings.show_progress  # the client draws the request bars
         self.floored = self.reads = 0
@@ -148,7 +155,7 @@ class APIScorer:
         else:
             caps = capabilities.probe(self.client, self.endpoint, list(self.encoder.bos) + words, PROBE_TEXT,
                                       prompt_words=len(words))
-        self._resolved, self.capabilities = True, caps
+        self._resolved = True
         if self.prompt_format == "auto":
             self.prompt_format = "text" if caps is not None and caps.token_prompts is False else "tokens"
         if self.score_with == "echo" and caps is not None and not caps.echo:
