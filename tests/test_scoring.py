@@ -331,3 +331,29 @@ def test_query_hidden_states_through_the_label_weights_are_the_label_scores(tiny
     assert hidden.shape == (len(prompts), model.config.hidden_size) and hidden.dtype == torch.float32
     torch.testing.assert_close(torch.log_softmax(label_logits, -1), want, atol=1e-5, rtol=1e-5)
     assert Scorer(model, encoder, "exact", show_progress=False).label_weights is None
+
+
+@pytest.mark.parametrize("names,own", [(["the", "zebra crossing", "qux stripes"], False),
+                                       (["choice 1", "choice 2", "choice 3"], True)])
+def test_the_dry_run_counts_the_forward_passes_exact_mode_runs(tiny_llama, monkeypatch, names, own):
+    """The plan's passes per prompt (runs/planning.py: forward_passes) are the sequences the exact scorer runs:
+    one for the one-token labels together and one per multi-token label, or one per label where every example
+    has its own choices (lm-eval tasks)."""
+    from joint_inference.prompts.templates import ChoiceEncoder
+    from joint_inference.runs.planning import forward_passes
+
+    model, tokenizer = tiny_llama
+    if own:
+        encoder = ChoiceEncoder(tokenizer, TEMPLATE, names, "endings")
+        rows = [{"sentence": f"a b {i}", "endings": ["good", "very bad", "so so so"]} for i in range(5)]
+    else:
+        encoder = PromptEncoder(tokenizer, TEMPLATE, names)
+        rows = [{"sentence": f"a b {i}"} for i in range(5)]
+    scorer = Scorer(model, encoder, "exact", batch_size=4, show_progress=False)
+    run, sequences = scorer._run, []
+    monkeypatch.setattr(scorer, "_run", lambda seqs, *a, **k: sequences.append(len(seqs)) or run(seqs, *a, **k))
+    with torch.no_grad():
+        scorer.label_logprobs([[e] for e in encoder.encode_all(rows)], [[]] * len(rows))
+    assert sum(sequences) == len(rows) * forward_passes(encoder)
+    lengths = [len(ids) for ids in encoder.label_ids]
+    assert own or (min(lengths) == 1 < max(lengths))  # both terms counted: one-token and multi-token labels

@@ -11,7 +11,9 @@ label. An N-shot prompt is BOS + N demonstrations (text, label, text after the l
 yet, so an ICL stage's tokens are their expectation under class-balanced draws: N times the pool's
 mean demonstration length, the label's length averaged over the label set. With shared
 demonstrations (``support_sampling=shared``) a block's demonstrations run once per vote and each
-query adds only its own tokens. The estimate divides the tokens by the benchmark's tokens per
+query adds only its own tokens. In ``exact`` mode every prompt runs once for the one-token labels and once
+more per multi-token label (per label where each example has its own choices, as lm-eval tasks do), whole
+(shared demonstrations are not cached then). The estimate divides the tokens by the benchmark's tokens per
 second of the batched scorer.
 
 The same estimate guards CPU runs: on a CPU a run estimated at more than an hour stops before the
@@ -48,7 +50,7 @@ from ..data.files import labelled
 from ..data.hub import TaskData
 from ..data.tasks import modality
 from ..models.language import compute_dtype
-from ..prompts.templates import PromptEncoder
+from ..prompts.templates import ChoiceEncoder, PromptEncoder
 from ..scoring.scorer import resolve_label_mode
 
 log = logging.getLogger(__name__)
@@ -110,19 +112,21 @@ def classification_plan(run: ICLSettings, data: TaskData, encoder: PromptEncoder
     splits, pool_split = (("test",), "test") if data.transductive else (("test", "train"), "train")
     bos, separator = len(encoder.bos), len(encoder.separator)
     label_tokens = float(np.mean([len(ids) for ids in encoder.label_ids]))
-    shared = run.support_sampling == "shared"
+    exact = resolve_label_mode(run.label_mode, encoder.label_ids, encoder.label_names) == "exact"
+    passes = forward_passes(encoder) if exact else 1
+    shared = run.support_sampling == "shared" and not exact  # exact scores whole prompts
 
     def demonstration_tokens(pool) -> float:
         return float(np.mean([len(ex.prefix) + len(ex.suffix) for ex in pool])) + label_tokens + separator
 
     def zero_shot(queries) -> tuple[int, float]:
-        return len(queries), float(sum(bos + len(q.prefix) for q in queries))
+        return len(queries), passes * float(sum(bos + len(q.prefix) for q in queries))
 
     def icl(queries, pool) -> tuple[int, float]:
         context = bos + run.N * demonstration_tokens(pool)
         own = sum(len(q.prefix) for q in queries)
         runs = -(-len(queries) // run.block_size) if shared else len(queries)  # demonstration sets run per vote
-        return run.num_repeats * len(queries), run.num_repeats * (runs * context + own)
+        return run.num_repeats * len(queries), passes * run.num_repeats * (runs * context + own)
 
     def stage(name, counts):
         return {"stage": name, "prompts": sum(p for p, _ in counts), "tokens": round(sum(t for _, t in counts))}
@@ -136,6 +140,15 @@ def classification_plan(run: ICLSettings, data: TaskData, encoder: PromptEncoder
     if "random_labels" in run.controls:  # batch_calibrated reads the zero-shot scores: no prompts of its own
         stages.append(stage("control: random labels", [icl(encoded["test"], encoded[pool_split])]))
     return stages
+
+
+def forward_passes(encoder: PromptEncoder) -> int:
+    """Forward passes over each prompt in ``exact`` mode (``Scorer._exact_scores``): one for the one-token labels
+    together, one per multi-token label; one per label where each example has its own choices."""
+    if isinstance(encoder, ChoiceEncoder):
+        return encoder.num_labels
+    multi = sum(len(ids) > 1 for ids in encoder.label_ids)
+    return multi + (multi < encoder.num_labels)
 
 
 def plan_summary(run, stages: list[dict], device) -> dict:
