@@ -332,8 +332,7 @@ class APIScorer:
         is exact; without echo a read missing some labels gets their floor (its prediction stays exact) and one
         missing all of them stops the run."""
         answers = self._ask_top(seqs, self.k, desc)
-        # a dry run answers what is not cached with None: equal label scores keep the run going for the tally
-        reads = [([0.0] * len(self.columns), True, True) if a is None else self._read(a) for a in answers]
+        reads = [self._read(a) for a in answers]
         k = self.k
         missing = [i for i, (_, _, complete) in enumerate(reads) if not complete]
         if missing and self.server_top and self.server_top > k:  # never a guess: ask those again with more
@@ -341,7 +340,7 @@ class APIScorer:
             log.info("%d of %d reads missed a label among the top %d next tokens; asking them again for %d",
                      len(missing), len(seqs), self.k, k)
             for i, answer in zip(missing, self._ask_top([seqs[i] for i in missing], k, desc)):
-                reads[i] = ([0.0] * len(self.columns), True, True) if answer is None else self._read(answer)
+                reads[i] = self._read(answer)
             missing = [i for i, (_, _, complete) in enumerate(reads) if not complete]
         rows = torch.tensor([row for row, _, _ in reads], dtype=torch.float32)
         if missing and self.echo:
@@ -410,9 +409,11 @@ class APIScorer:
                 f"model.endpoint=chat), {WAY_OUT}. Generation tasks (gsm8k, mmlu_pro, mmmu) need no log-probs")
         return pairs
 
-    def _read(self, answer: dict) -> tuple[list[float], bool, bool]:
+    def _read(self, answer: dict | None) -> tuple[list[float], bool, bool]:
         """(the label columns' log-probs of one answer, a column outside the top-k getting the floor; whether any
         label column was found; whether all were)."""
+        if answer is None:  # a dry run's stand-in for what is not cached: equal scores keep the run going
+            return [0.0] * len(self.columns), True, True
         pairs = self._top(answer)
         found: dict[int, float] = {}
         for token, logprob in pairs:
