@@ -182,6 +182,10 @@ def test_a_yaml_that_does_not_parse_and_lm_eval_missing_are_error_lines(tiny_lla
     done = subprocess.run(args, check=False, capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(blocker)})
     assert done.returncode == 2 and "pip install 'joint-inference[lmeval]'" in done.stderr.strip().splitlines()[-1]
+    # a setting the task does not allow is refused before the run directory is held, too
+    done = subprocess.run([*args, "label_mode=first"], check=False, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "run").exists()
+    assert "label_mode=exact (or auto), not first" in done.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -216,3 +220,13 @@ def test_the_shipped_tasks_with_gemma_equal_lm_eval(tmp_path, monkeypatch, name)
     state = json.loads((tmp_path / "state.json").read_text())["stages"]["zero_shot/test"]
     assert state["test"] == predictions
     assert results["zero_shot"]["test_accuracy"] == pytest.approx(theirs["results"][name]["acc,none"])
+
+
+def test_without_rounds_the_task_entry_is_zero_shot_not_a_control(tiny_llama_dir, tasks, tmp_path):
+    from joint_inference.runs.root import run_icl as run
+
+    with one_torch_thread():
+        results = run(icl_config(tiny_llama_dir, tasks, tmp_path / "run", "T=0", "controls=[batch_calibrated]"))
+    ours = json.loads((tmp_path / "run" / "lm_eval" / "results.json").read_text())["results"]
+    assert set(ours) == {"tiny_sst", "tiny_sst@zero_shot", "tiny_sst@supervised_icl", "tiny_sst@control_batch_calibrated"}
+    assert ours["tiny_sst"]["acc,none"] == ours["tiny_sst@zero_shot"]["acc,none"] == results["zero_shot"]["test_accuracy"]

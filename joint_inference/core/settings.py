@@ -387,8 +387,6 @@ class LMEvalSettings(DatasetSettings):
     task: str | None = key()
     include_path: str | None = key()
     metric: str = key("acc", "acc_norm")
-    transductive: bool = key()
-    on_bad_row: str = key("error", "skip")
 
 
 @dataclass

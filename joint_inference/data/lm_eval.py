@@ -24,7 +24,6 @@ import numpy as np
 from ..core.errors import ConfigError
 from .hub import TaskData, capped_subset
 
-log = logging.getLogger(__name__)
 TEXT_FIELD = "lm_eval_text"
 CHOICES_FIELD = "lm_eval_choices"
 INSTALL = "pip install 'joint-inference[lmeval]' (lm-eval 0.4.x)"
@@ -35,20 +34,20 @@ class LMEvalTask:
     name: str
     task: object  # lm-eval's ConfigurableTask
     docs: list[dict]  # the evaluation documents, in lm-eval's order
+    doc_choices: list[list[str]]  # each document's doc_to_choice
     choices: list[str]  # the label set: the choices where every document has the same, else "choice 1".."choice K"
     targets: np.ndarray
     target_delimiter: str
     fewshot_delimiter: str
-    split: str
     version: object
 
     @property
     def template(self) -> str:
         return "{" + TEXT_FIELD + "}" + self.target_delimiter.replace("{", "{{").replace("}", "}}") + "{y}"
 
-    def rows(self, docs) -> list[dict]:
-        return [{TEXT_FIELD: self.task.doc_to_text(doc), CHOICES_FIELD: [str(c) for c in self.task.doc_to_choice(doc)]}
-                for doc in docs]
+    def rows(self, docs, choices) -> list[dict]:
+        """The rows of ``docs`` whose choices are ``choices``: their context and their choices."""
+        return [{TEXT_FIELD: self.task.doc_to_text(doc), CHOICES_FIELD: c} for doc, c in zip(docs, choices)]
 
 
 @dataclass
@@ -100,11 +99,10 @@ def load_lm_eval_task(name: str | None, include_path: str | None) -> LMEvalTask:
         raise ConfigError(f"lm-eval task {name!r} has output_type {task.OUTPUT_TYPE!r}; dataset=lm_eval runs "
                           "multiple_choice tasks (generation tasks run with dataset=gsm8k-style configs, "
                           "docs/generation.md)")
-    split = "test" if task.has_test_docs() else "validation"
     docs = list(task.eval_docs)
     if not docs:
         raise ConfigError(f"lm-eval task {name!r} has no evaluation documents (test or validation split)")
-    choices = [[str(c) for c in task.doc_to_choice(doc)] for doc in docs]
+    choices = doc_choices(task, docs)
     counts = sorted({len(c) for c in choices})
     if len(counts) > 1:
         raise ConfigError(f"lm-eval task {name!r} has documents with {' or '.join(map(str, counts))} choices; "
@@ -113,11 +111,11 @@ def load_lm_eval_task(name: str | None, include_path: str | None) -> LMEvalTask:
     targets = np.array([target_index(task.doc_to_target(doc), c, name) for doc, c in zip(docs, choices)])
     same = all(c == choices[0] for c in choices)
     config = task.config
-    result = LMEvalTask(name=name, task=task, docs=docs, targets=targets,
+    result = LMEvalTask(name=name, task=task, docs=docs, doc_choices=choices, targets=targets,
                         choices=choices[0] if same else [f"choice {k + 1}" for k in range(counts[0])],
                         target_delimiter=config.target_delimiter if config.target_delimiter is not None else " ",
                         fewshot_delimiter=config.fewshot_delimiter if config.fewshot_delimiter is not None else "\n\n",
-                        split=split, version=task.VERSION if hasattr(task, "VERSION") else None)
+                        version=task.VERSION if hasattr(task, "VERSION") else None)
     _LOADED[key] = result
     return result
 
@@ -144,6 +142,11 @@ def check_yaml_files(include_path: str) -> None:
                               "dataset.include_path") from None
 
 
+def doc_choices(task, docs) -> list[list[str]]:
+    """Each document's ``doc_to_choice``, as text."""
+    return [[str(c) for c in task.doc_to_choice(doc)] for doc in docs]
+
+
 def target_index(target, choices: list[str], name: str) -> int:
     """``doc_to_target`` as a choice index (it may give the index or the choice's text)."""
     if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(choices):
@@ -160,18 +163,18 @@ def lm_eval_data(task: LMEvalTask, num_examples: int | None, seed: int) -> LMEva
     """The documents as both pool and queries (lm-eval's first ``num_examples``, as its ``--limit``), and the
     task's few-shot documents as the supervised baseline's demonstrations."""
     keep = np.arange(len(task.docs)) if num_examples is None else np.arange(min(num_examples, len(task.docs)))
-    rows = task.rows([task.docs[i] for i in keep])
+    rows = task.rows([task.docs[i] for i in keep], [task.doc_choices[i] for i in keep])
     labels = task.targets[keep]
     try:  # the task's few-shot documents: its fewshot_split, else training, else validation (lm-eval's rule)
         shots = list(task.task.fewshot_docs() or [])
     except Exception:  # noqa: BLE001 (lm-eval raises several kinds where a task has none)
         shots = []
-    shots = [doc for doc in shots if len(task.task.doc_to_choice(doc)) == len(task.choices)]
-    if shots:
-        take = capped_subset(len(shots), 1000, seed)
-        shots = [shots[i] for i in take]
-    pool = task.rows(shots) if shots else None
-    pool_labels = (np.array([target_index(task.task.doc_to_target(d), [str(c) for c in task.task.doc_to_choice(d)],
-                                          task.name) for d in shots]) if shots else None)
+    shot_choices = doc_choices(task.task, shots)
+    usable = [i for i, c in enumerate(shot_choices) if len(c) == len(task.choices)]  # K choices, as the documents
+    usable = [usable[i] for i in capped_subset(len(usable), 1000, seed)]
+    shots, shot_choices = [shots[i] for i in usable], [shot_choices[i] for i in usable]
+    pool = task.rows(shots, shot_choices) if shots else None
+    pool_labels = (np.array([target_index(task.task.doc_to_target(d), c, task.name) for d, c in zip(shots, shot_choices)])
+                   if shots else None)
     return LMEvalData(train=rows, test=rows, train_labels=labels, test_labels=labels, supervised_pool=pool,
                       supervised_labels=pool_labels, task=task, doc_ids=[int(i) for i in keep])

@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 from ..core.settings import LMEvalSettings, LocalDataSettings
 from ..prompts.templates import LABEL_FIELD, PromptEncoder, Template
 from .files import load_file_task
-from .lm_eval import lm_eval_data, load_lm_eval_task
 from .hub import RowCheck, TaskData, check_label_set, load_task, text_field_problem
+from .lm_eval import lm_eval_data, load_lm_eval_task
 
 MODALITIES = ("text", "image")
 TOKEN_SLACK = 8  # tokens a tokenizer may add to an example's bytes (a prefix space, a byte-fallback piece)

@@ -212,7 +212,8 @@ def run_classification(run: ICLSettings, data: TaskData, scorer: LabelScorer) ->
             stages["supervised_icl"] = {"predictions": supervised["test"]}
         stages.update({f"control_{name}": {"predictions": c["test"]} for name, c in controls.items()})
         stages.update({f"round_{t}": {"predictions": r["test"]} for t, r in enumerate(rounds, 1)})
-        results["lm_eval"] = {"results": write_lm_eval_outputs(out_dir, data, stages, run.N, run.model.name,
+        final = f"round_{len(rounds)}" if rounds else "zero_shot"
+        results["lm_eval"] = {"results": write_lm_eval_outputs(out_dir, data, stages, final, run.N, run.model.name,
                                                                run.dataset.metric)}
     if labelled:
         write_results(out_dir, results)

@@ -138,10 +138,11 @@ def run_in_directory(run, cfg: DictConfig):
     record that Hydra wrote there when the output directory is Hydra's run directory."""
     from hydra.core.hydra_config import HydraConfig
 
-    if "include_path" in cfg.dataset:  # an lm-eval task is read before the run directory is held: a task that
-        from ..data.lm_eval import load_lm_eval_task  # cannot run leaves nothing behind
+    if "include_path" in cfg.dataset:  # an lm-eval task and the settings it allows are checked before the run
+        from .config import read_settings  # directory is held: a task that cannot run leaves nothing behind
+        from .root import with_lm_eval_task
 
-        load_lm_eval_task(cfg.dataset.task, cfg.dataset.include_path)
+        with_lm_eval_task(read_settings(cfg))
     hydra = HydraConfig.get()
     hydra_out, out = Path(hydra.runtime.output_dir).resolve(), Path(cfg.output_dir).resolve()
     ours = hydra_out == out and hydra.output_subdir

@@ -231,9 +231,6 @@ def with_lm_eval_task(settings):
     dataset = settings.dataset
     if not isinstance(dataset, LMEvalSettings):
         return settings
-    if not dataset.transductive:
-        raise ConfigError("dataset=lm_eval runs transductive (lm-eval's documents are the pool and the queries); "
-                          "leave dataset.transductive=true")
     if settings.label_mode not in ("auto", "exact"):
         raise ConfigError(f"dataset=lm_eval scores each choice as lm-eval does, by the log-likelihood of all its "
                           f"tokens: label_mode=exact (or auto), not {settings.label_mode}")
