@@ -27,9 +27,9 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
-from joint_inference.core.utils import report_figures, resolve_batch_size, resolve_device
+from joint_inference.core.utils import report_figures, resolve_device, scoring_batch
 from joint_inference.methods.icl import balanced_support
-from joint_inference.models.language import load_model, resolve_dtype
+from joint_inference.models.language import fuse_cpu_bf16, load_model, resolve_dtype
 from joint_inference.models.shapes import SHAPES, random_lm
 from joint_inference.models.tiny import synthetic_sentences
 from joint_inference.prompts.templates import PromptEncoder, Template
@@ -114,7 +114,9 @@ def main() -> None:
     parser.add_argument("--N", type=int, default=8, help="demonstrations per prompt")
     parser.add_argument("--words", type=int, default=12,
                         help="words per synthetic sentence (without $DATA_ROOT); 6 gives SST-2's mean of ~23 tokens")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the scorer's auto choice")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per pass; default: the scorer's auto choice")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="padded tokens per pass (default: the auto choice, a CPU's token budget)")
     parser.add_argument("--block-size", type=int, default=32, help="queries sharing one demonstration set")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="override the model config's dtype")
@@ -138,8 +140,9 @@ def main() -> None:
         model, tokenizer = load_model(read_model(model_cfg), device)
     encoder = PromptEncoder(tokenizer, Template("{sentence}\nThe sentiment of the sentence is {y}."),
                             ["negative", "positive"])
-    batch_size = resolve_batch_size(args.batch_size or "auto", device)
-    scorer = Scorer(model, encoder, "first", batch_size=batch_size, show_progress=False)
+    batch_size, batch_tokens = scoring_batch(args.batch_size or "auto", device)
+    batch_tokens = args.batch_tokens or batch_tokens
+    scorer = Scorer(model, encoder, "first", batch_size=batch_size, show_progress=False, batch_tokens=batch_tokens)
     if args.compile:
         scorer.body = torch.compile(scorer.body, dynamic=True)
 
@@ -180,7 +183,7 @@ def main() -> None:
 
     with torch.inference_mode():  # each way once on a few prompts first (kernel selection, allocator)
         naive_label_logprobs(model, encoder, prompts[0], labels[0])
-        scorer.label_logprobs(prompts[:batch_size], labels[:batch_size])
+        scorer.label_logprobs(prompts[:8], labels[:8])
         scorer.shared_label_logprobs([pool[d] for d in block_demos[0]], gold[block_demos[0]].tolist(), queries[:2])
         naive, naive_s = timed(lambda: torch.stack([naive_label_logprobs(model, encoder, p, lab)
                                                     for p, lab in zip(prompts[:num_naive], labels[:num_naive])]))
@@ -212,8 +215,10 @@ def main() -> None:
     low_precision = {}
     if args.also_dtype:  # the batched and shared scorers again, in a lower precision, against the same naive loop
         model.to(getattr(torch, args.also_dtype))
+        fuse_cpu_bf16(model, device)  # as load_model does for a model that computes in bf16 on a CPU
         with torch.inference_mode():
-            scorer.label_logprobs(prompts[:2], labels[:2])
+            scorer.label_logprobs(prompts[:8], labels[:8])  # the warm-up again: kernel choice, compiling
+            scorer.shared_label_logprobs([pool[d] for d in block_demos[0]], gold[block_demos[0]].tolist(), queries[:2])
             low_batched, low_batched_s = timed(lambda: scorer.label_logprobs(prompts, labels))
             low_shared, low_shared_s = timed(shared)
         low_peak = matmul_peak_flops(device, model.dtype)
@@ -231,7 +236,7 @@ def main() -> None:
     figures = {
         "model": f"random, {args.shape}-shaped" if args.shape else args.model, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "transformers": transformers.__version__,
-        "num_prompts": len(prompts), "naive_prompts": num_naive, "N": args.N, "batch_size": batch_size,
+        "num_prompts": len(prompts), "naive_prompts": num_naive, "N": args.N, "batch_size": batch_size, "batch_tokens": batch_tokens,
         "final_batch_size": scorer.batch_size, "data": source,
         "num_tokens": num_tokens, "tokens_per_prompt": num_tokens / len(prompts),
         "naive_seconds": naive_s, "batched_seconds": batched_s,

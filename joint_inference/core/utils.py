@@ -128,23 +128,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc: str | None = None,
-                             show_progress: bool = True) -> int:
+                             show_progress: bool = True, max_tokens: int | None = None) -> int:
     """Call ``process(indices)`` on batches of item indices, longest items first.
 
-    On an out-of-memory error the batch size is halved and the batch retried. Returns the batch
-    size that fit, for the caller to keep for its next calls.
+    A batch holds at most ``batch_size`` items and, with ``max_tokens``, at most that many padded
+    tokens (items x the batch's longest, which comes first), but always one item. On an
+    out-of-memory error the batch is halved and retried. Returns the batch size that fit, for the
+    caller to keep for its next calls.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     progress = tqdm(total=len(order), desc=desc, disable=not show_progress or desc is None, leave=False)
     start = 0
     while start < len(order):
-        idx = order[start : start + batch_size]
+        rows = batch_size if max_tokens is None else min(batch_size, max(1, max_tokens // max(1, lengths[order[start]])))
+        idx = order[start : start + rows]
         try:
             process(idx)
         except torch.OutOfMemoryError:
-            if batch_size == 1:
+            if len(idx) == 1:
                 raise
-            batch_size //= 2
+            batch_size = (batch_size if max_tokens is None else len(idx)) // 2
             log.warning("out of memory: batch size lowered to %d", batch_size)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -155,12 +158,23 @@ def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc:
     return batch_size
 
 
+CPU_BATCH_TOKENS = 2048  # padded tokens per scoring pass on CPUs (docs/speed.md, scripts/bench_scoring.py)
+
+
 def resolve_batch_size(value, device: torch.device, cpu_default: int = 4) -> int:
-    """``auto``: 64 on GPUs (halved on out-of-memory), ``cpu_default`` on CPUs, where 4 prompts
-    per scoring pass measured fastest (scripts/bench_scoring.py)."""
+    """``auto``: 64 on GPUs (halved on out-of-memory), ``cpu_default`` on CPUs."""
     if value == "auto":
         return 64 if device.type == "cuda" else cpu_default
     return int(value)
+
+
+def scoring_batch(value, device: torch.device) -> tuple[int, int | None]:
+    """(prompts, padded tokens) that one scoring pass holds at most, for ``forward_batch_size=value``.
+    ``auto`` on CPUs: up to 64 prompts that fill :data:`CPU_BATCH_TOKENS`, as bf16 matrix products
+    run at full speed only from about 1,500 rows there; on GPUs, 64 prompts. A number: that many prompts."""
+    if value == "auto" and device.type == "cpu":
+        return 64, CPU_BATCH_TOKENS
+    return resolve_batch_size(value, device), None
 
 
 def seed_everything(seed: int) -> None:

@@ -230,6 +230,7 @@ def load_model(model, device: torch.device, tokenizer=None):
                               "a tiny model in memory: drop one of them")
         network, _ = tiny_causal_lm(**model.random_init, tokenizer=tokenizer)
         network.to(device=device, dtype=resolve_dtype(model.dtype, device)).eval().requires_grad_(False)
+        fuse_cpu_bf16(network, device)
         return network, tokenizer
     source, gguf_file = resolve_weights(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -248,7 +249,19 @@ def load_model(model, device: torch.device, tokenizer=None):
     if quantized is None:
         network.to(device)
     network.eval().requires_grad_(False)
-    log.info("%s: weights in %s on %s%s", model.name, str(dtype).removeprefix("torch."), device,
+    log.info("%s: weights in %s on %s%s%s", model.name, str(dtype).removeprefix("torch."), device,
              " (model.dtype=auto: this CPU has bf16 matrix units; model.dtype=float32 for the exact path)"
-             if model.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16 else "")
+             if model.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16 else "",
+             fuse_cpu_bf16(network, device))
     return network, tokenizer
+
+
+def fuse_cpu_bf16(network, device: torch.device) -> str:
+    """A bf16 model on a CPU gets fused kernels for its element-wise layers (models/cpu_speed.py); what was
+    fused, for the loading log line."""
+    if device.type != "cpu" or network.dtype != torch.bfloat16:
+        return ""
+    from .cpu_speed import speed_up_cpu_bf16
+
+    swapped = speed_up_cpu_bf16(network)
+    return f"; fused kernels for {swapped['rms_norms']} RMS norms and {swapped['mlps']} MLPs" if any(swapped.values()) else ""

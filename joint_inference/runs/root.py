@@ -29,7 +29,7 @@ from ..core.settings import (
     MMLUSettings,
     TextICLSettings,
 )
-from ..core.utils import resolve_batch_size, resolve_device, seed_everything
+from ..core.utils import resolve_batch_size, resolve_device, scoring_batch, seed_everything
 from ..data.hub import ALL_SUBJECTS, TaskData
 from ..data.lm_eval import CHOICES_FIELD, load_lm_eval_task
 from ..data.tasks import load_data, modality, row_check
@@ -191,8 +191,8 @@ class Parts:
         s = self.settings
         if s.backend == "hf":
             model, encoder = self.model_and_encoder(data)
-            return Scorer(model, encoder, s.label_mode, resolve_batch_size(s.forward_batch_size, self.device),
-                          show_progress=s.progress,
+            batch_size, batch_tokens = scoring_batch(s.forward_batch_size, self.device)
+            return Scorer(model, encoder, s.label_mode, batch_size, show_progress=s.progress, batch_tokens=batch_tokens,
                           length_normalised=isinstance(s.dataset, LMEvalSettings) and s.dataset.metric == "acc_norm")
         if self.image:
             raise ConfigError(f"backend={s.backend} " + (

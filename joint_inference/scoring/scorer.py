@@ -142,6 +142,7 @@ class Scorer:
         batch_size: int = 16,
         show_progress: bool = True,
         length_normalised: bool = False,
+        batch_tokens: int | None = None,
     ):
         self.model = model
         self.encoder = encoder
@@ -149,7 +150,8 @@ class Scorer:
         if length_normalised and self.mode != "exact":
             raise ConfigError("length-normalised label scores (acc_norm) need label_mode=exact")
         self.length_normalised = length_normalised
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # prompts per forward pass (lowered on out-of-memory)
+        self.batch_tokens = batch_tokens  # and at most this many padded tokens, if set
         self.show_progress = show_progress
         self.body, self.head = split_body_head(model)
         config = model.config.get_text_config()  # a VLM keeps its language model's settings there
@@ -362,5 +364,5 @@ class Scorer:
                 out[i] = chunk
 
         self.batch_size = in_batches_longest_first([len(s) for s in seqs], self.batch_size, process, desc,
-                                                   self.show_progress)
+                                                   self.show_progress, self.batch_tokens)
         return torch.cat(out)

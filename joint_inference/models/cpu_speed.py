@@ -1,0 +1,146 @@
+"""bf16 on CPUs at the speed of the matrix units: fused kernels for the element-wise layers.
+
+With bf16 matrix products on AMX, a Gemma-3 forward pass in eager PyTorch spends about half its time
+outside them (docs/speed.md has the profile): the RMS norms (six a layer, each upcasting to fp32 in five
+separate passes over memory) and the MLP's tanh GELU (a slow vectorised tanh). :func:`speed_up_cpu_bf16`
+swaps, in a model that computes in bf16 on a CPU, the forward of
+
+* each RMS norm of a known family, for the same formula compiled into one kernel;
+* each gated MLP (``down(act(gate(x)) * up(x))``) with a tanh GELU or SiLU, for the same layers with
+  ``act(gate) * up`` compiled into one kernel. The tanh GELU is computed as ``x * sigmoid(2z)``, equal
+  to ``x * (1 + tanh(z)) / 2`` (z = sqrt(2/pi) (x + 0.044715 x^3)): the same function in fp32. Rounded to
+  bf16 it gives eager PyTorch's bits for every input above -2.9 but one in a thousand (those by one unit
+  in the last place); below, where ``1 + tanh(z)`` cancels, it is the more accurate of the two
+  (tests/test_cpu_speed.py goes through all 65,536 bf16 values).
+
+The kernels come from ``torch.compile`` with dynamic shapes, once per process for all layers (a few
+seconds). Each swap is checked against the module it replaces on a random input before it is made: a
+module computing something else stays as it is. Where torch.compile cannot build (no C++ compiler) the
+modules keep their own forward, as they do under autograd (fine-tuning).
+``model.dtype=float32`` never takes this path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMS norm: normalised and scaled by ``1 + weight`` in fp32, then rounded once."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + weight.float())).type_as(x)
+
+
+def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMS norm: normalised in fp32, rounded, then scaled by ``weight``."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * out.to(x.dtype)
+
+
+def tanh_gelu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up``, the GELU as ``x * sigmoid(2z)`` in fp32 (fast exp, not a slow tanh)."""
+    x = gate.float()
+    return (x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))).to(gate.dtype) * up
+
+
+def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+NORMS = {  # transformers' class name -> the formula its forward computes
+    "Gemma3RMSNorm": gemma_rms_norm, "Gemma2RMSNorm": gemma_rms_norm, "GemmaRMSNorm": gemma_rms_norm,
+    "LlamaRMSNorm": llama_rms_norm, "MistralRMSNorm": llama_rms_norm, "Qwen2RMSNorm": llama_rms_norm,
+    "Qwen3RMSNorm": llama_rms_norm,
+}
+GATED_ACTIVATIONS = {"GELUTanh": tanh_gelu_times, "PytorchGELUTanh": tanh_gelu_times,
+                     "SiLUActivation": silu_times, "SiLU": silu_times}
+
+
+class KernelUnavailable(Exception):
+    """torch.compile could not build a kernel here."""
+
+
+class Kernel:
+    """A formula compiled once for every module that uses it."""
+
+    def __init__(self, formula):
+        self.compiled = torch.compile(formula, dynamic=True)
+        self.failed = False
+
+    def __call__(self, *args):
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 -- no C++ compiler, an unsupported platform: stay eager
+            self.failed = True
+            log.warning("bf16 CPU kernels off, modules stay eager (torch.compile failed: %s)",
+                        str(err).splitlines()[0][:200])
+            raise KernelUnavailable from err
+
+
+def _swap(module, fast, kernel: Kernel) -> None:
+    """``module.forward`` becomes ``fast``, but for autograd (fine-tuning) and where the kernel failed to build."""
+    eager = module.forward
+
+    def forward(self, *args):
+        if not (kernel.failed or torch.is_grad_enabled()):
+            try:
+                return fast(self, *args)
+            except KernelUnavailable:
+                pass
+        return eager(*args)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def _agrees(module, replacement, width: int) -> bool:
+    """Whether ``replacement`` computes what ``module`` does on a random bf16 input, to bf16's rounding."""
+    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        expected, got = module(x).float(), replacement(x).float()
+    return bool(torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())))
+
+
+def _norm_forward(module, formula):
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if eps is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    return lambda self, x, _eps=float(eps): formula(x, self.weight, _eps)
+
+
+def _mlp_forward(module, formula):
+    if not all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    return lambda self, x: self.down_proj(formula(self.gate_proj(x), self.up_proj(x)))
+
+
+def speed_up_cpu_bf16(model) -> dict[str, int]:
+    """Swap the slow element-wise layers of a bf16 ``model`` on a CPU for fused kernels (module doc);
+    returns how many modules of each kind were swapped."""
+    kernels: dict = {}
+    swapped = {"rms_norms": 0, "mlps": 0}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in NORMS:
+            what, formula = "rms_norms", NORMS[kind]
+            forward, width = _norm_forward(module, formula), getattr(getattr(module, "weight", None), "shape", [0])[-1]
+        elif type(getattr(module, "act_fn", None)).__name__ in GATED_ACTIVATIONS:
+            what, formula = "mlps", GATED_ACTIVATIONS[type(module.act_fn).__name__]
+            forward, width = _mlp_forward(module, formula), getattr(getattr(module, "gate_proj", None), "in_features", 0)
+        else:
+            continue
+        if forward is None or not _agrees(module, types.MethodType(forward, module), width):
+            log.info("%s (%s) computes another formula: left as it is", name, kind)
+            continue
+        kernel = kernels.setdefault(formula, Kernel(formula))
+        _swap(module, (_norm_forward if what == "rms_norms" else _mlp_forward)(module, kernel), kernel)
+        swapped[what] += 1
+    return swapped

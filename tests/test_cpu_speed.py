@@ -1,0 +1,192 @@
+"""bf16 on CPUs: the fused element-wise kernels (models/cpu_speed.py) and token-budget batches of the scorer."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from joint_inference.core.utils import CPU_BATCH_TOKENS, in_batches_longest_first, scoring_batch
+from joint_inference.models import cpu_speed
+from joint_inference.models.tiny import tiny_causal_lm, train_tokenizer
+
+
+def tiny_gemma3(dtype=torch.bfloat16):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = train_tokenizer(add_bos=True)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                              sliding_window=8, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval().requires_grad_(False)
+    for module in model.modules():  # Gemma's norms start at weight 0 (a scale of 1): give them something to scale
+        if type(module).__name__ == "Gemma3RMSNorm":
+            module.weight.normal_(0, 0.3)
+    return model.to(dtype), tokenizer
+
+
+def batch_of(tokenizer, texts):
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+TEXTS = ["the movie was good and the plot was fun", "awful", "the actors were great but the story was boring"]
+
+
+def test_formulas_equal_the_modules_they_replace_in_fp32():
+    """In fp32 each formula is the transformers module's computation, to the last bit."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(4, 7, 48)
+    gemma, llama = Gemma3RMSNorm(48, eps=1e-6), LlamaRMSNorm(48, eps=1e-5)
+    gemma.weight.data.normal_()
+    llama.weight.data.normal_()
+    assert torch.equal(cpu_speed.gemma_rms_norm(x, gemma.weight, 1e-6), gemma(x))
+    assert torch.equal(cpu_speed.llama_rms_norm(x, llama.weight, 1e-5), llama(x))
+    gate, up = torch.randn(2, 3, 1000) * 4, torch.randn(2, 3, 1000)
+    torch.testing.assert_close(cpu_speed.tanh_gelu_times(gate, up), F.gelu(gate, approximate="tanh") * up,
+                               rtol=1e-6, atol=1e-6)
+    assert torch.equal(cpu_speed.silu_times(gate, up), F.silu(gate) * up)
+
+
+def test_sigmoid_gelu_is_pytorchs_tanh_gelu_in_bf16_where_that_is_accurate():
+    """Every bf16 value through both: the same bits down to x = -2.9 (but for one in 1,000, by one unit in the last
+    place); below, where PyTorch's ``1 + tanh(z)`` cancels, the sigmoid form is the closer to the fp64 value."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(torch.bfloat16)
+    every = every[torch.isfinite(every)]
+    want = F.gelu(every, approximate="tanh")
+    got = cpu_speed.tanh_gelu_times(every, torch.ones_like(every))
+    x = every.double()
+    truth = x * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3))
+    above = x > -2.9
+    differ = (got != want) & above
+    assert differ.float().sum() / above.float().sum() < 1e-3
+    ulps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+    assert int(torch.cat([ulps[differ], ulps.new_zeros(1)]).max()) <= 1
+    below = ~above & (got != want)
+    assert below.any()  # the cancellation is there to be avoided
+    assert bool(((got.double() - truth).abs() <= (want.double() - truth).abs())[below].all())
+    assert float((got.double() - want.double()).abs()[below].max()) < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_fused_model_scores_what_the_eager_model_scores(arch):
+    """Swapped in a bf16 model: every norm and gated MLP, logits within bf16's rounding of the eager model's; under
+    autograd (fine-tuning) the modules run their own forward, bit for bit."""
+    if arch == "gemma3":
+        model, tokenizer = tiny_gemma3()
+        want = {"rms_norms": 2 * 4 + 2 * 2 + 1, "mlps": 2}  # 4 per layer, q/k norms, the final norm
+    else:
+        model, tokenizer = tiny_causal_lm("llama")
+        model = model.to(torch.bfloat16).requires_grad_(False)
+        want = {"rms_norms": 2 * 2 + 1, "mlps": 2}
+    eager = copy.deepcopy(model)
+    assert cpu_speed.speed_up_cpu_bf16(model) == want
+    ids, mask = batch_of(tokenizer, TEXTS)
+    with torch.inference_mode():
+        got, expected = model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+    real = mask.bool()
+    scale = float(expected[real].abs().max())
+    assert float((got[real] - expected[real]).abs().max()) <= 0.05 * scale
+    assert float((got[real] - expected[real]).abs().mean()) <= 0.005 * scale
+    with torch.enable_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits)
+
+
+def test_a_module_computing_another_formula_is_left_alone(caplog):
+    """A norm class of a known name whose forward is not the known formula keeps its forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class LlamaRMSNormVariant(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    LlamaRMSNormVariant.__name__ = "LlamaRMSNorm"
+    model = torch.nn.Sequential(LlamaRMSNorm(16), LlamaRMSNormVariant(16)).to(torch.bfloat16)
+    forwards = [m.forward for m in model]
+    with caplog.at_level(logging.INFO):
+        assert cpu_speed.speed_up_cpu_bf16(model) == {"rms_norms": 1, "mlps": 0}
+    assert model[1].forward == forwards[1] and model[0].forward != forwards[0]
+    assert "computes another formula" in caplog.text
+
+
+def test_without_a_compiler_the_modules_stay_eager(monkeypatch, caplog):
+    """A kernel that cannot be built (no C++ compiler) leaves every module on its own forward, said once."""
+    def broken(*args, **kwargs):
+        def call(*a):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return call
+
+    model, tokenizer = tiny_gemma3()
+    eager = copy.deepcopy(model)
+    monkeypatch.setattr(cpu_speed.torch, "compile", broken)
+    cpu_speed.speed_up_cpu_bf16(model)
+    ids, mask = batch_of(tokenizer, TEXTS)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        got = model(ids, attention_mask=mask).logits
+        assert torch.equal(got, eager(ids, attention_mask=mask).logits)
+        assert torch.equal(model(ids, attention_mask=mask).logits, got)
+    assert caplog.text.count("torch.compile failed: InvalidCxxCompiler") == 2  # once per kernel: norms, MLPs
+
+
+def test_load_model_fuses_bf16_on_cpu_only(tiny_llama_dir, caplog):
+    from omegaconf import OmegaConf
+
+    from joint_inference.models.language import load_model
+
+    def config(dtype):
+        return OmegaConf.create({"name": "tiny", "embedded": None, "pretrained": str(tiny_llama_dir), "gguf_file": None,
+                                 "tokenizer": None, "random_init": None, "load_in_4bit": False, "dtype": dtype,
+                                 "attn_implementation": "sdpa"})
+
+    with caplog.at_level(logging.INFO):
+        fused, _ = load_model(config("bfloat16"), torch.device("cpu"))
+    assert "fused kernels for 5 RMS norms and 2 MLPs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        exact, _ = load_model(config("float32"), torch.device("cpu"))
+    assert "fused" not in caplog.text
+    assert all(m.forward.__func__ is type(m).forward for m in exact.modules() if hasattr(m, "forward"))
+
+
+# ------------------------------------------------------------------------------------ token budgets
+@pytest.mark.parametrize("max_tokens", [None, 1, 10, 25, 64])
+def test_batches_hold_at_most_the_token_budget(max_tokens):
+    """Longest first; each batch within the rows and padded-token limits (or a single item); all items once."""
+    lengths = [3, 17, 8, 8, 1, 30, 12, 5, 9, 2, 40, 4]
+    batches = []
+    in_batches_longest_first(lengths, 5, batches.append, show_progress=False, max_tokens=max_tokens)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    for batch in batches:
+        assert len(batch) <= 5
+        if max_tokens is not None and len(batch) > 1:
+            assert len(batch) * max(lengths[i] for i in batch) <= max_tokens
+        if max_tokens is not None:  # greedy: the next item would not have fitted
+            nxt = flat.index(batch[-1]) + 1
+            if nxt < len(flat) and len(batch) < 5:
+                assert (len(batch) + 1) * lengths[batch[0]] > max_tokens
+
+
+def test_out_of_memory_halves_a_token_budget_batch():
+    seen = []
+
+    def process(idx):
+        seen.append(list(idx))
+        if len(idx) > 2:
+            raise torch.OutOfMemoryError("out of memory")
+
+    assert in_batches_longest_first([4] * 10, 64, process, show_progress=False, max_tokens=32) == 2
+    assert [len(b) for b in seen] == [8, 4, 2, 2, 2, 2, 2]
+
+
+def test_scoring_batch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert scoring_batch("auto", cpu) == (64, CPU_BATCH_TOKENS)
+    assert scoring_batch("auto", cuda) == (64, None)
+    assert scoring_batch(8, cpu) == (8, None)
