@@ -190,3 +190,19 @@ def test_scoring_batch():
     assert scoring_batch("auto", cpu) == (64, CPU_BATCH_TOKENS)
     assert scoring_batch("auto", cuda) == (64, None)
     assert scoring_batch(8, cpu) == (8, None)
+
+
+def test_new_batch_shapes_compile_nothing_new():
+    """After batches of one and of several rows and tokens, other sizes reuse the kernels: the q/k norms' transposed
+    4-D inputs go in as row views of the same kernel, so no shape recompiles (nor reaches dynamo's limit)."""
+    from torch._dynamo.utils import counters
+
+    model, _ = tiny_gemma3()
+    cpu_speed.speed_up_cpu_bf16(model)
+    with torch.inference_mode():
+        for batch, length in [(1, 1), (1, 4), (2, 1), (2, 3)]:
+            model(torch.randint(3, 50, (batch, length)))
+        graphs = counters["stats"]["unique_graphs"]
+        for batch, length in [(3, 7), (5, 2), (4, 11), (7, 5)]:
+            model(torch.randint(3, 50, (batch, length)))
+    assert counters["stats"]["unique_graphs"] == graphs

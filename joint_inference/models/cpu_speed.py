@@ -109,17 +109,39 @@ def _agrees(module, replacement, width: int) -> bool:
     return bool(torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())))
 
 
+def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, callable]:
+    """``x`` viewed as (rows, features), and how to give a result of that shape ``x``'s shape and layout back:
+    one compiled kernel then serves every rank and layout (the attention's q/k norms get transposed 4-D
+    views) with no recompiling. ``x`` itself where no view exists."""
+    if x.is_contiguous():
+        return x.view(-1, x.shape[-1]), lambda y: y.view(x.shape)
+    if x.dim() == 4 and x.transpose(1, 2).is_contiguous():
+        flipped = x.transpose(1, 2)
+        return flipped.reshape(-1, x.shape[-1]), lambda y: y.view(flipped.shape).transpose(1, 2)
+    return x, lambda y: y
+
+
 def _norm_forward(module, formula):
     eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
     if eps is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None
-    return lambda self, x, _eps=float(eps): formula(x, self.weight, _eps)
+
+    def forward(self, x, _eps=float(eps)):
+        rows, back = as_rows(x)
+        return back(formula(rows, self.weight, _eps))
+
+    return forward
 
 
 def _mlp_forward(module, formula):
     if not all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
         return None
-    return lambda self, x: self.down_proj(formula(self.gate_proj(x), self.up_proj(x)))
+
+    def forward(self, x):
+        gate, back = as_rows(self.gate_proj(x))
+        return self.down_proj(back(formula(gate, as_rows(self.up_proj(x))[0])))
+
+    return forward
 
 
 def speed_up_cpu_bf16(model) -> dict[str, int]:
