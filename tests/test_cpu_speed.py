@@ -13,6 +13,23 @@ from joint_inference.models import cpu_speed
 from joint_inference.models.tiny import tiny_causal_lm, train_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def family_rotary_restored():
+    """fuse_rotary replaces a modeling module's function for the whole process: each test starts from and leaves
+    transformers' own."""
+    from transformers.models.gemma3 import modeling_gemma3
+    from transformers.models.llama import modeling_llama
+
+    def originals():
+        for modeling in (modeling_gemma3, modeling_llama):
+            modeling.apply_rotary_pos_emb = getattr(modeling.apply_rotary_pos_emb, "original",
+                                                    modeling.apply_rotary_pos_emb)
+
+    originals()
+    yield
+    originals()
+
+
 def tiny_gemma3(dtype=torch.bfloat16):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -79,16 +96,18 @@ def test_fused_model_scores_what_the_eager_model_scores(arch):
     autograd (fine-tuning) the modules run their own forward, bit for bit."""
     if arch == "gemma3":
         model, tokenizer = tiny_gemma3()
-        want = {"rms_norms": 2 * 4 + 2 * 2 + 1, "mlps": 2}  # 4 per layer, q/k norms, the final norm
+        want = {"rms_norms": 2 * 4 + 2 * 2 + 1, "mlps": 2, "rotary": 1}  # 4 per layer, q/k norms, the final norm
     else:
         model, tokenizer = tiny_causal_lm("llama")
         model = model.to(torch.bfloat16).requires_grad_(False)
-        want = {"rms_norms": 2 * 2 + 1, "mlps": 2}
-    eager = copy.deepcopy(model)
-    assert cpu_speed.speed_up_cpu_bf16(model) == want
+        want = {"rms_norms": 2 * 2 + 1, "mlps": 2, "rotary": 1}
     ids, mask = batch_of(tokenizer, TEXTS)
     with torch.inference_mode():
-        got, expected = model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+        expected = model(ids, attention_mask=mask).logits
+    eager = copy.deepcopy(model)
+    assert cpu_speed.speed_up_cpu_bf16(model) == want
+    with torch.inference_mode():
+        got = model(ids, attention_mask=mask).logits
     real = mask.bool()
     scale = float(expected[real].abs().max())
     assert float((got[real] - expected[real]).abs().max()) <= 0.05 * scale
@@ -109,7 +128,7 @@ def test_a_module_computing_another_formula_is_left_alone(caplog):
     model = torch.nn.Sequential(LlamaRMSNorm(16), LlamaRMSNormVariant(16)).to(torch.bfloat16)
     forwards = [m.forward for m in model]
     with caplog.at_level(logging.INFO):
-        assert cpu_speed.speed_up_cpu_bf16(model) == {"rms_norms": 1, "mlps": 0}
+        assert cpu_speed.speed_up_cpu_bf16(model) == {"rms_norms": 1, "mlps": 0, "rotary": 0}
     assert model[1].forward == forwards[1] and model[0].forward != forwards[0]
     assert "computes another formula" in caplog.text
 
@@ -130,7 +149,7 @@ def test_without_a_compiler_the_modules_stay_eager(monkeypatch, caplog):
         got = model(ids, attention_mask=mask).logits
         assert torch.equal(got, eager(ids, attention_mask=mask).logits)
         assert torch.equal(model(ids, attention_mask=mask).logits, got)
-    assert caplog.text.count("torch.compile failed: InvalidCxxCompiler") == 2  # once per kernel: norms, MLPs
+    assert caplog.text.count("torch.compile failed: InvalidCxxCompiler") == 3  # once per kernel: norms, MLPs, rotary
 
 
 def test_load_model_fuses_bf16_on_cpu_only(tiny_llama_dir, caplog):
@@ -145,7 +164,8 @@ def test_load_model_fuses_bf16_on_cpu_only(tiny_llama_dir, caplog):
 
     with caplog.at_level(logging.INFO):
         fused, _ = load_model(config("bfloat16"), torch.device("cpu"))
-    assert "fused kernels for 5 RMS norms and 2 MLPs" in caplog.text
+    assert "fused kernels for 5 RMS norms, 2 MLPs and the rotary embedding" in caplog.text
+    assert fused.model.norm.forward.__func__ is not type(fused.model.norm).forward
     caplog.clear()
     with caplog.at_level(logging.INFO):
         exact, _ = load_model(config("float32"), torch.device("cpu"))

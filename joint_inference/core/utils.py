@@ -140,7 +140,9 @@ def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc:
     progress = tqdm(total=len(order), desc=desc, disable=not show_progress or desc is None, leave=False)
     start = 0
     while start < len(order):
-        rows = batch_size if max_tokens is None else min(batch_size, max(1, max_tokens // max(1, lengths[order[start]])))
+        rows = batch_size
+        if max_tokens is not None:  # the first item is the batch's longest
+            rows = min(batch_size, max(1, max_tokens // max(1, lengths[order[start]])))
         idx = order[start : start + rows]
         try:
             process(idx)

@@ -6,6 +6,7 @@ separate passes over memory) and the MLP's tanh GELU (a slow vectorised tanh). :
 swaps, in a model that computes in bf16 on a CPU, the forward of
 
 * each RMS norm of a known family, for the same formula compiled into one kernel;
+* the family's rotary embedding (``apply_rotary_pos_emb``), compiled as it is;
 * each gated MLP (``down(act(gate(x)) * up(x))``) with a tanh GELU or SiLU, for the same layers with
   ``act(gate) * up`` compiled into one kernel. The tanh GELU is computed as ``x * sigmoid(2z)``, equal
   to ``x * (1 + tanh(z)) / 2`` (z = sqrt(2/pi) (x + 0.044715 x^3)): the same function in fp32. Rounded to
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import types
 
 import torch
@@ -79,7 +81,9 @@ class Kernel:
     def __call__(self, *args):
         try:
             return self.compiled(*args)
-        except Exception as err:  # noqa: BLE001 -- no C++ compiler, an unsupported platform: stay eager
+        except torch.OutOfMemoryError:  # the scorer halves its batch; the kernel is fine
+            raise
+        except Exception as err:  # no C++ compiler, an unsupported platform: stay eager
             self.failed = True
             log.warning("bf16 CPU kernels off, modules stay eager (torch.compile failed: %s)",
                         str(err).splitlines()[0][:200])
@@ -144,9 +148,35 @@ def _mlp_forward(module, formula):
     return forward
 
 
+def fuse_rotary(model) -> bool:
+    """The rotary embedding of ``model``'s family (its modeling module's ``apply_rotary_pos_emb``, six passes over
+    the queries and keys) compiled as it is into one kernel, for bf16 CPU tensors outside autograd; everything
+    else goes to the function itself. Whether the family has one."""
+    modeling = sys.modules.get(type(model).__module__)
+    original = getattr(modeling, "apply_rotary_pos_emb", None)
+    if original is None:
+        return False
+    if getattr(original, "fused_cpu_bf16", False):  # another model of the family was loaded before
+        return True
+    kernel = Kernel(original)
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not (kernel.failed or torch.is_grad_enabled()):
+            try:
+                return kernel(q, k, cos, sin, *args, **kwargs)
+            except KernelUnavailable:
+                pass
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.fused_cpu_bf16 = True
+    apply_rotary_pos_emb.original = original
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return True
+
+
 def speed_up_cpu_bf16(model) -> dict[str, int]:
     """Swap the slow element-wise layers of a bf16 ``model`` on a CPU for fused kernels (module doc);
-    returns how many modules of each kind were swapped."""
+    returns how many modules of each kind were swapped (``rotary``: 1 where the family's rotary embedding is)."""
     kernels: dict = {}
     swapped = {"rms_norms": 0, "mlps": 0}
     for name, module in model.named_modules():
@@ -165,4 +195,5 @@ def speed_up_cpu_bf16(model) -> dict[str, int]:
         kernel = kernels.setdefault(formula, Kernel(formula))
         _swap(module, (_norm_forward if what == "rms_norms" else _mlp_forward)(module, kernel), kernel)
         swapped[what] += 1
+    swapped["rotary"] = int(fuse_rotary(model))
     return swapped

@@ -264,4 +264,7 @@ def fuse_cpu_bf16(network, device: torch.device) -> str:
     from .cpu_speed import speed_up_cpu_bf16
 
     swapped = speed_up_cpu_bf16(network)
-    return f"; fused kernels for {swapped['rms_norms']} RMS norms and {swapped['mlps']} MLPs" if any(swapped.values()) else ""
+    if not any(swapped.values()):
+        return ""
+    return (f"; fused kernels for {swapped['rms_norms']} RMS norms, {swapped['mlps']} MLPs"
+            + " and the rotary embedding" * swapped["rotary"])
