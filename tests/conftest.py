@@ -29,6 +29,20 @@ def fp32_by_default(monkeypatch):
     monkeypatch.setattr(language, "cpu_has_bf16_matmul", lambda: False)
 
 
+def tiny_gemma3(**config):
+    """(random 2-layer Gemma-3 text model, trained tokenizer): soft-capped logits, a sliding window of 8, q/k
+    norms; ``config`` overrides Gemma3TextConfig's values."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = train_tokenizer(add_bos=True)
+    config = Gemma3TextConfig(**{"vocab_size": len(tokenizer) + 5, "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                 "head_dim": 16, "final_logit_softcapping": 0.5, "sliding_window": 8,
+                                 "pad_token_id": 0, **config})
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval(), tokenizer
+
+
 def build_tiny_model(kind: str, directory: Path, **dims) -> Path:
     """Save a random 2-layer model + locally trained tokenizer to ``directory``."""
     model, tokenizer = tiny_causal_lm(kind, **dims)

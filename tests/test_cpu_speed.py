@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from joint_inference.core.utils import CPU_BATCH_TOKENS, in_batches_longest_first, scoring_batch
 from joint_inference.models import cpu_speed
-from joint_inference.models.tiny import tiny_causal_lm, train_tokenizer
+from joint_inference.models.tiny import tiny_causal_lm
+from tests.conftest import tiny_gemma3
 
 
 @pytest.fixture(autouse=True)
@@ -30,19 +31,14 @@ def family_rotary_restored():
     originals()
 
 
-def tiny_gemma3(dtype=torch.bfloat16):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    tokenizer = train_tokenizer(add_bos=True)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                              sliding_window=8, pad_token_id=0)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config).eval().requires_grad_(False)
-    for module in model.modules():  # Gemma's norms start at weight 0 (a scale of 1): give them something to scale
+def bf16_gemma3():
+    """tiny_gemma3 wider, without soft-capping, its norms' weights drawn (Gemma's start at 0, a scale of 1), in bf16."""
+    model, tokenizer = tiny_gemma3(hidden_size=64, intermediate_size=128, head_dim=32, final_logit_softcapping=None)
+    model.requires_grad_(False)
+    for module in model.modules():
         if type(module).__name__ == "Gemma3RMSNorm":
             module.weight.normal_(0, 0.3)
-    return model.to(dtype), tokenizer
+    return model.to(torch.bfloat16), tokenizer
 
 
 def batch_of(tokenizer, texts):
@@ -95,7 +91,7 @@ def test_fused_model_scores_what_the_eager_model_scores(arch):
     """Swapped in a bf16 model: every norm and gated MLP, logits within bf16's rounding of the eager model's; under
     autograd (fine-tuning) the modules run their own forward, bit for bit."""
     if arch == "gemma3":
-        model, tokenizer = tiny_gemma3()
+        model, tokenizer = bf16_gemma3()
         want = {"rms_norms": 2 * 4 + 2 * 2 + 1, "mlps": 2, "rotary": 1}  # 4 per layer, q/k norms, the final norm
     else:
         model, tokenizer = tiny_causal_lm("llama")
@@ -140,7 +136,7 @@ def test_without_a_compiler_the_modules_stay_eager(monkeypatch, caplog):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
         return call
 
-    model, tokenizer = tiny_gemma3()
+    model, tokenizer = bf16_gemma3()
     eager = copy.deepcopy(model)
     monkeypatch.setattr(cpu_speed.torch, "compile", broken)
     cpu_speed.speed_up_cpu_bf16(model)
@@ -217,7 +213,7 @@ def test_new_batch_shapes_compile_nothing_new():
     4-D inputs go in as row views of the same kernel, so no shape recompiles (nor reaches dynamo's limit)."""
     from torch._dynamo.utils import counters
 
-    model, _ = tiny_gemma3()
+    model, _ = bf16_gemma3()
     cpu_speed.speed_up_cpu_bf16(model)
     with torch.inference_mode():
         for batch, length in [(1, 1), (1, 4), (2, 1), (2, 3)]:

@@ -10,6 +10,7 @@ import torch
 from joint_inference.core.errors import ConfigError
 from joint_inference.prompts.templates import PromptEncoder, Template
 from joint_inference.scoring.scorer import Scorer, minimal_prefix_lengths, resolve_label_mode
+from tests.conftest import tiny_gemma3
 
 TEMPLATE = Template("{sentence}\nThe sentiment of the sentence is {y}.")
 SENTENCES = ["the movie was good", "awful boring plot", "a great story and fun actors", "not very good",
@@ -115,16 +116,7 @@ def test_batched_scorer_equals_reference(request, model_name, mode, names, read)
 
 def test_softcapped_logits_match_reference():
     """Gemma-style final-logit soft-capping is applied on the label columns too."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from joint_inference.models.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(add_bos=True)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                              final_logit_softcapping=0.5, sliding_window=8, pad_token_id=0)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config).eval()
+    model, tokenizer = tiny_gemma3()
     encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
     scorer = Scorer(model, encoder, "first", batch_size=2, show_progress=False)
     prompts = [[encoder.encode({"sentence": s}) for s in SENTENCES[:3]], [encoder.encode({"sentence": SENTENCES[5]})]]
@@ -229,26 +221,15 @@ def test_template_errors():
     assert Template("Q: {choices[0]} {x}\nAnswer: {y}\n").fields == ["choices", "x"]
 
 
-def tiny_gemma3(sliding_window: int):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from joint_inference.models.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(add_bos=True)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                              final_logit_softcapping=0.5, sliding_window=sliding_window, pad_token_id=0,
-                              layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(config).eval(), tokenizer
-
-
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2", "tiny_gemma3_window8"])
 @pytest.mark.parametrize("mode,names", [("first", SINGLE), ("bot_minimal", MULTI), ("exact", MULTI)])
 def test_shared_demonstrations_equal_separate_prompts(request, model_name, mode, names):
     """Encoding the demonstrations once (key/value cache) gives the scores of whole prompts,
     also when the prompt outgrows a sliding attention window."""
-    model, tokenizer = tiny_gemma3(8) if model_name == "tiny_gemma3_window8" else request.getfixturevalue(model_name)
+    if model_name == "tiny_gemma3_window8":
+        model, tokenizer = tiny_gemma3(layer_types=["sliding_attention", "full_attention"])
+    else:
+        model, tokenizer = request.getfixturevalue(model_name)
     encoder = PromptEncoder(tokenizer, TEMPLATE, names)
     scorer = Scorer(model, encoder, mode, batch_size=3, show_progress=False)
     demos = [encoder.encode({"sentence": s}) for s in SENTENCES[:4]]

@@ -22,6 +22,7 @@ modules keep their own forward, as they do under autograd (fine-tuning).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -78,9 +79,9 @@ class Kernel:
         self.compiled = torch.compile(formula, dynamic=True)
         self.failed = False
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         try:
-            return self.compiled(*args)
+            return self.compiled(*args, **kwargs)
         except torch.OutOfMemoryError:  # the scorer halves its batch; the kernel is fine
             raise
         except Exception as err:  # no C++ compiler, an unsupported platform: stay eager
@@ -89,18 +90,23 @@ class Kernel:
                         str(err).splitlines()[0][:200])
             raise KernelUnavailable from err
 
+    def either(self, fast, eager, *args, **kwargs):
+        """``fast(*args)``, which calls this kernel, outside autograd (fine-tuning) and while it builds; else
+        ``eager(*args)``."""
+        if not (self.failed or torch.is_grad_enabled()):
+            try:
+                return fast(*args, **kwargs)
+            except KernelUnavailable:
+                pass
+        return eager(*args, **kwargs)
+
 
 def _swap(module, fast, kernel: Kernel) -> None:
-    """``module.forward`` becomes ``fast``, but for autograd (fine-tuning) and where the kernel failed to build."""
+    """``module.forward`` becomes ``fast`` where :meth:`Kernel.either` allows, its own forward elsewhere."""
     eager = module.forward
 
     def forward(self, *args):
-        if not (kernel.failed or torch.is_grad_enabled()):
-            try:
-                return fast(self, *args)
-            except KernelUnavailable:
-                pass
-        return eager(*args)
+        return kernel.either(functools.partial(fast, self), eager, *args)
 
     module.forward = types.MethodType(forward, module)
 
@@ -161,11 +167,8 @@ def fuse_rotary(model) -> bool:
     kernel = Kernel(original)
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not (kernel.failed or torch.is_grad_enabled()):
-            try:
-                return kernel(q, k, cos, sin, *args, **kwargs)
-            except KernelUnavailable:
-                pass
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            return kernel.either(kernel, original, q, k, cos, sin, *args, **kwargs)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.fused_cpu_bf16 = True
@@ -182,18 +185,19 @@ def speed_up_cpu_bf16(model) -> dict[str, int]:
     for name, module in model.named_modules():
         kind = type(module).__name__
         if kind in NORMS:
-            what, formula = "rms_norms", NORMS[kind]
-            forward, width = _norm_forward(module, formula), getattr(getattr(module, "weight", None), "shape", [0])[-1]
+            what, formula, make = "rms_norms", NORMS[kind], _norm_forward
+            width = getattr(getattr(module, "weight", None), "shape", [0])[-1]
         elif type(getattr(module, "act_fn", None)).__name__ in GATED_ACTIVATIONS:
-            what, formula = "mlps", GATED_ACTIVATIONS[type(module.act_fn).__name__]
-            forward, width = _mlp_forward(module, formula), getattr(getattr(module, "gate_proj", None), "in_features", 0)
+            what, formula, make = "mlps", GATED_ACTIVATIONS[type(module.act_fn).__name__], _mlp_forward
+            width = getattr(getattr(module, "gate_proj", None), "in_features", 0)
         else:
             continue
+        forward = make(module, formula)  # the formula eager, to check it against the module
         if forward is None or not _agrees(module, types.MethodType(forward, module), width):
             log.info("%s (%s) computes another formula: left as it is", name, kind)
             continue
         kernel = kernels.setdefault(formula, Kernel(formula))
-        _swap(module, (_norm_forward if what == "rms_norms" else _mlp_forward)(module, kernel), kernel)
+        _swap(module, make(module, kernel), kernel)
         swapped[what] += 1
     swapped["rotary"] = int(fuse_rotary(model))
     return swapped
