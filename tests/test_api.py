@@ -460,8 +460,15 @@ def test_ctrl_c_during_requests_is_one_line_and_the_answers_are_kept(tiny_llama,
         started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                    env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
-        while len(posts(srv)) < 3 and time.monotonic() < deadline and started.poll() is None:
-            time.sleep(0.05)
+
+        def wait_for(done):
+            while not done() and time.monotonic() < deadline and started.poll() is None:
+                time.sleep(0.05)
+
+        # the capability probe's requests first (kept in capabilities.json once answered), then 3 of the run's own
+        wait_for((tmp_path / "run" / "api_cache" / "capabilities.json").exists)
+        probed = len(posts(srv))
+        wait_for(lambda: len(posts(srv)) >= probed + 3)
         started.send_signal(signal.SIGINT)
         _, stderr = started.communicate(timeout=60)
         assert started.returncode == 130, stderr[-2000:]
