@@ -15,9 +15,9 @@ swaps, in a model that computes in bf16 on a CPU, the forward of
   (tests/test_cpu_speed.py goes through all 65,536 bf16 values).
 
 The kernels come from ``torch.compile`` with dynamic shapes, once per process for all layers (a few
-seconds). Each swap is checked against the module it replaces on a random input before it is made: a
-module computing something else stays as it is. Where torch.compile cannot build (no C++ compiler) the
-modules keep their own forward, as they do under autograd (fine-tuning).
+seconds; fine-tuning compiles their backward too). Each swap is checked against the module it replaces on a
+random input before it is made: a module computing something else stays as it is. Where torch.compile
+cannot build (no C++ compiler) the modules keep their own forward.
 ``model.dtype=float32`` never takes this path.
 """
 from __future__ import annotations
@@ -91,9 +91,8 @@ class Kernel:
             raise KernelUnavailable from err
 
     def either(self, fast, eager, *args, **kwargs):
-        """``fast(*args)``, which calls this kernel, outside autograd (fine-tuning) and while it builds; else
-        ``eager(*args)``."""
-        if not (self.failed or torch.is_grad_enabled()):
+        """``fast(*args)``, which calls this kernel, while it builds; else ``eager(*args)``."""
+        if not self.failed:
             try:
                 return fast(*args, **kwargs)
             except KernelUnavailable:
@@ -156,8 +155,8 @@ def _mlp_forward(module, formula):
 
 def fuse_rotary(model) -> bool:
     """The rotary embedding of ``model``'s family (its modeling module's ``apply_rotary_pos_emb``, six passes over
-    the queries and keys) compiled as it is into one kernel, for bf16 CPU tensors outside autograd; everything
-    else goes to the function itself. Whether the family has one."""
+    the queries and keys) compiled as it is into one kernel, for bf16 CPU tensors; everything else goes to the
+    function itself. Whether the family has one."""
     modeling = sys.modules.get(type(model).__module__)
     original = getattr(modeling, "apply_rotary_pos_emb", None)
     if original is None:
