@@ -16,8 +16,9 @@ from tests.conftest import tiny_gemma3
 
 @pytest.fixture(autouse=True)
 def family_rotary_restored():
-    """fuse_rotary replaces a modeling module's function for the whole process: each test starts from and leaves
-    transformers' own."""
+    """fuse_rotary and attend_grouped_queries replace a transformers module's function for the whole process: each
+    test starts from and leaves transformers' own."""
+    from transformers.integrations import sdpa_attention
     from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.llama import modeling_llama
 
@@ -25,6 +26,8 @@ def family_rotary_restored():
         for modeling in (modeling_gemma3, modeling_llama):
             modeling.apply_rotary_pos_emb = getattr(modeling.apply_rotary_pos_emb, "original",
                                                     modeling.apply_rotary_pos_emb)
+        sdpa_attention.use_gqa_in_sdpa = getattr(sdpa_attention.use_gqa_in_sdpa, "original",
+                                                 sdpa_attention.use_gqa_in_sdpa)
 
     originals()
     yield
@@ -108,6 +111,44 @@ def test_fused_model_scores_what_the_eager_model_scores(arch):
     for logits in (got, model(ids, attention_mask=mask).logits.detach()):  # without and with autograd
         assert float((logits[real] - expected[real]).abs().max()) <= 0.05 * scale
         assert float((logits[real] - expected[real]).abs().mean()) <= 0.005 * scale
+
+
+def test_grouped_query_attention_without_copies_computes_the_same_bits():
+    """enable_gqa on bf16 CPU tensors, with the padding mask: the same logits, bit for bit, as with the keys and
+    values copied per query head (tiny Gemma-3: 2 query heads per key/value head), and the same gradients to
+    bf16's rounding; fp32 keeps transformers' rule."""
+
+    model, tokenizer = bf16_gemma3()
+    model.model.embed_tokens.weight.requires_grad_(True)
+    ids, mask = batch_of(tokenizer, TEXTS)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return sdpa(*args, **kwargs)
+
+    def logits_and_gradient():
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), model.model.embed_tokens.weight.grad.clone()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        copied = logits_and_gradient()
+        assert calls and not any(calls)  # transformers' rule: a mask, so copies
+        cpu_speed.attend_grouped_queries()
+        calls.clear()
+        grouped = logits_and_gradient()
+        assert calls and all(calls)
+        assert torch.equal(grouped[0], copied[0])
+        # the key/value gradients of a group's query heads are summed inside the kernel, not after it: rounding
+        scale = float(copied[1].abs().max())
+        torch.testing.assert_close(grouped[1].float(), copied[1].float(), rtol=0.02, atol=0.01 * scale)
+        calls.clear()
+        model.float()(ids, attention_mask=mask)
+        assert calls and not any(calls)
 
 
 def lora_gradients(model, ids, mask) -> torch.Tensor:
@@ -201,7 +242,7 @@ def test_load_model_fuses_bf16_on_cpu_only(tiny_llama_dir, caplog):
 
     with caplog.at_level(logging.INFO):
         fused, _ = load_model(config("bfloat16"), torch.device("cpu"))
-    assert "fused kernels for 5 RMS norms, 2 MLPs and the rotary embedding" in caplog.text
+    assert "fused kernels for 5 RMS norms, 2 MLPs and the rotary embedding, grouped-query attention" in caplog.text
     assert fused.model.norm.forward.__func__ is not type(fused.model.norm).forward
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -12,7 +12,10 @@ swaps, in a model that computes in bf16 on a CPU, the forward of
   to ``x * (1 + tanh(z)) / 2`` (z = sqrt(2/pi) (x + 0.044715 x^3)): the same function in fp32. Rounded to
   bf16 it gives eager PyTorch's bits for every input above -2.9 but one in a thousand (those by one unit
   in the last place); below, where ``1 + tanh(z)`` cancels, it is the more accurate of the two
-  (tests/test_cpu_speed.py goes through all 65,536 bf16 values).
+  (tests/test_cpu_speed.py goes through all 65,536 bf16 values);
+
+and lets grouped-query attention on bf16 CPU tensors skip the copies of the keys and values per query
+head (:func:`attend_grouped_queries`).
 
 The kernels come from ``torch.compile`` with dynamic shapes, once per process for all layers (a few
 seconds; fine-tuning compiles their backward too). Each swap is checked against the module it replaces on a
@@ -176,9 +179,33 @@ def fuse_rotary(model) -> bool:
     return True
 
 
+def attend_grouped_queries() -> None:
+    """Grouped-query attention (several query heads to a key/value head, as Gemma-3 and Llama-3 have) on bf16 CPU
+    tensors with ``enable_gqa``, so that the keys and values are no longer copied once per query head first.
+
+    transformers asks for it only without a mask (CUDA's kernels need that); PyTorch's CPU attention takes it
+    with a mask as well, and computes the same bits (tested). It made attention 1.1-1.75x faster here and a
+    fine-tuning step about 10%. Everything else keeps transformers' own rule."""
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.use_gqa_in_sdpa
+    if getattr(original, "fused_cpu_bf16", False):
+        return
+
+    def use_gqa_in_sdpa(attention_mask, key, value):
+        if key.device.type == "cpu" and key.dtype == torch.bfloat16:
+            return True
+        return original(attention_mask, key, value)
+
+    use_gqa_in_sdpa.fused_cpu_bf16 = True
+    use_gqa_in_sdpa.original = original
+    sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
+
+
 def speed_up_cpu_bf16(model) -> dict[str, int]:
-    """Swap the slow element-wise layers of a bf16 ``model`` on a CPU for fused kernels (module doc);
-    returns how many modules of each kind were swapped (``rotary``: 1 where the family's rotary embedding is)."""
+    """Swap the slow element-wise layers of a bf16 ``model`` on a CPU for fused kernels (module doc), and let
+    grouped-query attention skip its copies (:func:`attend_grouped_queries`); returns how many modules of each
+    kind were swapped (``rotary``: 1 where the family's rotary embedding is)."""
     kernels: dict = {}
     swapped = {"rms_norms": 0, "mlps": 0}
     for name, module in model.named_modules():
@@ -199,4 +226,5 @@ def speed_up_cpu_bf16(model) -> dict[str, int]:
         _swap(module, make(module, kernel), kernel)
         swapped[what] += 1
     swapped["rotary"] = int(fuse_rotary(model))
+    attend_grouped_queries()
     return swapped

@@ -267,4 +267,4 @@ def fuse_cpu_bf16(network, device: torch.device) -> str:
     if not any(swapped.values()):
         return ""
     return (f"; fused kernels for {swapped['rms_norms']} RMS norms, {swapped['mlps']} MLPs"
-            + " and the rotary embedding" * swapped["rotary"])
+            + " and the rotary embedding" * swapped["rotary"] + ", grouped-query attention without copies")
