@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="P",
                         help="only profile the batched scorer on P prompts: torch.profiler's table of the operators "
                              "that take the time, no benchmark")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="time the batched and shared scorers this many times each and keep the median (the "
+                             "naive loop, minutes long, runs once)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -167,14 +170,19 @@ def main() -> None:
             [pool[d] for d in demos], gold[demos].tolist(), queries[blocks[0].start:blocks[0].stop]))
         return
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - start
+    def timed(fn, repeats: int = 1):
+        """fn's output and its median seconds over ``repeats`` calls (a passing hiccup moves a one-second
+        measurement by a fifth)."""
+        seconds = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        return out, float(np.median(seconds))
 
     def shared():
         return torch.cat([scorer.shared_label_logprobs([pool[d] for d in demos], gold[demos].tolist(),
@@ -187,8 +195,8 @@ def main() -> None:
         scorer.shared_label_logprobs([pool[d] for d in block_demos[0]], gold[block_demos[0]].tolist(), queries[:2])
         naive, naive_s = timed(lambda: torch.stack([naive_label_logprobs(model, encoder, p, lab)
                                                     for p, lab in zip(prompts[:num_naive], labels[:num_naive])]))
-        batched, batched_s = timed(lambda: scorer.label_logprobs(prompts, labels))
-        shared_scores, shared_s = timed(shared)
+        batched, batched_s = timed(lambda: scorer.label_logprobs(prompts, labels), args.repeats)
+        shared_scores, shared_s = timed(shared, args.repeats)
     naive_s *= len(prompts) / num_naive  # the loop's seconds for all the prompts, one prompt at a time
 
     def agree(a, b):
@@ -219,8 +227,8 @@ def main() -> None:
         with torch.inference_mode():
             scorer.label_logprobs(prompts[:8], labels[:8])  # the warm-up again: kernel choice, compiling
             scorer.shared_label_logprobs([pool[d] for d in block_demos[0]], gold[block_demos[0]].tolist(), queries[:2])
-            low_batched, low_batched_s = timed(lambda: scorer.label_logprobs(prompts, labels))
-            low_shared, low_shared_s = timed(shared)
+            low_batched, low_batched_s = timed(lambda: scorer.label_logprobs(prompts, labels), args.repeats)
+            low_shared, low_shared_s = timed(shared, args.repeats)
         low_peak = matmul_peak_flops(device, model.dtype)
         low_precision = {args.also_dtype: {
             "matmul_peak_flops_per_s": low_peak,
@@ -244,7 +252,7 @@ def main() -> None:
         "speedup": naive_s / batched_s, "tokens_per_s": num_tokens / batched_s,
         "naive_tokens_per_s": num_tokens / naive_s, "shared_tokens_per_s": num_tokens / shared_s,
         "predictions_agree": agree(naive, batched), "max_abs_logprob_diff": max_diff(naive, batched),
-        "block_size": args.block_size, "shared_seconds": shared_s, "shared_prompts_per_s": len(prompts) / shared_s,
+        "block_size": args.block_size, "repeats": args.repeats, "shared_seconds": shared_s, "shared_prompts_per_s": len(prompts) / shared_s,
         "shared_speedup": naive_s / shared_s, "shared_predictions_agree": agree(naive, shared_scores),
         "shared_max_abs_logprob_diff": max_diff(naive, shared_scores),
         "uicl_round_seconds_3000_examples_5_votes": {
