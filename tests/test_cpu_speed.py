@@ -167,7 +167,7 @@ def test_bf16_fine_tuning_through_the_kernels_follows_the_fp32_gradients():
     further from them than eager bf16 with peft's fp32 adapters is."""
     from peft import LoraConfig, get_peft_model
 
-    from joint_inference.methods.finetune import adapters_in_bf16, add_lora
+    from joint_inference.methods.finetune import adapters_in_bf16, add_lora, forward_in_bf16
 
     bf16, tokenizer = bf16_gemma3()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -182,7 +182,11 @@ def test_bf16_fine_tuning_through_the_kernels_follows_the_fp32_gradients():
     fast = copy.deepcopy(bf16)
     cpu_speed.speed_up_cpu_bf16(fast)
     fast = add_lora(fast, r=4, alpha=8, dropout=0.0, target_modules=targets)  # bf16 on a CPU: adapters in bf16
-    assert adapters_in_bf16(copy.deepcopy(fast)) == 2 * len(targets)  # every adapted layer of the 2 layers
+    wrapped = [m for m in fast.modules() if getattr(m.forward, "__func__", None) is forward_in_bf16]
+    assert len(wrapped) == 2 * len(targets)  # every adapted layer of the 2 layers
+    twin = copy.deepcopy(fast)  # a copy's layers run themselves, not the original's
+    assert all(m.forward.__self__ is m for m in twin.modules() if getattr(m.forward, "__func__", None) is forward_in_bf16)
+    assert adapters_in_bf16(twin) == len(wrapped)
     eager = get_peft_model(copy.deepcopy(bf16), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     for model in (fast, eager):
         model.load_state_dict(adapters, strict=False)
@@ -228,6 +232,12 @@ def test_without_a_compiler_the_modules_stay_eager(monkeypatch, caplog):
         assert torch.equal(got, eager(ids, attention_mask=mask).logits)
         assert torch.equal(model(ids, attention_mask=mask).logits, got)
     assert caplog.text.count("torch.compile failed: InvalidCxxCompiler") == 3  # once per kernel: norms, MLPs, rotary
+    twin = copy.deepcopy(model)  # a copy's eager modules run on the copy's weights, not the original's
+    with torch.no_grad():
+        twin.model.norm.weight.add_(1.0)
+    with torch.inference_mode():
+        assert not torch.equal(twin(ids, attention_mask=mask).logits, got)
+        assert torch.equal(model(ids, attention_mask=mask).logits, got)
 
 
 def test_load_model_fuses_bf16_on_cpu_only(tiny_llama_dir, caplog):

@@ -10,12 +10,12 @@ labellings in one batched call, and takes an Adam step on the estimator's surrog
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import pickle
 import random
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -92,17 +92,14 @@ def adapters_in_bf16(model) -> int:
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False  # the input stays bf16; autocast casts the adapters' weights
-        layer.forward = in_autocast(layer.forward, torch.bfloat16)
+        layer.forward = types.MethodType(forward_in_bf16, layer)  # bound to the layer: a deepcopy rebinds it
     return len(layers)
 
 
-def in_autocast(forward: Callable, dtype: torch.dtype) -> Callable:
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        with torch.autocast("cpu", dtype=dtype):
-            return forward(*args, **kwargs)
-
-    return wrapped
+def forward_in_bf16(layer, *args, **kwargs):
+    """The LoRA layer's own forward under bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return type(layer).forward(layer, *args, **kwargs)
 
 
 @contextlib.contextmanager

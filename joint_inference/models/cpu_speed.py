@@ -104,11 +104,10 @@ class Kernel:
 
 
 def _swap(module, fast, kernel: Kernel) -> None:
-    """``module.forward`` becomes ``fast`` where :meth:`Kernel.either` allows, its own forward elsewhere."""
-    eager = module.forward
-
+    """``module.forward`` becomes ``fast`` where :meth:`Kernel.either` allows, its class's forward elsewhere
+    (bound to the module that runs, so that a deepcopy runs itself)."""
     def forward(self, *args):
-        return kernel.either(functools.partial(fast, self), eager, *args)
+        return kernel.either(functools.partial(fast, self), functools.partial(type(self).forward, self), *args)
 
     module.forward = types.MethodType(forward, module)
 
