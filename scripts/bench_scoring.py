@@ -252,7 +252,8 @@ def main() -> None:
         "speedup": naive_s / batched_s, "tokens_per_s": num_tokens / batched_s,
         "naive_tokens_per_s": num_tokens / naive_s, "shared_tokens_per_s": num_tokens / shared_s,
         "predictions_agree": agree(naive, batched), "max_abs_logprob_diff": max_diff(naive, batched),
-        "block_size": args.block_size, "repeats": args.repeats, "shared_seconds": shared_s, "shared_prompts_per_s": len(prompts) / shared_s,
+        "block_size": args.block_size, "repeats": args.repeats,
+        "shared_seconds": shared_s, "shared_prompts_per_s": len(prompts) / shared_s,
         "shared_speedup": naive_s / shared_s, "shared_predictions_agree": agree(naive, shared_scores),
         "shared_max_abs_logprob_diff": max_diff(naive, shared_scores),
         "uicl_round_seconds_3000_examples_5_votes": {

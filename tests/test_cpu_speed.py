@@ -15,7 +15,7 @@ from tests.conftest import tiny_gemma3
 
 
 @pytest.fixture(autouse=True)
-def family_rotary_restored():
+def transformers_functions_restored():
     """fuse_rotary and attend_grouped_queries replace a transformers module's function for the whole process: each
     test starts from and leaves transformers' own."""
     from transformers.integrations import sdpa_attention
@@ -185,7 +185,8 @@ def test_bf16_fine_tuning_through_the_kernels_follows_the_fp32_gradients():
     wrapped = [m for m in fast.modules() if getattr(m.forward, "__func__", None) is forward_in_bf16]
     assert len(wrapped) == 2 * len(targets)  # every adapted layer of the 2 layers
     twin = copy.deepcopy(fast)  # a copy's layers run themselves, not the original's
-    assert all(m.forward.__self__ is m for m in twin.modules() if getattr(m.forward, "__func__", None) is forward_in_bf16)
+    assert all(m.forward.__self__ is m for m in twin.modules()
+               if getattr(m.forward, "__func__", None) is forward_in_bf16)
     assert adapters_in_bf16(twin) == len(wrapped)
     eager = get_peft_model(copy.deepcopy(bf16), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     for model in (fast, eager):

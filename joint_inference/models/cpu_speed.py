@@ -25,7 +25,6 @@ cannot build (no C++ compiler) the modules keep their own forward.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
@@ -107,7 +106,7 @@ def _swap(module, fast, kernel: Kernel) -> None:
     """``module.forward`` becomes ``fast`` where :meth:`Kernel.either` allows, its class's forward elsewhere
     (bound to the module that runs, so that a deepcopy runs itself)."""
     def forward(self, *args):
-        return kernel.either(functools.partial(fast, self), functools.partial(type(self).forward, self), *args)
+        return kernel.either(fast, type(self).forward, self, *args)
 
     module.forward = types.MethodType(forward, module)
 
