@@ -264,22 +264,28 @@ def test_load_model_fuses_bf16_on_cpu_only(tiny_llama_dir, caplog):
 
 # ------------------------------------------------------------------------------------ token budgets
 @pytest.mark.parametrize("max_tokens", [None, 1, 10, 25, 64])
-def test_batches_hold_at_most_the_token_budget(max_tokens):
-    """Longest first; each batch within the rows and padded-token limits (or a single item); all items once."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_batches_hold_at_most_the_token_budget(max_tokens, packed):
+    """Longest first; each batch within the rows and token limits (padded: rows x longest; packed: the lengths'
+    sum), or a single item; all items once."""
     lengths = [3, 17, 8, 8, 1, 30, 12, 5, 9, 2, 40, 4]
     batches = []
-    in_batches_longest_first(lengths, 5, batches.append, show_progress=False, max_tokens=max_tokens)
+    in_batches_longest_first(lengths, 5, batches.append, show_progress=False, max_tokens=max_tokens, packed=packed)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+    def tokens(batch):
+        return sum(lengths[i] for i in batch) if packed else len(batch) * max(lengths[i] for i in batch)
+
     for batch in batches:
         assert len(batch) <= 5
         if max_tokens is not None and len(batch) > 1:
-            assert len(batch) * max(lengths[i] for i in batch) <= max_tokens
+            assert tokens(batch) <= max_tokens
         if max_tokens is not None:  # greedy: the next item would not have fitted
             nxt = flat.index(batch[-1]) + 1
             if nxt < len(flat) and len(batch) < 5:
-                assert (len(batch) + 1) * lengths[batch[0]] > max_tokens
+                assert tokens([*batch, flat[nxt]]) > max_tokens
 
 
 def test_out_of_memory_halves_a_token_budget_batch():

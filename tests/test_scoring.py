@@ -221,24 +221,39 @@ def test_template_errors():
     assert Template("Q: {choices[0]} {x}\nAnswer: {y}\n").fields == ["choices", "x"]
 
 
-@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2", "tiny_gemma3_window8"])
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2", "tiny_gemma3_window8", "tiny_gemma3_window256"])
 @pytest.mark.parametrize("mode,names", [("first", SINGLE), ("bot_minimal", MULTI), ("exact", MULTI)])
-def test_shared_demonstrations_equal_separate_prompts(request, model_name, mode, names):
-    """Encoding the demonstrations once (key/value cache) gives the scores of whole prompts,
-    also when the prompt outgrows a sliding attention window."""
-    if model_name == "tiny_gemma3_window8":
-        model, tokenizer = tiny_gemma3(layer_types=["sliding_attention", "full_attention"])
+@pytest.mark.parametrize("batch_tokens", [None, 40])
+def test_shared_demonstrations_equal_separate_prompts(request, monkeypatch, model_name, mode, names, batch_tokens):
+    """Encoding the demonstrations once (key/value cache) gives the scores of whole prompts: in padded batches,
+    and with a token budget packed several queries to a row, unless a sliding attention window cuts into the
+    prompt (then padded; window 8 is shorter than the prompts, 256 longer)."""
+    if model_name.startswith("tiny_gemma3"):
+        window = int(model_name.removeprefix("tiny_gemma3_window"))
+        model, tokenizer = tiny_gemma3(layer_types=["sliding_attention", "full_attention"], sliding_window=window)
     else:
         model, tokenizer = request.getfixturevalue(model_name)
     encoder = PromptEncoder(tokenizer, TEMPLATE, names)
-    scorer = Scorer(model, encoder, mode, batch_size=3, show_progress=False)
+    scorer = Scorer(model, encoder, mode, batch_size=3, show_progress=False, batch_tokens=batch_tokens)
     demos = [encoder.encode({"sentence": s}) for s in SENTENCES[:4]]
     demo_labels = [1, 0, len(names) - 1, 0]
     queries = [encoder.encode({"sentence": s}) for s in SENTENCES + ["fun", "bad movie"]]
+    packed_passes = []  # (sequences, rows) of each packed pass
+
+    def packed_hidden(seqs, prefix):
+        hidden, starts = Scorer._packed_hidden(scorer, seqs, prefix)
+        packed_passes.append((len(seqs), hidden.shape[0] // (2 * max(len(s) for s in seqs))))
+        return hidden, starts
+
+    monkeypatch.setattr(scorer, "_packed_hidden", packed_hidden)
     with torch.no_grad():
         shared = scorer.shared_label_logprobs(demos, demo_labels, queries)
         separate = scorer.label_logprobs([[*demos, q] for q in queries], [demo_labels] * len(queries))
     torch.testing.assert_close(shared, separate, atol=1e-4, rtol=1e-4)
+    packs = batch_tokens is not None and mode != "exact" and model_name != "tiny_gemma3_window8"
+    assert sum(n for n, _ in packed_passes) == (len(queries) if packs else 0)
+    if packs:  # some row held more than one query
+        assert any(rows < n for n, rows in packed_passes)
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_scores(tiny_llama, monkeypatch):

@@ -128,20 +128,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def in_batches_longest_first(lengths: list[int], batch_size: int, process, desc: str | None = None,
-                             show_progress: bool = True, max_tokens: int | None = None) -> int:
+                             show_progress: bool = True, max_tokens: int | None = None, packed: bool = False) -> int:
     """Call ``process(indices)`` on batches of item indices, longest items first.
 
-    A batch holds at most ``batch_size`` items and, with ``max_tokens``, at most that many padded
-    tokens (items x the batch's longest, which comes first), but always one item. On an
-    out-of-memory error the batch is halved and retried. Returns the batch size that fit, for the
-    caller to keep for its next calls.
+    A batch holds at most ``batch_size`` items and, with ``max_tokens``, at most that many tokens:
+    padded (items x the batch's longest, which comes first), or with ``packed`` the items' own
+    lengths summed (items laid end to end); but always one item. On an out-of-memory error the batch
+    is halved and retried. Returns the batch size that fit, for the caller to keep for its next calls.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     progress = tqdm(total=len(order), desc=desc, disable=not show_progress or desc is None, leave=False)
     start = 0
     while start < len(order):
         rows = batch_size
-        if max_tokens is not None:  # the first item is the batch's longest
+        if max_tokens is not None and packed:
+            rows = min(batch_size, max(1, int(np.searchsorted(
+                np.cumsum([lengths[i] for i in order[start : start + batch_size]]), max_tokens, side="right"))))
+        elif max_tokens is not None:  # the first item is the batch's longest
             rows = min(batch_size, max(1, max_tokens // max(1, lengths[order[start]])))
         idx = order[start : start + rows]
         try:

@@ -314,24 +314,78 @@ class Scorer:
         rows = table.to(device=embeds.device, dtype=embeds.dtype)[(-1 - input_ids).clamp(min=0)]
         return {"inputs_embeds": torch.where((input_ids < 0).unsqueeze(-1), rows, embeds)}
 
-    def _hidden(self, seqs: list[list[int]], prefix=None) -> torch.Tensor:
-        """Last hidden states of right-padded ``seqs`` (after a shared ``prefix`` cache, if any)."""
+    def _hidden(self, seqs: list[list[int]], prefix=None) -> tuple[torch.Tensor, list[int]]:
+        """Last hidden states of right-padded ``seqs`` (after a shared ``prefix`` cache, if any), flattened to
+        (rows x width, hidden), and where each sequence starts in them."""
         width = max(len(s) for s in seqs)
         input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
+        starts = [row * width for row in range(len(seqs))]
         if prefix is None:
             return self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
-                             use_cache=False).last_hidden_state
+                             use_cache=False).last_hidden_state.flatten(0, 1), starts
         offset = prefix.get_seq_length()
         cache = copy.deepcopy(prefix)  # each batch extends its own copy
         cache.batch_repeat_interleave(len(seqs))
         mask = torch.cat([torch.ones(len(seqs), offset, dtype=torch.long), mask], dim=1)
         positions = torch.arange(offset, offset + width, device=self.device).expand(len(seqs), -1)
         return self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
-                         position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+                         position_ids=positions, cache=cache, use_cache=True).last_hidden_state.flatten(0, 1), starts
+
+    def _packed_hidden(self, seqs: list[list[int]], prefix) -> tuple[torch.Tensor, list[int]]:
+        """Last hidden states of ``seqs`` after the ``prefix`` cache, flattened to (rows x width, hidden), and where
+        each sequence starts in them: what :meth:`_hidden` computes, with less padding and fewer copies of the
+        prefix's keys and values. The sequences are laid end to end in rows twice as long as the longest (first
+        fit, longest first); each token attends to the whole prefix and to the earlier tokens of its own
+        sequence, at positions that continue after the prefix. Longer rows would pad less but attend more, as
+        the mask's kernel computes every (token, key) pair of a row: twice was the fastest of 1-4x
+        (docs/speed.md)."""
+        offset = prefix.get_seq_length()
+        width = 2 * max(len(s) for s in seqs)
+        rows, room = [], []
+        for i, seq in enumerate(seqs):
+            row = next((r for r, free in enumerate(room) if free >= len(seq)), None)
+            if row is None:
+                rows.append([])
+                room.append(width)
+                row = len(rows) - 1
+            rows[row].append(i)
+            room[row] -= len(seq)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        sequence = torch.full((len(rows), width), -1)
+        position = torch.zeros((len(rows), width), dtype=torch.long)
+        starts = [0] * len(seqs)
+        for row, members in enumerate(rows):
+            column = 0
+            for i in members:
+                n = len(seqs[i])
+                input_ids[row, column : column + n] = torch.tensor(seqs[i])
+                sequence[row, column : column + n] = i
+                position[row, column : column + n] = torch.arange(n)
+                starts[i] = row * width + column
+                column += n
+        own = (sequence[:, :, None] == sequence[:, None, :]) & (position[:, :, None] >= position[:, None, :])
+        mask = torch.cat([torch.ones(len(rows), width, offset, dtype=torch.bool), own], dim=2)[:, None]
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(rows))
+        hidden = self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
+                           position_ids=(offset + position).to(self.device), cache=cache,
+                           use_cache=True).last_hidden_state
+        return hidden.flatten(0, 1), starts
+
+    def _packable(self, offset: int, seqs: list[list[int]]) -> bool:
+        """Whether sequences after an ``offset``-token prefix cache run packed (:meth:`_packed_hidden`): with a
+        token budget per pass (the CPU default; GPUs keep padded batches, not measured packed yet), under SDPA
+        attention (which takes the custom mask), and with no sliding window or attention chunk cutting into what
+        a token sees (the one mask serves every layer)."""
+        config = self.model.config.get_text_config()
+        limits = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+        longest = offset + max(len(s) for s in seqs)
+        return (self.batch_tokens is not None and config._attn_implementation == "sdpa"
+                and all(limit is None or longest <= limit for limit in limits))
 
     def _run(
         self,
@@ -344,7 +398,7 @@ class Scorer:
     ) -> torch.Tensor:
         """Run the body over ``seqs`` longest first, ``reduce`` the hidden states at
         ``positions`` (with the matching ``targets``), and return rows in input order.
-        With a ``prefix`` key/value cache, every sequence continues after it."""
+        With a ``prefix`` key/value cache, every sequence continues after it, packed where it can."""
         offset = prefix.get_seq_length() if prefix is not None else 0
         longest = offset + max(len(s) for s in seqs)
         if self.max_length and longest > self.max_length:
@@ -352,17 +406,18 @@ class Scorer:
                 f"a prompt has {longest} tokens but the model's context is {self.max_length}; "
                 "lower N (demonstrations per prompt) or use a model with a longer context"
             )
+        packed = prefix is not None and self._packable(offset, seqs)
         out: list[torch.Tensor | None] = [None] * len(seqs)
 
         def process(idx):
-            hidden = self._hidden([seqs[i] for i in idx], prefix)
-            rows = torch.tensor([r for r, i in enumerate(idx) for _ in positions[i]], device=hidden.device)
-            cols = torch.tensor([p for i in idx for p in positions[i]], device=hidden.device)
+            hidden, starts = (self._packed_hidden if packed else self._hidden)([seqs[i] for i in idx], prefix)
+            reads = torch.tensor([start + p for start, i in zip(starts, idx) for p in positions[i]],
+                                 device=hidden.device)
             flat_targets = [t for i in idx for t in targets[i]] if targets is not None else []
-            reduced = reduce(hidden[rows, cols], flat_targets)
+            reduced = reduce(hidden[reads], flat_targets)
             for i, chunk in zip(idx, reduced.split([len(positions[i]) for i in idx])):
                 out[i] = chunk
 
         self.batch_size = in_batches_longest_first([len(s) for s in seqs], self.batch_size, process, desc,
-                                                   self.show_progress, self.batch_tokens)
+                                                   self.show_progress, self.batch_tokens, packed)
         return torch.cat(out)
