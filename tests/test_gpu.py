@@ -95,18 +95,20 @@ def test_bf16_scores_stay_within_tolerance_and_predict_the_same(gemma_shaped):
     assert_bf16_close(bf16.label_logprobs(prompts, labels).cpu(), fp32)
 
 
-@pytest.mark.parametrize("model_name,dtype", [("tiny_llama", torch.float32), ("gemma_shaped", torch.float32),
-                                              ("gemma_shaped", torch.bfloat16)])
+@pytest.mark.parametrize("model_name,dtype,batch_tokens", [
+    ("tiny_llama", torch.float32, None), ("tiny_llama", torch.float32, 4096), ("gemma_shaped", torch.float32, None),
+    ("gemma_shaped", torch.bfloat16, None)])
 @torch.no_grad()
-def test_shared_demonstrations_equal_whole_prompts(request, model_name, dtype):
+def test_shared_demonstrations_equal_whole_prompts(request, model_name, dtype, batch_tokens):
     """One demonstration set encoded once, its key/value cache reused by every query, on the device
-    (Gemma: a prefix longer than its sliding window)."""
+    (Gemma: a prefix longer than its sliding window; with a token budget, the queries packed several to a
+    row, which GPUs do not do by default)."""
     model, tokenizer = request.getfixturevalue(model_name)
     encoder = PromptEncoder(tokenizer, TEMPLATE, SINGLE)
     prompts, labels = sst2_length_prompts(encoder, PROMPTS + 1)
     demonstrations, demo_labels = prompts[0][:-1], labels[0]
     queries = [p[-1] for p in prompts[1:]]
-    scorer = Scorer(on_device(model, dtype), encoder, "first", 8, show_progress=False)
+    scorer = Scorer(on_device(model, dtype), encoder, "first", 8, show_progress=False, batch_tokens=batch_tokens)
     shared = scorer.shared_label_logprobs(demonstrations, demo_labels, queries).cpu()
     whole = scorer.label_logprobs([[*demonstrations, q] for q in queries], [demo_labels] * len(queries)).cpu()
     if dtype == torch.float32:
