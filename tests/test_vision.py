@@ -122,15 +122,26 @@ def test_scores_from_cached_image_embeddings_equal_the_vlm_reading_pixels(vlm, m
     torch.testing.assert_close(got_all, want_all, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch_tokens", [None, 4096])
 @torch.no_grad()
-def test_shared_demonstrations_with_images_equal_separate_prompts(vlm):
+def test_shared_demonstrations_with_images_equal_separate_prompts(vlm, monkeypatch, batch_tokens):
+    """Also with the CPU's token budget, where the queries (image placeholders and all) are packed to a row."""
     images = synthetic_images(8, seed=2)
     scorer, encoder = encoder_for(vlm, images, "bot_minimal")
+    scorer.batch_tokens = batch_tokens
+    packed = []  # the queries of each packed pass
+
+    def packed_hidden(seqs, prefix):
+        packed.append(len(seqs))
+        return Scorer._packed_hidden(scorer, seqs, prefix)
+
+    monkeypatch.setattr(scorer, "_packed_hidden", packed_hidden)
     examples = [encoder.encode({"image": i}) for i in range(len(images))]
     demos, demo_labels, queries = examples[:3], [2, 0, 1], examples[3:]
     shared = scorer.shared_label_logprobs(demos, demo_labels, queries)
     separate = scorer.label_logprobs([[*demos, q] for q in queries], [demo_labels] * len(queries))
     torch.testing.assert_close(shared, separate, atol=2e-5, rtol=1e-4)
+    assert sum(packed) == (len(queries) if batch_tokens else 0)
 
 
 def test_image_template_needs_its_image_before_the_label(vlm):
