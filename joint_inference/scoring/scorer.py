@@ -328,12 +328,18 @@ class Scorer:
             return self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
                              use_cache=False).last_hidden_state.flatten(0, 1), starts
         offset = prefix.get_seq_length()
-        cache = copy.deepcopy(prefix)  # each batch extends its own copy
-        cache.batch_repeat_interleave(len(seqs))
         mask = torch.cat([torch.ones(len(seqs), offset, dtype=torch.long), mask], dim=1)
-        positions = torch.arange(offset, offset + width, device=self.device).expand(len(seqs), -1)
+        positions = torch.arange(offset, offset + width).expand(len(seqs), -1)
+        return self._after_prefix(prefix, input_ids, mask, positions), starts
+
+    def _after_prefix(self, prefix, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """Last hidden states of the ``input_ids`` rows, each continuing its own copy of the ``prefix`` cache,
+        flattened to (rows x width, hidden)."""
+        cache = copy.deepcopy(prefix)  # each batch extends its own copy
+        cache.batch_repeat_interleave(len(input_ids))
         return self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
-                         position_ids=positions, cache=cache, use_cache=True).last_hidden_state.flatten(0, 1), starts
+                         position_ids=positions.to(self.device), cache=cache,
+                         use_cache=True).last_hidden_state.flatten(0, 1)
 
     def _packed_hidden(self, seqs: list[list[int]], prefix) -> tuple[torch.Tensor, list[int]]:
         """Last hidden states of ``seqs`` after the ``prefix`` cache, flattened to (rows x width, hidden), and where
@@ -369,12 +375,7 @@ class Scorer:
                 column += n
         own = (sequence[:, :, None] == sequence[:, None, :]) & (position[:, :, None] >= position[:, None, :])
         mask = torch.cat([torch.ones(len(rows), width, offset, dtype=torch.bool), own], dim=2)[:, None]
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(len(rows))
-        hidden = self.body(**self._inputs(input_ids.to(self.device)), attention_mask=mask.to(self.device),
-                           position_ids=(offset + position).to(self.device), cache=cache,
-                           use_cache=True).last_hidden_state
-        return hidden.flatten(0, 1), starts
+        return self._after_prefix(prefix, input_ids, mask, offset + position), starts
 
     def _packable(self, offset: int, seqs: list[list[int]]) -> bool:
         """Whether sequences after an ``offset``-token prefix cache run packed (:meth:`_packed_hidden`): with a
